@@ -104,3 +104,20 @@ def engine_logits_trace(lm, prompt: list[int], fed: list[int]) -> list[torch.Ten
         p = torch.tensor([len(prompt) + i], device=lm.device)
         out.append(lm.model.decode_step(t, p, cache)[0])
     return out
+
+
+def make_tokenizer_json(model_dir, vocab_size: int = 300) -> Path:
+    """Train a tiny byte-level BPE (GPT-2 style) and save it as model_dir/tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["hello world, the quick brown fox jumps over the lazy dog",
+              "héllo wörld: naïve café, 漢字 and emoji 🙂 too"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    path = Path(model_dir) / "tokenizer.json"
+    tok.save(str(path))
+    return path
