@@ -83,13 +83,14 @@ def _pack_torch(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout,
 
 def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *,
                out: torch.Tensor | None = None, stream: torch.cuda.Stream | None = None,
-               capacity_tokens: int | None = None, force_torch: bool = False) -> torch.Tensor:
+               capacity_tokens: int | None = None, force_torch: bool = False,
+               fused: bool = True) -> torch.Tensor:
     """k, v [n_kv_heads, T, head_dim] -> uint8[layout.layer_bytes(T)] on k's device.
 
     `out`: optional destination (contiguous uint8, exactly layer_bytes(T)); `stream`: the
     CUDA stream for the CuPy kernels (default: torch's current stream). Raises
     InvalidArgument on bad shapes, ResourceExhausted beyond the capacity (default: the
-    layout's max tokens per channel)."""
+    layout's max tokens per channel). `fused` (CUDA only): K and V in one launch."""
     if k.shape != v.shape or k.device != v.device:
         raise InvalidArgument(f"k {list(k.shape)} on {k.device} and v {list(v.shape)} on "
                               f"{v.device} must match")
@@ -99,7 +100,7 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *,
     dst = _out_buffer(out, layout.layer_bytes(n_tokens), k.device)
     if _use_cuda_kernels(k, force_torch):
         from kernels import reshape_cuda
-        return reshape_cuda.pack_layer(k, v, layout, out=dst, stream=stream)
+        return reshape_cuda.pack_layer(k, v, layout, out=dst, stream=stream, fused=fused)
     return _pack_torch(k, v, layout, dst)
 
 

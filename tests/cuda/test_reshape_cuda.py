@@ -58,6 +58,8 @@ def test_cupy_pack_equals_reference(cupy, name, n_tokens, src, dst) -> None:
     assert np.array_equal(got.cpu().numpy(), _ref(k, v, layout))
     torch_path = reshape.pack_layer(k, v, layout, force_torch=True)
     assert torch.equal(torch_path, got)
+    separate = reshape.pack_layer(k, v, layout, fused=False)     # pack_k then pack_v
+    assert torch.equal(separate, got)
     k2, v2 = reshape.unpack_layer(got, layout, n_tokens)
     assert torch.equal(k2, k.to(TORCH[dst])) and torch.equal(v2, v.to(TORCH[dst]))
 
