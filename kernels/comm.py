@@ -32,14 +32,20 @@ from kernels.reshape import pack_layer
 Layout = HbmLayout | DenseLayout
 
 
+@dataclass
 class Done:
     """Handle of work that finished synchronously (the CPU path)."""
+
+    ms: float = 0.0             # wall time of the reshape + copy
 
     def query(self) -> bool:
         return True
 
     def wait(self, timeout_s: float | None = None) -> None:
         return None
+
+    def elapsed_ms(self) -> float:
+        return self.ms
 
 
 @dataclass
@@ -48,6 +54,7 @@ class CudaShipment:
 
     event: torch.cuda.Event
     keep: tuple = field(default=(), repr=False)    # tensors the copy still reads
+    start: torch.cuda.Event | None = None           # set when the shipper times copies
 
     def query(self) -> bool:
         done = self.event.query()
@@ -67,6 +74,14 @@ class CudaShipment:
                 time.sleep(pause)
                 pause = min(pause * 2, 1e-3)
         self.keep = ()
+
+    def elapsed_ms(self) -> float:
+        """Copy-stream time of this layer's reshape + copy (after its wait on compute);
+        needs `LayerShipper(timing=True)` and a finished copy."""
+        if self.start is None:
+            raise InvalidArgument("this shipper does not time copies (timing=False)")
+        self.wait()
+        return self.start.elapsed_time(self.event)
 
 
 def make_layout(kind: str, config: ModelConfig, dtype: str) -> Layout:
@@ -92,8 +107,9 @@ class LayerShipper:
     Not thread-safe: one shipper per prefill runner (calls come from its thread)."""
 
     def __init__(self, layout: Layout, device: torch.device | str = "cpu",
-                 copy_stream: torch.cuda.Stream | None = None) -> None:
+                 copy_stream: torch.cuda.Stream | None = None, timing: bool = False) -> None:
         self.layout = layout
+        self.timing = timing
         self.device = torch.device(device)
         self.copy_stream = None
         if self.device.type == "cuda":
@@ -128,8 +144,9 @@ class LayerShipper:
             raise InvalidArgument(f"layer {layer}: k must be [n_kv_heads, T, head_dim]")
         self._check_dest(dest, k.shape[1])
         if not k.is_cuda:
+            t0 = time.perf_counter()
             self._pack_cpu(k, v, dest)
-            return Done()
+            return Done((time.perf_counter() - t0) * 1e3)
         return self._ship_cuda(k, v, dest, compute_stream)
 
     def _pack_cpu(self, k: torch.Tensor, v: torch.Tensor, dest: torch.Tensor) -> None:
@@ -146,17 +163,21 @@ class LayerShipper:
         ready.record(compute)
         copy.wait_event(ready)
         staging = self._staging(dest.numel(), k.device)
+        start = None
+        if self.timing:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(copy)
         with torch.cuda.stream(copy):
             pack_into(k, v, self.layout, staging, stream=copy)
             dest.copy_(staging, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=self.timing)
             done.record(copy)
         # k, v were made on the compute stream; the copy stream reads them, so the caching
         # allocator must not hand their memory out again before `done`.
         k.record_stream(copy)
         v.record_stream(copy)
         self._inflight.append((done, staging))
-        return CudaShipment(done, (k, v, dest))
+        return CudaShipment(done, (k, v, dest), start)
 
     def _staging(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """A device buffer for one packed layer, reusing ones whose copy has finished."""

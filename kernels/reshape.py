@@ -101,6 +101,9 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *,
     if _use_cuda_kernels(k, force_torch):
         from kernels import reshape_cuda
         return reshape_cuda.pack_layer(k, v, layout, out=dst, stream=stream, fused=fused)
+    if k.is_cuda and stream is not None:      # torch path on the GPU, still on `stream`
+        with torch.cuda.stream(stream):
+            return _pack_torch(k, v, layout, dst)
     return _pack_torch(k, v, layout, dst)
 
 

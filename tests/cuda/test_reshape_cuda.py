@@ -88,7 +88,7 @@ def test_odd_channel_split_gpt2_xl(cupy) -> None:
 def test_layer_shipper_overlaps_and_orders_after_compute(cupy, kind) -> None:
     cfg = preset("gpt2-medium")
     n_tokens, n_layers = 512, cfg.n_layers
-    shipper = LayerShipper.for_model(cfg, kind, "float16", device="cuda")
+    shipper = LayerShipper.for_model(cfg, kind, "float16", device="cuda", timing=True)
     per = shipper.layer_bytes(n_tokens)
     slot = torch.zeros(n_layers * per, dtype=torch.uint8).pin_memory()
     src = [_layer("gpt2-medium", n_tokens, "float16", seed=i)[1:] for i in range(n_layers)]
@@ -104,7 +104,7 @@ def test_layer_shipper_overlaps_and_orders_after_compute(cupy, kind) -> None:
     assert all(isinstance(h, CudaShipment) for h in handles)
     for i, h in enumerate(handles):
         h.wait(timeout_s=30.0)
-        assert h.query()
+        assert h.query() and h.elapsed_ms() > 0.0
         data = slot[i * per:(i + 1) * per].numpy()
         if kind == "hbm":
             assert np.array_equal(data, _ref(src[i][0], src[i][1], shipper.layout)), i
