@@ -14,6 +14,17 @@ the copy synchronous). The returned handle's `.wait()` / `.query()` follow `done
 caller marks layer l ready in the slot header after `.wait()`. Device staging buffers
 and the K, V tensors stay referenced until their copy has finished. On CPU the reshape
 writes straight into `dest` and the handle is already done.
+
+Use in a prefill runner (names from docs/interfaces.md):
+
+    shipper = LayerShipper.for_model(cfg, "hbm", "float16", device="cuda", timing=True)
+    handles = []
+    def on_layer(l, k, v):                     # called by model.prefill after layer l
+        handles.append(shipper.ship(l, k, v, region.layer_view(desc, l)))
+    logits = model.prefill(ids, cache, on_layer=on_layer)
+    for l, h in enumerate(handles):
+        h.wait(timeout_s=5.0)
+        region.mark_ready(desc, l)
 """
 
 from __future__ import annotations
