@@ -276,3 +276,20 @@ def test_bad_create_arguments():
             KvRegion.create(*args, name_prefix=PREFIX, cuda_register=False)
     with pytest.raises(InvalidArgument):
         KvRegion.create(4096, 1, 1, 1.0, name_prefix="../x", cuda_register=False)
+
+
+def test_layer_view_is_a_zero_copy_tensor_over_the_slot(region, reader):
+    torch = pytest.importorskip("torch")
+    d = region.alloc(2 * 4096, 2, checksums=True)
+    view = region.layer_view(d, 1)
+    assert view.dtype == torch.uint8 and view.shape == (4096,)
+    view.copy_(torch.arange(4096, dtype=torch.int64).remainder(251).to(torch.uint8))
+    region.mark_ready(d, 1)
+    assert reader.read_layer(d, 1, 0.1) == bytes(i % 251 for i in range(4096))
+    region.free(d)
+    with pytest.raises(Aborted):
+        region.layer_view(d, 1)
+    region.close()  # with `view` alive: unlinked, mapping kept until the view dies
+    assert not os.path.exists(region.path)
+    view[0] = 7
+    del view

@@ -110,7 +110,11 @@ class KvRegion:
     def _torch_base(self) -> Any:
         if self._tensor is None:
             import torch
-            self._tensor = torch.frombuffer(self._mm, dtype=torch.uint8)  # zero-copy
+            # Through a memoryview we never release: torch keeps a reference to the
+            # object it was given but drops its buffer export, so a tensor over the
+            # mmap itself would not stop mmap.close() (dangling pointer). The view's
+            # export does: close() then leaves the mapping to the last tensor.
+            self._tensor = torch.frombuffer(memoryview(self._mm), dtype=torch.uint8)
         return self._tensor
 
     @property
