@@ -293,3 +293,13 @@ def test_layer_view_is_a_zero_copy_tensor_over_the_slot(region, reader):
     assert not os.path.exists(region.path)
     view[0] = 7
     del view
+
+
+def test_producer_activity_keeps_the_lease_ahead(region):
+    d = region.alloc(2 * 4096, 2)
+    time.sleep(0.15)  # lease 0.2 s: 0.05 s left
+    region.write_layer(d, 0, bytes(4096))  # producing: at least one lease ahead again
+    region.mark_ready(d, 0)
+    t = time.monotonic()
+    assert region.reap_expired(now=t + 0.15) == []
+    assert region.reap_expired(now=t + 0.25) == [d]
