@@ -303,3 +303,22 @@ def test_producer_activity_keeps_the_lease_ahead(region):
     t = time.monotonic()
     assert region.reap_expired(now=t + 0.15) == []
     assert region.reap_expired(now=t + 0.25) == [d]
+
+
+def test_reader_pool_reuses_and_drops_closed_regions():
+    from transport.reader import ReaderPool
+    pool = ReaderPool()
+    a = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    b = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    try:
+        ra = pool.get(a.name)
+        assert pool.get(a.name.lstrip("/")) is ra and pool.get(b.name) is not ra
+        a.close()
+        pool.get(b.name)  # sweeps the reader of the closed region
+        assert ra._mm.closed
+        with pytest.raises(NotFound):
+            pool.get(a.name)
+    finally:
+        pool.close()
+        a.close()
+        b.close()

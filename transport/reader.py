@@ -13,6 +13,7 @@ import contextlib
 import math
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -66,6 +67,10 @@ class KvReader:
     def attach(cls, region: Any, **poll: float) -> KvReader:
         """A reader over an owner's own mapping (the gRPC fetch server runs there)."""
         return cls(region.name, region._mm, owns_map=False, **poll)
+
+    @property
+    def closed_by_owner(self) -> bool:
+        return self._u64[L.H_STATE] != L.REGION_LIVE
 
     def close(self) -> None:
         self._u64.release()
@@ -238,3 +243,32 @@ def _check_header(mm: mmap.mmap, path: str, size: int) -> None:
             raise Unavailable(f"KV region {path} was closed by its owner")
     finally:
         u64.release()
+
+
+class ReaderPool:
+    """One KvReader per region name for a long-lived consumer (the decode service):
+    opening maps the file, so do it once per region, not per request. A reader whose
+    region was closed by its owner (restart) is dropped and unmapped on the next get."""
+
+    def __init__(self, **poll: float) -> None:
+        self._poll = poll
+        self._readers: dict[str, KvReader] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> KvReader:
+        key = name.lstrip("/")
+        with self._lock:
+            for other, reader in list(self._readers.items()):
+                if reader.closed_by_owner:
+                    del self._readers[other]
+                    reader.close()
+            reader = self._readers.get(key)
+            if reader is None:
+                reader = self._readers[key] = KvReader.open(name, **self._poll)
+            return reader
+
+    def close(self) -> None:
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()
