@@ -1,11 +1,10 @@
 """KvRegion: the owner's (prefill service's) side of the shared KV region.
 
-The owner alone allocates, fills, marks ready and frees slots. Protocol per slot (see
-docs/transport.md): alloc publishes the slot header with state ACTIVE last; each layer's
-bytes (and checksum) are written before its ready flag; free bumps the generation
+The owner alone allocates, fills, marks ready and frees slots (docs/transport.md): alloc
+publishes the slot header with state ACTIVE last; a layer's bytes (and checksum) land
+before its ready flag, which waits for the copy's CUDA event; free bumps the generation
 *before* anything else, so a reader that copied across a free/reuse sees the change on
-its second generation read (seqlock). x86 keeps stores in program order; the flag is set
-only after the CUDA event of a device-to-host copy completed.
+its second generation read (seqlock; x86 keeps stores in program order).
 """
 
 from __future__ import annotations
@@ -111,10 +110,9 @@ class KvRegion:
     def _torch_base(self) -> Any:
         if self._tensor is None:
             import torch
-            # Through a memoryview we never release: torch keeps a reference to the
-            # object it was given but drops its buffer export, so a tensor over the
-            # mmap itself would not stop mmap.close() (dangling pointer). The view's
-            # export does: close() then leaves the mapping to the last tensor.
+            # Via a memoryview we never release: torch drops its buffer export at once,
+            # so a tensor over the mmap itself would not stop mmap.close() (dangling
+            # pointer); the memoryview's export does.
             self._tensor = torch.frombuffer(memoryview(self._mm), dtype=torch.uint8)
         return self._tensor
 
@@ -135,9 +133,8 @@ class KvRegion:
             shm.unlink_quietly(self.path)
 
     def close(self) -> None:
-        """Mark the region closed for readers, unregister from CUDA, unmap, unlink.
-        If layer views are still referenced the mapping lives until they are dropped
-        (never a dangling pointer); the name is removed regardless."""
+        """Mark closed for readers, unregister from CUDA, unmap, unlink. Views still
+        referenced keep the mapping alive until dropped (never a dangling pointer)."""
         with self._lock:
             if self._closed:
                 return
@@ -145,7 +142,8 @@ class KvRegion:
             atexit.unregister(self._atexit)
             try:
                 self._u64[L.H_STATE] = L.REGION_CLOSED
-                if self._registered_ptr is not None:
+                if self._registered_ptr is not None:  # no DMA may still target it
+                    cuda.synchronize_quietly()
                     cuda.host_unregister(self._registered_ptr)
                     self._registered_ptr = None
                 self._tensor = None
@@ -174,6 +172,8 @@ class KvRegion:
                             n_tokens=n_tokens, n_kv_heads=n_kv_heads, head_dim=head_dim,
                             checksums=checksums)
         lease = self.lease_s if lease_s is None else lease_s
+        if not lease > 0:
+            raise InvalidArgument(f"lease_s={lease_s!r}: expected > 0")
         with self._lock:
             self._check_open()
             slot, off = self._take(probe.length)
