@@ -30,6 +30,13 @@ def cupy():
     return cp
 
 
+@pytest.fixture(autouse=True)
+def _kernels_really_ran():
+    yield
+    # reshape.py falls back to the torch path if a CuPy kernel fails: here that is a bug
+    assert reshape.cuda_kernel_error() is None, reshape.cuda_kernel_error()
+
+
 def _layer(name: str, n_tokens: int, src: str, seed: int = 0, max_len: int | None = None):
     """k, v as the engine hands them over: views [H, T, hd] of a [H, max_len, hd] cache."""
     cfg = preset(name)
@@ -82,6 +89,14 @@ def test_odd_channel_split_gpt2_xl(cupy) -> None:
     cfg, k, v = _layer("gpt2-xl", 77, "float16", seed=9)      # 50 lanes: L = 2, 25 channels
     layout = HbmLayout.kv_only(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
     assert np.array_equal(reshape.pack_layer(k, v, layout).cpu().numpy(), _ref(k, v, layout))
+
+
+def test_layer_shipper_converts_bf16_to_fp16(cupy) -> None:
+    cfg, k, v = _layer("llama-7b", 100, "bfloat16", seed=4, max_len=256)
+    shipper = LayerShipper.for_model(cfg, "hbm", "float16", device="cuda")
+    dest = torch.empty(shipper.layer_bytes(100), dtype=torch.uint8).pin_memory()
+    shipper.ship(0, k, v, dest).wait(timeout_s=30.0)
+    assert np.array_equal(dest.numpy(), _ref(k, v, shipper.layout))
 
 
 @pytest.mark.parametrize("kind", ["hbm", "dense"])
