@@ -112,5 +112,8 @@ def test_allocator_limits_and_reuse(medium: HbmLayout) -> None:
     alloc.free(b)
     with pytest.raises(InvalidArgument, match="double free"):
         alloc.free(b)
+    with pytest.raises(InvalidArgument, match="not allocated here"):   # a forged area
+        alloc.free(KvArea(medium.kv_base + 98_304, 32, 98_304))
+    assert alloc.live == 1
     with pytest.raises(ResourceExhausted, match="167296 tokens"):
         medium.check_area(CHANNEL_BYTES - 4096, 32)
