@@ -164,6 +164,9 @@ def main() -> None:
         raise SystemExit("bench_reshape needs a CUDA GPU")
     bench_layer(args.model, args.tokens, args.iters)
     bench_shipper(args.model, args.tokens)
+    if reshape.cuda_kernel_error():
+        print(f"WARNING: CuPy kernels failed, figures are the torch path: "
+              f"{reshape.cuda_kernel_error()}")
 
 
 if __name__ == "__main__":
