@@ -13,7 +13,7 @@ import time
 import torch
 
 from bench.hf_baseline import hf_generate_ms, hf_model
-from engine.cuda_graph import GraphDecoder
+from engine.cuda_graph import GraphDecoder, bucket_len
 from engine.kv_cache import KVCache
 from engine.loader import load_model
 
@@ -42,9 +42,10 @@ def eager_ms_per_token(lm, n_prompt: int, n_steps: int) -> float:
     return _cuda_ms(loop) / n_steps
 
 
-def graph_ms_per_token(lm, n_prompt: int, n_steps: int) -> float:
-    cache = KVCache(lm.config, 1, 1024 if n_prompt + n_steps <= 1024 else 2048, lm.device, lm.dtype)
-    dec = GraphDecoder(lm.model, cache)
+def graph_ms_per_token(lm, n_prompt: int, n_steps: int, step_fn=None) -> float:
+    cache = KVCache(lm.config, 1, bucket_len(n_prompt + n_steps, lm.config.max_positions),
+                    lm.device, lm.dtype)
+    dec = GraphDecoder(lm.model, cache, step_fn)
     run = lambda: list(dec.run(1, n_prompt, n_steps))  # noqa: E731
     run()
     return _cuda_ms(run) / n_steps
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
     lm = load_model(f"synthetic:{a.model}", device="cuda", dtype="float16")
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
@@ -73,6 +75,12 @@ def main() -> None:
     print(f"  prefill {a.prompt} tokens: {prefill_ms(lm, a.prompt):.2f} ms")
     print(f"  decode eager      : {eager_ms_per_token(lm, a.prompt, a.tokens):.3f} ms/token")
     print(f"  decode CUDA graph : {graph_ms_per_token(lm, a.prompt, a.tokens):.3f} ms/token")
+    if a.compile:
+        t0 = time.perf_counter()
+        fn = torch.compile(lm.model.decode_step, dynamic=False)
+        ms = graph_ms_per_token(lm, a.prompt, a.tokens, fn)
+        print(f"  decode compiled + CUDA graph: {ms:.3f} ms/token "
+              f"(compile+capture {time.perf_counter() - t0:.0f} s)")
     if not a.no_hf:
         hf = hf_model(lm.config, "cuda", torch.float16)
         t1 = hf_generate_ms(hf, a.prompt, 1, True, "cuda")

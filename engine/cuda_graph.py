@@ -41,10 +41,12 @@ class GraphDecoder:
     Owns `cache` (length `max_len`): fill rows [0, n_prompt) (prefill or ingest), then
     call `run`. Not thread-safe: one request at a time (see GraphPool)."""
 
-    def __init__(self, model: torch.nn.Module, cache: KVCache) -> None:
+    def __init__(self, model: torch.nn.Module, cache: KVCache, step_fn=None) -> None:
         if cache.device.type != "cuda" or cache.batch != 1:
             raise ValueError("GraphDecoder needs a batch-1 KV cache on a CUDA device")
         self.model, self.cache = model, cache
+        # step_fn: model.decode_step or a torch.compile'd version of it (fused pointwise ops)
+        self.step_fn = step_fn or model.decode_step
         dev = cache.device
         self.tokens = torch.zeros(1, dtype=torch.long, device=dev)
         self.positions = torch.zeros(1, dtype=torch.long, device=dev)
@@ -54,7 +56,7 @@ class GraphDecoder:
         self.graph = self._capture()
 
     def _step(self) -> None:
-        logits = self.model.decode_step(self.tokens, self.positions, self.cache)
+        logits = self.step_fn(self.tokens, self.positions, self.cache)
         nxt = torch.argmax(logits, dim=-1)
         self.tokens.copy_(nxt)
         self.positions.add_(1)
