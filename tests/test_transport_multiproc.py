@@ -206,3 +206,32 @@ def test_reader_sees_region_closed(region):
     with pytest.raises(Unavailable, match="closed"):
         reader.read_layer(desc, 0, 0.1)
     reader.close()
+
+
+def test_concurrent_free_and_reuse_never_yields_torn_bytes():
+    """The seqlock: the owner frees and refills the one slot right after handing out
+    each descriptor while the reader copies 1 MiB layers. A read either returns exactly
+    its generation's bytes or fails with Aborted."""
+    n = 1 << 20
+    with KvRegion.create(2 * n, 1, 1, 30.0, name_prefix=_prefix(), cuda_register=False) as r:
+        here, there = CTX.Pipe()
+        child = CTX.Process(target=procs.seqlock_reader, args=(r.name, there))
+        child.start()
+        for i in range(600):
+            desc = r.alloc(n, 1)
+            r.write_layer(desc, 0, procs.pattern(0, n, salt=desc.generation))
+            r.mark_ready(desc, 0)
+            hold = i % 8 == 0  # sometimes keep the slot until it was read: some reads succeed
+            here.send((desc.to_bytes(), hold))
+            if hold:
+                assert _recv(here) == "read"
+            else:
+                time.sleep(0.0003 * (i % 3))  # let some reads start before the free
+            r.free(desc)
+        here.send(None)
+        counts = _recv(here)
+        child.join(10)
+    assert counts["torn"] == 0, counts
+    assert counts["ok"] >= 600 // 8, counts
+    assert counts["aborted"] + counts["aborted_mid_copy"] > 0, counts
+    print(counts)
