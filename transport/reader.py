@@ -53,7 +53,7 @@ class KvReader:
         try:
             if size < L.REGION_HEADER_BYTES:
                 raise InvalidArgument(f"{path} ({size} bytes) is too small to be a KV region")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            mm = mmap.mmap(fd, size, L.MAP_FLAGS, mmap.PROT_READ)
         finally:
             os.close(fd)
         try:
