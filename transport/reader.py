@@ -35,7 +35,7 @@ from transport.shm import SHM_DIR, open_readonly, segment_path
 
 class KvReader:
     def __init__(self, name: str, mm: mmap.mmap, *, owns_map: bool,
-                 poll_min_s: float = 20e-6, poll_max_s: float = 500e-6) -> None:
+                 poll_min_s: float = 20e-6, poll_max_s: float = 200e-6) -> None:
         self.name, self._mm, self._owns_map = name, mm, owns_map
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         self._u8 = memoryview(mm).toreadonly()
