@@ -235,3 +235,26 @@ def test_concurrent_free_and_reuse_never_yields_torn_bytes():
     assert counts["ok"] >= 600 // 8, counts
     assert counts["aborted"] + counts["aborted_mid_copy"] > 0, counts
     print(counts)
+
+
+def test_sweep_stale_detects_a_recycled_pid():
+    """A live pid whose start time differs from the one in the header is a new process
+    that inherited the number: the segment is stale. The same start time: kept."""
+    from transport import layout as L
+    from transport.shm import process_start_ticks
+    prefix, pid = _prefix(), os.getppid()
+    start = process_start_ticks(pid)
+    if start is None:
+        pytest.skip("no /proc start time here")
+    for epoch, ticks in ((1, start), (2, start + 12345)):
+        words = [0] * 8
+        words[L.H_MAGIC] = int.from_bytes(L.MAGIC, "little")
+        words[L.H_OWNER_PID], words[L.H_OWNER_START] = pid, ticks
+        with open(os.path.join(SHM_DIR, f"{prefix}-{pid}-{epoch}"), "wb") as f:
+            f.write(b"".join(w.to_bytes(8, "little") for w in words))
+    try:
+        assert sweep_stale(prefix) == [f"/{prefix}-{pid}-2"]
+        assert _ours(prefix) == [f"{prefix}-{pid}-1"]
+    finally:
+        for entry in _ours(prefix):
+            os.unlink(os.path.join(SHM_DIR, entry))
