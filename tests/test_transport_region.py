@@ -377,3 +377,16 @@ def test_only_the_creating_process_unlinks():
     r._owner_pid = real_pid
     r.close()
     assert not os.path.exists(r.path)
+
+
+@pytest.mark.parametrize("checksums", [False, True])
+def test_owner_calls_refuse_layers_the_slot_does_not_have(region, checksums):
+    d = region.alloc(2 * 4096, 2, checksums=checksums)
+    for bad in (-1, 2, 4, 1 << 40):
+        with pytest.raises(InvalidArgument, match="out of range"):
+            region.mark_ready(d, bad)
+        with pytest.raises(InvalidArgument, match="out of range"):
+            region.layer_buffer(d, bad)
+    g = region.geometry
+    flags = bytes(region._u8[g.ready_byte(d.slot, 0):g.ready_byte(d.slot, 0) + g.max_layers])
+    assert flags == bytes(g.max_layers)  # nothing was marked by the refused calls

@@ -117,8 +117,7 @@ class KvRegion:
         return self._tensor
 
     @property
-    def registered(self) -> bool:
-        """True when the mapping is page-locked for CUDA."""
+    def registered(self) -> bool:  # page-locked for CUDA
         return self._registered_ptr is not None
 
     @property
@@ -356,22 +355,23 @@ class KvRegion:
 
     def mark_ready(self, desc: KvDescriptor, layer: int, checksum: int | None = None,
                    event: Any = None) -> None:
-        """Publish `layer`: waits for `event` (the copy's CUDA event) first, stores the
-        checksum (computed here if the slot has checksums and none is given), then sets
-        the ready flag, strictly after the data."""
+        """Publish `layer`: waits for `event` (the copy's CUDA event), stores the checksum
+        (xxh3 computed here if the slot has checksums and none is given), then sets the
+        ready flag, strictly after the data."""
         if event is not None:
             event.synchronize()
+        if checksum is not None and not desc.checksums:
+            raise InvalidArgument("checksum given for a slot allocated without checksums")
+        if desc.checksums and checksum is None:  # outside the lock: ~0.1 ms per 2 MiB
+            with self.layer_buffer(desc, layer) as data:
+                checksum = xxhash.xxh3_64_intdigest(data)
         with self._lock:
-            self._producing(desc)
-            a, n = desc.layer_span(layer)
+            self._producing(desc)  # still current: not freed while we hashed
+            desc.layer_span(layer)  # InvalidArgument for a layer the slot does not have
             g, slot = self.geometry, desc.slot
             if self._u8[g.ready_byte(slot, layer)]:
                 raise InvalidArgument(f"layer {layer} of slot {slot} is already marked ready")
-            if checksum is not None and not desc.checksums:
-                raise InvalidArgument("checksum given for a slot allocated without checksums")
-            if desc.checksums:
-                if checksum is None:
-                    checksum = xxhash.xxh3_64_intdigest(self._u8[a:a + n])
+            if checksum is not None:
                 self._u64[g.checksum_word(slot, layer)] = checksum & L.U64_MAX
             self._u8[g.ready_byte(slot, layer)] = 1
 
