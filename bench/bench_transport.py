@@ -8,7 +8,7 @@ GPU (when CUDA is present): a gpt2-medium 512-token fp16 KV (24 layers x K,V x 5
   - into the region with the full protocol (event + mark_ready per layer)
 CPU (always): the reader's copy-out of ready layers vs a plain memcpy of the same bytes,
 with and without xxh3 checksums; cross-process latency from mark_ready to the reader
-seeing the flag (polling with backoff) vs a multiprocessing Pipe message.
+seeing the flag (futex wake-up) vs a multiprocessing Pipe message.
 
     PYTHONPATH=. python bench/bench_transport.py [--iters 20]
 """

@@ -258,3 +258,17 @@ def test_sweep_stale_detects_a_recycled_pid():
     finally:
         for entry in _ours(prefix):
             os.unlink(os.path.join(SHM_DIR, entry))
+
+
+def test_owner_close_wakes_a_waiting_reader(region):
+    desc = region.alloc(2 * 4096, 2)
+    here, there = CTX.Pipe()
+    child = CTX.Process(target=procs.follow_layers, args=(region.name, desc.to_bytes(), there, 30.0))
+    child.start()
+    time.sleep(0.5)  # the child is (most likely) asleep waiting for layer 0
+    t0 = time.monotonic()
+    region.close()
+    kind, name, msg = _recv(here)
+    child.join(10)
+    assert (kind, name) == ("error", "Unavailable") and "closed" in msg
+    assert time.monotonic() - t0 < 5.0  # not the 30 s timeout

@@ -20,6 +20,7 @@ from engine.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from transport import futex
 from transport import layout as L
 from transport.reader import KvReader
 from transport.region import KvRegion
@@ -35,9 +36,11 @@ def region():
     r.close()
 
 
-@pytest.fixture
-def reader(region):
-    rd = KvReader.open(region.name)
+@pytest.fixture(params=[True, False], ids=["futex", "sleep"])
+def reader(region, request):
+    """Both wait strategies: futex wake-ups and the portable sleep/backoff fallback."""
+    rd = KvReader.open(region.name, use_futex=request.param)
+    assert bool(rd._addr) == (request.param and futex.available())
     yield rd
     rd.close()
 
