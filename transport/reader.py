@@ -71,6 +71,7 @@ class KvReader:
     @classmethod
     def attach(cls, region: Any, **poll: Any) -> KvReader:
         """A reader over an owner's own mapping (the gRPC fetch server runs there)."""
+        region._check_open()  # Unavailable once closed
         return cls(region.name, region._mm, owns_map=False, **poll)
 
     @property
