@@ -393,3 +393,10 @@ def test_owner_calls_refuse_layers_the_slot_does_not_have(region, checksums):
     g = region.geometry
     flags = bytes(region._u8[g.ready_byte(d.slot, 0):g.ready_byte(d.slot, 0) + g.max_layers])
     assert flags == bytes(g.max_layers)  # nothing was marked by the refused calls
+
+
+def test_inconsistent_header_is_data_loss(region):
+    with open(region.path, "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+        mm[8 * L.H_PAYLOAD_BYTES:8 * L.H_PAYLOAD_BYTES + 8] = (1 << 40).to_bytes(8, "little")
+    with pytest.raises(DataLoss, match="header says"):
+        KvReader.open(region.name)
