@@ -58,11 +58,13 @@ class KvReader:
         try:
             if size < L.REGION_HEADER_BYTES:
                 raise InvalidArgument(f"{path} ({size} bytes) is too small to be a KV region")
+            # Validate a copy of the header before mapping: the name comes off the wire,
+            # and populating the page tables of some other large file is not free.
+            _check_header(os.pread(fd, L.REGION_HEADER_BYTES, 0), path, size)
             mm = mmap.mmap(fd, size, L.MAP_FLAGS, mmap.PROT_READ)
         finally:
             os.close(fd)
         try:
-            _check_header(mm, path, size)
             return cls(name, mm, owns_map=True, **poll)
         except BaseException:
             mm.close()
@@ -239,21 +241,18 @@ class KvReader:
                            f"(stored {want:#018x}, read {xxhash.xxh3_64_intdigest(data):#018x})")
 
 
-def _check_header(mm: mmap.mmap, path: str, size: int) -> None:
-    u64 = memoryview(mm).cast("Q")
-    try:
-        if bytes(mm[:8]) != L.MAGIC:
-            raise InvalidArgument(f"{path} is not a KV region (or not initialized yet)")
-        if u64[L.H_VERSION] != L.VERSION:
-            raise FailedPrecondition(f"{path} has region format version {u64[L.H_VERSION]}; "
-                                     f"this reader speaks version {L.VERSION}")
-        problems = L.Geometry.read_header(u64).problems(size)
-        if problems:
-            raise DataLoss(f"{path}: corrupt region header: {'; '.join(problems)}")
-        if u64[L.H_STATE] != L.REGION_LIVE:
-            raise Unavailable(f"KV region {path} was closed by its owner")
-    finally:
-        u64.release()
+def _check_header(head: bytes, path: str, size: int) -> None:
+    u64 = memoryview(head).cast("Q")
+    if head[:8] != L.MAGIC:
+        raise InvalidArgument(f"{path} is not a KV region (or not initialized yet)")
+    if u64[L.H_VERSION] != L.VERSION:
+        raise FailedPrecondition(f"{path} has region format version {u64[L.H_VERSION]}; "
+                                 f"this reader speaks version {L.VERSION}")
+    problems = L.Geometry.read_header(u64).problems(size)
+    if problems:
+        raise DataLoss(f"{path}: corrupt region header: {'; '.join(problems)}")
+    if u64[L.H_STATE] != L.REGION_LIVE:
+        raise Unavailable(f"KV region {path} was closed by its owner")
 
 
 class ReaderPool:
