@@ -1,0 +1,190 @@
+"""CuPy RawKernels of the KV reshape (docs/hbm-layout.md): one for K, one for V, and
+their inverses. Called through kernels/reshape.py when the tensors are on CUDA.
+
+- Live tokens only: the grid covers n_blocks(T) blocks, not the model's max length.
+- Zero-copy: kernels get raw device pointers of the torch tensors (`data_ptr()`).
+  We do not go through `__cuda_array_interface__`/DLPack because CuPy may then
+  synchronise with the producer's stream, which would serialise the copy stream with
+  the compute stream and defeat the latency hiding.
+- Streams: every launch goes on the given torch stream (default: torch's current one)
+  via `cupy.cuda.ExternalStream(stream.cuda_stream)`; dtype conversion and
+  `.contiguous()` (if needed) run on the same stream. Tensors used on a stream other
+  than the current one are `record_stream`ed so the caching allocator does not reuse
+  them early.
+- Coalescing: one CTA (32x8 threads) per (token block, lane) = one 32x32 tile. K: each
+  warp reads 32 consecutive elements of a token row (contiguous in head_dim) and writes
+  one contiguous 64-byte tile row. V: the tile is staged in shared memory (33-element
+  row pitch against bank conflicts) so both the read (along dims) and the transposed
+  write (along tokens) are contiguous.
+- Conversion to the layout dtype happens before the kernel with `Tensor.to` (round to
+  nearest even, as the CPU path and NumPy), so the kernels only move 2- or 4-byte words
+  and agree with the reference bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from engine.errors import InvalidArgument
+from kernels.hbm_layout import HbmLayout
+
+_SRC = r"""
+// elem_t is typedef'd in front of this source: unsigned short (fp16) or unsigned int (fp32).
+// Geometry: lane j (32 elements of the kv row) lives on channel c = j / L, as local lane
+// i = j - c*L; channels before c are full (L lanes), so channel c's chunk starts at
+// element 2*n_blocks*1024*c*L; its K part holds n_blocks*lanes_c tiles, then the V part.
+struct Tile { long long k; long long v; int e; };
+
+__device__ __forceinline__ Tile tile_of(int j, int b, int n_lanes, int L, int n_blocks) {
+    const int c = j / L;
+    const int i = j - c * L;
+    const int lanes_c = min(L, n_lanes - c * L);
+    const long long chunk = 2LL * n_blocks * 1024LL * (long long)(c * L);
+    Tile t;
+    t.k = chunk + ((long long)b * lanes_c + i) * 1024LL;
+    t.v = t.k + (long long)n_blocks * lanes_c * 1024LL;
+    t.e = j * 32 + threadIdx.x;          // this thread's element of the kv row
+    return t;
+}
+
+extern "C" __global__ void pack_k(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
+        long long stride_h, long long stride_t, int n_tokens, int head_dim,
+        int n_lanes, int L, int n_blocks) {
+    const int j = blockIdx.x, b = blockIdx.y;
+    const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
+    const int h = t.e / head_dim, d = t.e - h * head_dim;
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        const int tok = b * 32 + r;
+        elem_t x = 0;
+        if (tok < n_tokens) x = src[h * stride_h + tok * stride_t + d];
+        dst[t.k + r * 32 + threadIdx.x] = x;           // [token][dim]
+    }
+}
+
+extern "C" __global__ void pack_v(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
+        long long stride_h, long long stride_t, int n_tokens, int head_dim,
+        int n_lanes, int L, int n_blocks) {
+    __shared__ elem_t s[32][33];
+    const int j = blockIdx.x, b = blockIdx.y;
+    const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
+    const int h = t.e / head_dim, d = t.e - h * head_dim;
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        const int tok = b * 32 + r;
+        elem_t x = 0;
+        if (tok < n_tokens) x = src[h * stride_h + tok * stride_t + d];
+        s[r][threadIdx.x] = x;                          // s[token][dim]
+    }
+    __syncthreads();
+    for (int dim = threadIdx.y; dim < 32; dim += blockDim.y)
+        dst[t.v + dim * 32 + threadIdx.x] = s[threadIdx.x][dim];   // [dim][token]
+}
+
+extern "C" __global__ void unpack_k(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
+        long long stride_h, long long stride_t, int n_tokens, int head_dim,
+        int n_lanes, int L, int n_blocks) {
+    const int j = blockIdx.x, b = blockIdx.y;
+    const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
+    const int h = t.e / head_dim, d = t.e - h * head_dim;
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        const int tok = b * 32 + r;
+        if (tok < n_tokens) dst[h * stride_h + tok * stride_t + d] = src[t.k + r * 32 + threadIdx.x];
+    }
+}
+
+extern "C" __global__ void unpack_v(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
+        long long stride_h, long long stride_t, int n_tokens, int head_dim,
+        int n_lanes, int L, int n_blocks) {
+    __shared__ elem_t s[32][33];
+    const int j = blockIdx.x, b = blockIdx.y;
+    const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
+    const int h = t.e / head_dim, d = t.e - h * head_dim;
+    for (int dim = threadIdx.y; dim < 32; dim += blockDim.y)
+        s[dim][threadIdx.x] = src[t.v + dim * 32 + threadIdx.x];   // s[dim][token]
+    __syncthreads();
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        const int tok = b * 32 + r;
+        if (tok < n_tokens) dst[h * stride_h + tok * stride_t + d] = s[threadIdx.x][r];
+    }
+}
+"""
+
+_ELEM_T = {"float16": "unsigned short", "float32": "unsigned int"}
+_TORCH = {"float16": torch.float16, "float32": torch.float32}
+_BLOCK = (32, 8, 1)
+
+
+@functools.cache
+def _kernels(dtype: str) -> dict:
+    import cupy as cp
+
+    code = f"typedef {_ELEM_T[dtype]} elem_t;\n" + _SRC
+    return {name: cp.RawKernel(code, name) for name in ("pack_k", "pack_v", "unpack_k", "unpack_v")}
+
+
+def _stream(device: torch.device, stream: torch.cuda.Stream | None) -> torch.cuda.Stream:
+    return stream if stream is not None else torch.cuda.current_stream(device)
+
+
+def _launch(names: tuple[str, str], tensors: list[tuple[torch.Tensor, torch.Tensor]],
+            layout: HbmLayout, n_tokens: int, engine_strides: tuple[int, int],
+            stream: torch.cuda.Stream) -> None:
+    """Run the K kernel on tensors[0] and the V kernel on tensors[1] (src, dst pairs)."""
+    import cupy as cp
+
+    kern = _kernels(layout.dtype)
+    grid = (layout.n_lanes, layout.n_blocks(n_tokens), 1)
+    scalars = (np.int64(engine_strides[0]), np.int64(engine_strides[1]), np.int32(n_tokens),
+               np.int32(layout.head_dim), np.int32(layout.n_lanes),
+               np.int32(layout.lanes_per_channel), np.int32(layout.n_blocks(n_tokens)))
+    device = tensors[0][0].device
+    with cp.cuda.Device(device.index), cp.cuda.ExternalStream(stream.cuda_stream, device.index):
+        for name, (src, dst) in zip(names, tensors, strict=True):
+            kern[name](grid, _BLOCK, (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()), *scalars))
+
+
+def _keep_alive(stream: torch.cuda.Stream, *tensors: torch.Tensor) -> None:
+    if stream != torch.cuda.current_stream(tensors[0].device):
+        for t in tensors:
+            t.record_stream(stream)
+
+
+def _engine_operand(x: torch.Tensor, layout: HbmLayout) -> torch.Tensor:
+    x = x.to(_TORCH[layout.dtype])
+    return x if x.stride(2) == 1 else x.contiguous()
+
+
+def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *, out: torch.Tensor,
+               stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+    """CUDA pack; `out` is a contiguous uint8 tensor of layout.layer_bytes(T) on k's device.
+    Shapes are checked by kernels.reshape.pack_layer. Returns `out` (ready on `stream`)."""
+    if out.device != k.device or out.data_ptr() % layout.elem_bytes:
+        raise InvalidArgument("out must be on k's device and aligned to the element size")
+    stream = _stream(k.device, stream)
+    n_tokens = k.shape[1]
+    with torch.cuda.stream(stream):
+        kk, vv = _engine_operand(k, layout), _engine_operand(v, layout)
+        if kk.stride() != vv.stride():
+            kk, vv = kk.contiguous(), vv.contiguous()
+    _keep_alive(stream, k, v, kk, vv, out)
+    _launch(("pack_k", "pack_v"), [(kk, out), (vv, out)], layout, n_tokens,
+            (kk.stride(0), kk.stride(1)), stream)
+    return out
+
+
+def unpack_layer(data: torch.Tensor, layout: HbmLayout, n_tokens: int, *,
+                 stream: torch.cuda.Stream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA unpack of a contiguous uint8 packed layer -> (k, v) [H, T, hd], layout dtype."""
+    if data.data_ptr() % layout.elem_bytes:
+        raise InvalidArgument("packed layer must be aligned to the element size")
+    stream = _stream(data.device, stream)
+    shape = (layout.n_kv_heads, n_tokens, layout.head_dim)
+    with torch.cuda.stream(stream):
+        k = torch.empty(shape, dtype=_TORCH[layout.dtype], device=data.device)
+        v = torch.empty_like(k)
+    _keep_alive(stream, data)
+    _launch(("unpack_k", "unpack_v"), [(data, k), (data, v)], layout, n_tokens,
+            (k.stride(0), k.stride(1)), stream)
+    return k, v
