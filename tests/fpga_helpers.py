@@ -17,16 +17,17 @@ from kernels.hbm_layout import HbmLayout
 from kernels.reshape import pack_layer
 
 FAKE_PYXRT = str(Path(__file__).parent / "fake_pyxrt")
+GREEDY = SamplingParams()
 PROMPT = [5, 17, 42, 7, 99, 3, 250, 64, 11]
 
 
 def reference(lm: LoadedModel, prompt: list[int], n: int,
-              params: SamplingParams = SamplingParams()) -> list[int]:
+              params: SamplingParams = GREEDY) -> list[int]:
     return generate(lm, prompt, n, params).token_ids
 
 
 def prefill_packed(lm: LoadedModel, prompt: list[int], layout: HbmLayout,
-                   params: SamplingParams = SamplingParams()) -> tuple[int, list[bytes]]:
+                   params: SamplingParams = GREEDY) -> tuple[int, list[bytes]]:
     """Engine prefill; each layer's K, V packed by kernels.reshape as it is produced."""
     cache = KVCache(lm.config, 1, len(prompt), lm.device, lm.dtype)
     layers: list[bytes] = []
@@ -39,7 +40,7 @@ def prefill_packed(lm: LoadedModel, prompt: list[int], layout: HbmLayout,
 
 
 def run_session(backend: DecodeBackend, first: int, layers: list[bytes], n_prompt: int,
-                n: int, params: SamplingParams = SamplingParams(), rid: str = "r") -> list[int]:
+                n: int, params: SamplingParams = GREEDY, rid: str = "r") -> list[int]:
     """Open, ingest every layer, decode, close: the servicer's sequence for one request."""
     session = backend.open_session(DecodeSpec(rid, n_prompt, n, params))
     try:
