@@ -224,6 +224,7 @@ class HbmDevice(ABC):
         """Ingest one layer in slot form (kernels.reshape.pack_layer): chunk c's K part to
         channel c's K half of the layer, its V part to the V half; then sync."""
         lay = self._layout()
+        data = memoryview(data).cast("B")
         if not 0 <= layer < lay.n_layers:
             raise InvalidArgument(f"layer {layer} outside 0..{lay.n_layers - 1}")
         if n_tokens > kv.capacity_tokens or len(data) != lay.layer_bytes(n_tokens):
