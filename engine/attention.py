@@ -1,0 +1,65 @@
+"""Attention shared by the model families: causal prefill and static-shape decode.
+
+Prefill uses torch's scaled_dot_product_attention (causal). Decode attends over the
+whole preallocated cache length with a mask built from `positions`, so every decode
+step has the same shapes whatever the sequence lengths: no `.item()`, no value-dependent
+allocation, ready for CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine.kv_cache import KVCache
+
+
+def prefill_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_rep: int
+) -> torch.Tensor:
+    """q [1, H, T, D], k/v [1, Hkv, T, D] -> [1, H, T, D], causal."""
+    if n_rep > 1:  # GQA: each KV head serves n_rep query heads
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def store_prefill_kv(
+    cache: KVCache, layer: int, k: torch.Tensor, v: torch.Tensor, row: int, on_layer
+) -> None:
+    """k, v [1, Hkv, T, D]: write into the cache, then hand them to the per-layer hook
+    (the seam the prefill service uses to ship layer l while layer l+1 computes)."""
+    cache.write_layer(layer, k[0], v[0], row=row, start=0)
+    if on_layer is not None:
+        on_layer(layer, k[0], v[0])
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    positions: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+) -> torch.Tensor:
+    """One token per sequence. q [B, H, D], k_new/v_new [B, Hkv, D], positions [B].
+
+    Writes k_new, v_new at `positions` of rows 0..B-1, then attends over the full cache
+    length with slots beyond each row's position masked out. Returns [B, H * D]."""
+    b, h, d = q.shape
+    hkv = k_new.shape[1]
+    k_cache = cache.k[layer, :b]  # [B, Hkv, L, D]
+    v_cache = cache.v[layer, :b]
+    rows = torch.arange(b, device=q.device)
+    k_cache[rows, :, positions] = k_new.to(k_cache.dtype)  # index_put: no host sync
+    v_cache[rows, :, positions] = v_new.to(v_cache.dtype)
+    qg = q.view(b, hkv, h // hkv, d)  # [B, Hkv, G, D]: G query heads share a KV head
+    scores = torch.matmul(qg, k_cache.transpose(-1, -2).to(q.dtype)) / math.sqrt(d)
+    slots = torch.arange(k_cache.shape[2], device=q.device)
+    visible = (slots[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # fp32 softmax like HF
+    out = torch.matmul(probs, v_cache.to(q.dtype))  # [B, Hkv, G, D]
+    return out.reshape(b, h * d)

@@ -1,0 +1,109 @@
+"""Single-process generation: prefill, then the decode loop shared with the `gpu`
+decode backend (`decode_tokens`)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import ModelConfig
+from engine.errors import InvalidArgument
+from engine.kv_cache import KVCache
+from engine.loader import LoadedModel
+from engine.sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    token_ids: list[int]  # generated ids only
+    text: str
+    finish_reason: str  # "eos" | "stop" | "length"
+    timings: dict[str, float] = field(default_factory=dict)  # prefill_ms, decode_ms, total_ms
+
+
+def check_request(cfg: ModelConfig, prompt_ids: list[int], max_new_tokens: int) -> None:
+    """Raise InvalidArgument (one clear line) for a request the model cannot serve."""
+    if not prompt_ids:
+        raise InvalidArgument("empty prompt: give a prompt or --prompt-ids")
+    if max_new_tokens < 1:
+        raise InvalidArgument(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    bad = [i for i in prompt_ids if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise InvalidArgument(
+            f"token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size}) of {cfg.name}")
+    total = len(prompt_ids) + max_new_tokens
+    if total > cfg.max_positions:
+        raise InvalidArgument(
+            f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+            f"exceeds the model's {cfg.max_positions} positions")
+
+
+def is_stop(token: int, eos_id: int | None, stop_ids: Iterable[int], ignore_eos: bool) -> str | None:
+    if token == eos_id and not ignore_eos:
+        return "eos"
+    if token in stop_ids:
+        return "stop"
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_tokens(
+    lm: LoadedModel, cache: KVCache, first_token: int, n_prompt: int, max_new_tokens: int,
+    params: SamplingParams, stop_ids: Iterable[int] = (), row: int = 0, ignore_eos: bool = False,
+) -> Iterator[int]:
+    """Yield generated tokens 1..max_new_tokens-1 given cache row `row` filled for
+    positions [0, n_prompt) and prefill's `first_token` (index 0). Stops after EOS
+    (unless ignore_eos) or a stop id, yielding that token last; yields nothing if
+    first_token already stops. `params` must carry its seed when sampling."""
+    stop_ids = frozenset(stop_ids)
+    eos = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else lm.config.eos_token_id
+    if is_stop(first_token, eos, stop_ids, ignore_eos):
+        return
+    view = cache.rows(row, 1) if row or cache.batch != 1 else cache
+    tokens = torch.tensor([first_token], dtype=torch.long, device=lm.device)
+    positions = torch.tensor([n_prompt], dtype=torch.long, device=lm.device)
+    for step in range(1, max_new_tokens):
+        logits = lm.model.decode_step(tokens, positions, view)
+        nxt = sample(logits, params, step)
+        token = int(nxt[0])  # the caller needs the id now: one sync per token
+        yield token
+        if is_stop(token, eos, stop_ids, ignore_eos):
+            return
+        tokens.copy_(nxt)
+        positions.add_(1)
+
+
+def generate(
+    lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int,
+    params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] = (),  # noqa: B008 - frozen
+    on_token: Callable[[int], None] | None = None,
+) -> GenerationResult:
+    check_request(lm.config, prompt_ids, max_new_tokens)
+    params = params.with_seed()
+    stop_ids = frozenset(stop_ids)
+    n = len(prompt_ids)
+    cache = KVCache(lm.config, 1, n + max_new_tokens, lm.device, lm.dtype)
+    t0 = time.perf_counter()
+    ids = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
+    first = int(sample(lm.model.prefill(ids, cache), params, 0)[0])
+    t1 = time.perf_counter()
+    out = [first]
+    if on_token:
+        on_token(first)
+    for tok in decode_tokens(lm, cache, first, n, max_new_tokens, params, stop_ids):
+        out.append(tok)
+        if on_token:
+            on_token(tok)
+    _sync(lm.device)
+    t2 = time.perf_counter()
+    eos = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else lm.config.eos_token_id
+    reason = is_stop(out[-1], eos, stop_ids, False) or "length"
+    timings = {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "total_ms": (t2 - t0) * 1e3}
+    return GenerationResult(out, lm.tokenizer.decode(out), reason, timings)

@@ -1,0 +1,102 @@
+"""GPT-2 in plain torch, numerically matching Hugging Face's GPT2LMHeadModel.
+
+Learned positions, pre-LayerNorm blocks, GELU (tanh approximation), lm_head tied to the
+token embedding. Parameter names follow HF's (without the `transformer.` prefix); HF
+stores c_attn/c_proj/c_fc as Conv1D [in, out], the loader transposes them into these
+nn.Linear [out, in] weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.attention import decode_attention, prefill_attention, store_prefill_kv
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+
+# HF Conv1D weights ([in, out]) that the loader must transpose into nn.Linear ([out, in])
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, d] -> q, k, v each [B, H, T, D]."""
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.n_heads * self.head_dim, dim=-1)
+        return tuple(z.view(b, t, self.n_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+
+    def prefill(self, x, cache: KVCache, layer: int, row: int, on_layer) -> torch.Tensor:
+        q, k, v = self._qkv(x)
+        store_prefill_kv(cache, layer, k, v, row, on_layer)
+        y = prefill_attention(q, k, v, 1)  # [1, H, T, D]
+        return self.c_proj(y.transpose(1, 2).reshape(x.shape))
+
+    def decode(self, x, positions: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        q, k, v = self._qkv(x[:, None, :])  # x [B, d] -> [B, H, 1, D]
+        y = decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], positions, cache, layer)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.c_proj = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def prefill(self, x, cache, layer, row, on_layer):
+        x = x + self.attn.prefill(self.ln_1(x), cache, layer, row, on_layer)
+        return x + self.mlp(self.ln_2(x))
+
+    def decode(self, x, positions, cache, layer):
+        x = x + self.attn.decode(self.ln_1(x), positions, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
+        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.ln_f(x), self.wte.weight).float()  # tied lm_head; fp32 out
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, cache: KVCache, row: int = 0, on_layer=None) -> torch.Tensor:
+        """ids LongTensor[T] -> last-position logits [vocab] fp32; fills cache row `row`."""
+        pos = torch.arange(ids.shape[0], device=ids.device)
+        x = (self.wte(ids) + self.wpe(pos))[None]  # [1, T, d]
+        for i, block in enumerate(self.h):
+            x = block.prefill(x, cache, i, row, on_layer)
+        return self._logits(x[0, -1])
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens, positions LongTensor[B] -> logits [B, vocab] fp32."""
+        x = self.wte(tokens) + self.wpe(positions)  # [B, d]
+        for i, block in enumerate(self.h):
+            x = block.decode(x, positions, cache, i)
+        return self._logits(x)

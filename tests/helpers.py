@@ -1,0 +1,72 @@
+"""Shared test fixtures: tiny random Hugging Face checkpoints (saved with transformers'
+save_pretrained) that other packages' tests reuse.
+
+    from tests.helpers import make_tiny_gpt2, make_tiny_llama
+    path = make_tiny_gpt2(tmp_path)          # -> directory with config.json + weights
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _save(model, path: Path, safe: bool) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=safe)
+    return path
+
+
+def make_tiny_gpt2(tmpdir, *, safe: bool = True, seed: int = 0, vocab: int = 300,
+                   n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 128) -> Path:
+    """A random GPT-2 (2 layers, d 64) saved to `tmpdir/tiny-gpt2[-bin]`; eos id = vocab-1."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                     n_head=n_head, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+    model = GPT2LMHeadModel(cfg).eval()
+    _bump_biases(model)
+    return _save(model, Path(tmpdir) / ("tiny-gpt2" if safe else "tiny-gpt2-bin"), safe)
+
+
+def make_tiny_llama(tmpdir, *, safe: bool = True, seed: int = 0, vocab: int = 300,
+                    n_layers: int = 2, hidden: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
+                    max_positions: int = 128, tie: bool = False) -> Path:
+    """A random Llama with grouped-query attention (4 query heads share 2 KV heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden,
+                      num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                      num_key_value_heads=n_kv_heads, max_position_embeddings=max_positions,
+                      rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tie,
+                      bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    _bump_norms(model)
+    name = "tiny-llama" if safe else "tiny-llama-bin"
+    return _save(model, Path(tmpdir) / name, safe)
+
+
+def _bump_biases(model) -> None:
+    """HF initialises biases to 0 and norm gains to 1, which would hide a wrong mapping
+    of those tensors; give them random values so parity tests see every tensor."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+
+
+def _bump_norms(model) -> None:
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1.0 + torch.randn_like(p) * 0.1)
+
+
+def hf_model(path):
+    """Load a saved tiny checkpoint back with transformers (fp32, eager reference)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
