@@ -33,21 +33,11 @@ class DecodeOptions:
     log_level: str = "info"
 
 
-def resolve_device(device: str, dtype: str) -> tuple[str, str]:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    return device, dtype
-
-
 async def _serve(opts: DecodeOptions) -> None:
     from .backends import make_backend
     from .servicer import DecodeServicer
 
-    device, dtype = resolve_device(opts.device, opts.dtype)
+    device, dtype = kit.resolve_device(opts.device, opts.dtype)
     admission = kit.Admission(opts.max_active, opts.max_queue)
     holder: dict = {}
     server, health = kit.make_server(

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 
 from engine.errors import FailedPrecondition, InvalidArgument
+from engine.generate import is_stop
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
@@ -34,6 +35,8 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         info = backend.info()
         self.fingerprint, self.model = info["fingerprint"], info["model"]
         self.config, self.tokenizer = backend.config, backend.tokenizer
+        eos = getattr(self.tokenizer, "eos_id", None)
+        self.eos = eos if eos is not None else self.config.eos_token_id
         self.wait_timeout_s = wait_timeout_s
         self.pool = ThreadPoolExecutor(admission.max_active * 2 + 2, "decode")
         self.readers = ShmReaders()
@@ -127,13 +130,16 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                           ingest_wait_ms=round(ist.wait_ms, 2))
             stream = self.tokenizer.stream()
             yield _tokens([first], stream.push(first))
-            n, finish = 1, _finish(first, spec, self.tokenizer.eos_id)
+            n, finish = 1, _finish(first, spec, self.eos)
             if finish is None and spec.max_new_tokens > 1:
                 async for tok in self._decode(session, first, stop):
                     n += 1
                     yield _tokens([tok], stream.push(tok))
-                    finish = _finish(tok, spec, self.tokenizer.eos_id)
+                    finish = _finish(tok, spec, self.eos)
             finish = finish or "length"
+            tail = stream.flush()  # bytes held back waiting for a complete character
+            if tail:
+                yield _tokens([], tail)
             t = session.timings()
             fields.update(n_tokens=n, decode_ms=round(t.get("decode_ms", 0.0), 2), finish=finish)
             yield pb.GenerateResponse(done=pb.GenerateDone(
@@ -224,8 +230,4 @@ def _tokens(ids: list[int], text: str) -> pb.GenerateResponse:
 
 
 def _finish(tok: int, spec: DecodeSpec, eos: int | None) -> str | None:
-    if tok in spec.stop_ids:
-        return "stop"
-    if eos is not None and tok == eos and not spec.ignore_eos:
-        return "eos"
-    return None
+    return is_stop(tok, eos, spec.stop_ids, spec.ignore_eos)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from engine.kv_cache import KVCache
-from engine.sampling import SamplingParams, sample
 
 from engine.errors import Aborted, InvalidArgument
+from engine.kv_cache import KVCache
+from engine.sampling import SamplingParams, sample
 
 from .shipping import ReadyMarker, ShipStats, make_shipper
 
@@ -92,7 +92,7 @@ class PrefillRunner:
         with torch.inference_mode():
             x = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
             logits = self.lm.model.prefill(x, cache, on_layer=on_layer)
-            first = int(sample(logits[None].float(), params, 0)[0])
+            first = int(sample(logits, params, 0)[0])
         prefill_ms = (time.perf_counter() - t0) * 1e3
         stats = marker.finish(marker.last_submit, self.copy_timeout_s)
         self.region.set_first_token(desc, first)

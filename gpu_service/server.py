@@ -35,25 +35,15 @@ class PrefillOptions:
     log_level: str = "info"
 
 
-def resolve_device(device: str, dtype: str) -> tuple[str, str]:
-    """'auto' -> cuda when present; dtype 'auto' -> float16 on CUDA, float32 on CPU."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    return device, dtype
-
-
 async def _serve(opts: PrefillOptions) -> None:
-    from engine.loader import load_model
     from transport.region import KvRegion
+
+    from engine.loader import load_model
 
     from .runner import PrefillRunner
     from .servicer import PrefillServicer
 
-    device, dtype = resolve_device(opts.device, opts.dtype)
+    device, dtype = kit.resolve_device(opts.device, opts.dtype)
     admission = kit.Admission(opts.max_active, opts.max_queue)
     holder: dict = {}
     server, health = kit.make_server(

@@ -45,21 +45,6 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def error_from_status(code: grpc.StatusCode, message: str) -> HybridError:
-    """The client-side inverse of `status_of`: an engine.errors instance for a status."""
-    from engine import errors
-
-    by_status = {
-        c.status: c for c in vars(errors).values()
-        if isinstance(c, type) and issubclass(c, HybridError)
-    }
-    cls = by_status.get(code.name, HybridError)
-    err = cls(message)
-    if cls is HybridError:
-        err.status = code.name
-    return err
-
-
 class Admission:
     """Bounded concurrency with a bounded wait queue.
 
@@ -174,9 +159,8 @@ def dtype_name(value: int) -> str:
 
 def sampling_from_proto(msg: object):
     """hybrid.v1.SamplingParams -> engine.sampling.SamplingParams (validated)."""
-    from engine.sampling import SamplingParams
-
     from engine.errors import InvalidArgument
+    from engine.sampling import SamplingParams
 
     # Proto floats are float32: 0.7 arrives as 0.699999988. Round back to the decimal
     # the user typed so sampling matches `generate --local` bit for bit.
@@ -186,7 +170,9 @@ def sampling_from_proto(msg: object):
     if not 0.0 <= p <= 1.0:
         raise InvalidArgument(f"top_p must be in [0, 1], got {p}")
     seed = msg.seed if msg.HasField("seed") else None
-    return SamplingParams(temperature=float(t), top_k=int(k), top_p=float(p) or 1.0, seed=seed)
+    # A client that wants reproducible sampling sends the seed to both stages; without
+    # one each stage draws its own (still a valid random sample).
+    return SamplingParams(temperature=t, top_k=int(k), top_p=p or 1.0, seed=seed).with_seed()
 
 
 def late_servicer(base: type, holder: dict, streams: Iterable[str], unaries: Iterable[str]):
@@ -212,3 +198,14 @@ def late_servicer(base: type, holder: dict, streams: Iterable[str], unaries: Ite
 
     attrs = {n: stream(n) for n in streams} | {n: unary(n) for n in unaries}
     return type(f"Late{base.__name__}", (base,), attrs)()
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """'auto' -> cuda when present, else cpu; dtype 'auto' -> float16 on CUDA, float32 on CPU."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, dtype

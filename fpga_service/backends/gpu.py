@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+
 from engine.generate import decode_tokens
 from engine.kv_cache import KVCache
 from engine.loader import load_model
