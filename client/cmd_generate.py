@@ -1,0 +1,128 @@
+"""`hybrid generate`: one prompt in, tokens out, streamed to stdout.
+
+`--local` runs the whole model in this process (engine only). Without it the request
+goes to the prefill and decode services through `client.remote.generate_remote`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from client.inputs import GenerateOptions, check_options, fail, parse_prompt_ids
+from engine.errors import HybridError, Unavailable
+
+DEFAULT_MODEL = "synthetic:gpt2"
+
+
+@click.command("generate")
+@click.argument("prompt", required=False)
+@click.option("--local", is_flag=True, help="Run prefill and decode in this process (no services).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True,
+              help="Local HF directory, hub id (online only) or synthetic:<preset>[:seed].")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--prompt-ids", help="Comma-separated token ids instead of PROMPT, e.g. 1,2,3.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off.")
+@click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same tokens).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True,
+              help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@click.option("--prefill", default="localhost:50051", show_default=True, help="Prefill service.")
+@click.option("--decode", default="localhost:50052", show_default=True, help="Decode service.")
+@click.option("--kv-transport", type=click.Choice(["shm", "grpc"]), default="shm", show_default=True,
+              help="KV hand-off: shared memory (same host) or gRPC fetch.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per request.")
+def generate(prompt, local, model, max_new_tokens, prompt_ids, temperature, top_k, top_p, seed,
+             device, dtype, as_json, prefill, decode, kv_transport, timeout) -> None:
+    """Generate text from PROMPT (or --prompt-ids)."""
+    try:
+        opts = GenerateOptions(
+            prompt=prompt, prompt_ids=parse_prompt_ids(prompt_ids), model=model,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, device=device, dtype=dtype, json=as_json, local=local, prefill=prefill,
+            decode=decode, kv_transport=kv_transport, timeout=timeout)
+        check_options(opts)
+        printer = TokenPrinter(as_json)
+        result = run_local(opts, printer) if local else run_remote(opts, printer)
+    except (HybridError, OSError) as e:
+        fail(e)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    printer.finish(result)
+
+
+class TokenPrinter:
+    """Streams text to stdout as tokens arrive (not with --json); the tokenizer's stream
+    decoder holds back bytes of unfinished UTF-8 characters."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self._stream = None
+
+    def start(self, tokenizer) -> None:
+        self._stream = tokenizer.stream()
+
+    def on_token(self, token_id: int) -> None:
+        if not self.as_json and self._stream is not None:
+            self._write(self._stream.push(token_id))
+
+    def _write(self, text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def finish(self, result: dict) -> None:
+        if self.as_json:
+            click.echo(json.dumps(result))
+            return
+        if self._stream is not None:
+            self._write(self._stream.flush())
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def run_local(opts: GenerateOptions, printer: TokenPrinter) -> dict:
+    from engine.generate import check_request
+    from engine.generate import generate as engine_generate
+    from engine.loader import load_model
+
+    show_progress = sys.stderr.isatty() and not opts.json
+    lm = load_model(opts.model, opts.device, opts.dtype, progress=show_progress)
+    ids = list(opts.prompt_ids) if opts.prompt_ids is not None else lm.tokenizer.encode(opts.prompt)
+    check_request(lm.config, ids, opts.max_new_tokens)
+    notice(lm)
+    printer.start(lm.tokenizer)
+    res = engine_generate(lm, ids, opts.max_new_tokens, opts.sampling(), on_token=printer.on_token)
+    return {
+        "model": lm.spec, "weights_fingerprint": lm.fingerprint, "synthetic": lm.synthetic,
+        "synthetic_tokenizer": lm.tokenizer.synthetic, "device": str(lm.device),
+        "dtype": str(lm.dtype).removeprefix("torch."), "prompt_ids": ids,
+        "token_ids": res.token_ids, "text": res.text, "finish_reason": res.finish_reason,
+        "timings": {k: round(v, 3) for k, v in res.timings.items()}, "path": "local",
+    }
+
+
+def notice(lm) -> None:
+    """Label synthetic output on stderr, so nobody mistakes it for a real model's."""
+    if lm.synthetic:
+        click.echo(f"note: {lm.spec}: synthetic weights, byte tokenizer", err=True)
+    elif lm.tokenizer.synthetic:
+        click.echo(f"note: {lm.spec} has no tokenizer.json: byte tokenizer", err=True)
+
+
+def run_remote(opts: GenerateOptions, printer: TokenPrinter) -> dict:
+    """Contract for client.remote: generate_remote(opts, printer) -> the JSON dict
+    (same keys as run_local's); it calls printer.start(tokenizer) and
+    printer.on_token(id) as tokens arrive."""
+    try:
+        from client.remote import generate_remote
+    except ModuleNotFoundError as e:
+        if e.name != "client.remote":
+            raise
+        raise Unavailable("the service path is not available in this build; use --local") from None
+    return generate_remote(opts, printer)
