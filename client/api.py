@@ -39,12 +39,16 @@ class RemoteResult:
     timings: dict[str, float] = field(default_factory=dict)
     request_id: str = ""
     backend: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    device: str = ""                 # "prefill <dev>, decode <dev>"
+    dtype: str = ""                  # the decoder's KV dtype
 
     def to_json(self) -> dict:
         return {"token_ids": self.token_ids, "text": self.text, "model": self.model,
                 "weights_fingerprint": self.weights_fingerprint, "synthetic": self.synthetic,
                 "finish_reason": self.finish_reason, "backend": self.backend,
-                "request_id": self.request_id, "timings": self.timings}
+                "request_id": self.request_id, "prompt_ids": self.prompt_ids,
+                "device": self.device, "dtype": self.dtype, "timings": self.timings}
 
 
 def error_from_rpc(e: grpc.aio.AioRpcError | grpc.RpcError) -> errors.HybridError:
@@ -95,14 +99,15 @@ class HybridClient:
     async def prefill_info(self) -> pb.ServiceInfo:
         return await _call(self.prefill.Info(pb.InfoRequest(), timeout=10.0))
 
-    async def generate(self, prompt: str | None = None, *, on_text: Callable[[str], None] | None = None,
+    async def generate(self, prompt: str | None = None, *,
+                       on_chunk: Callable[[list[int], str], None] | None = None,
                        **kw) -> RemoteResult:
-        """Like `stream`, returning the result; text pieces go to `on_text`."""
+        """Like `stream`, returning the result; each chunk's (ids, text) goes to `on_chunk`."""
         async for item in self.stream(prompt, **kw):
             if isinstance(item, RemoteResult):
                 return item
-            if on_text is not None:
-                on_text(item)
+            if on_chunk is not None:
+                on_chunk(*item)
         raise errors.HybridError("stream ended without a result")
 
     async def stream(
@@ -110,8 +115,8 @@ class HybridClient:
         max_new_tokens: int = 32, params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen
         stop_ids: Iterable[int] = (), ignore_eos: bool = False, kv_transport: str = "shm",
         request_id: str | None = None,
-    ) -> AsyncIterator[str | RemoteResult]:
-        """Yields text pieces as tokens arrive, then one RemoteResult."""
+    ) -> AsyncIterator[tuple[list[int], str] | RemoteResult]:
+        """Yields (ids, text piece) as tokens arrive, then one RemoteResult."""
         if kv_transport not in TRANSPORTS:
             raise errors.InvalidArgument(f"kv transport must be shm or grpc, not {kv_transport!r}")
         t0 = time.perf_counter()
@@ -144,7 +149,7 @@ class HybridClient:
                         ttft = ttft if ttft is not None else (time.perf_counter() - t0) * 1e3
                         ids.extend(msg.tokens.ids)
                         texts.append(msg.tokens.text)
-                        yield msg.tokens.text
+                        yield list(msg.tokens.ids), msg.tokens.text
                     else:
                         gdone = msg.done
             except grpc.aio.AioRpcError as e:
@@ -159,7 +164,7 @@ class HybridClient:
         if gdone is None:
             raise errors.Unavailable("decode stream ended without its timings")
         yield _result(rid, handle, ids, "".join(texts), pdone, gdone, ttft,
-                      (time.perf_counter() - t0) * 1e3, info.synthetic)
+                      (time.perf_counter() - t0) * 1e3, info)
 
 
 async def _prefill_done(pcall) -> pb.PrefillDone:
@@ -183,7 +188,7 @@ def _left(deadline: float) -> float:
     return left
 
 
-def _result(rid, handle, ids, text, pdone, gdone, ttft, total_ms, synthetic) -> RemoteResult:
+def _result(rid, handle, ids, text, pdone, gdone, ttft, total_ms, info) -> RemoteResult:
     pt, dt = pdone.timings, gdone.timings
     timings = {
         "prefill_ms": pt.prefill_ms, "decode_ms": dt.decode_ms, "total_ms": total_ms,
@@ -194,8 +199,10 @@ def _result(rid, handle, ids, text, pdone, gdone, ttft, total_ms, synthetic) -> 
     }
     if dt.modeled_device_ms_per_token:
         timings["modeled_device_ms_per_token"] = dt.modeled_device_ms_per_token
+    dtype = pb.DType.Name(info.dtype).removeprefix("DTYPE_").lower()
     return RemoteResult(ids, text, gdone.finish_reason, handle.model, handle.weights_fingerprint,
-                        synthetic, timings, rid, gdone.backend)
+                        info.synthetic, timings, rid, gdone.backend, list(handle.prompt_ids),
+                        f"prefill {pdone.device}, decode {info.device}", dtype)
 
 
 async def health(target: str, service: str = "", timeout_s: float = 5.0) -> str:

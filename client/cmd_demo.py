@@ -28,7 +28,7 @@ def demo(model: str, device: str, backend: str, prompt: str, max_new_tokens: int
          kv_transport: str) -> None:
     """Start prefill + decode locally, generate once, print text and timings, stop."""
     from client.launch import ServicePair
-    from client.remote import generate_remote
+    from client.remote import run_remote
 
     shm_before = set(glob.glob("/dev/shm/hybrid-kv*"))
     t0 = time.perf_counter()
@@ -38,7 +38,7 @@ def demo(model: str, device: str, backend: str, prompt: str, max_new_tokens: int
                    f"backend {backend}) with {model} ...", err=True)
         with pair:
             click.echo(f"both SERVING after {time.perf_counter() - t0:.1f}s", err=True)
-            res = generate_remote(prompt, max_new_tokens=max_new_tokens, prefill=pair.prefill,
+            res = run_remote(prompt, max_new_tokens=max_new_tokens, prefill=pair.prefill,
                                   decode=pair.decode, kv_transport=kv_transport)
         codes = pair.stop()
     label = " (synthetic weights: the text is noise)" if res.synthetic else ""
