@@ -14,7 +14,7 @@ from engine.errors import Aborted, InvalidArgument
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams, sample
 
-from .shipping import ReadyMarker, ShipStats, make_shipper
+from .shipping import ReadyMarker, ShipperPool, ShipStats
 
 _ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -39,8 +39,7 @@ class PrefillRunner:
         self.config = lm.config
         self.copy_timeout_s = copy_timeout_s
         self.compute_dtype = _DTYPE_NAME[lm.dtype]
-        self._shippers: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self.shippers = ShipperPool(self.config, lm.device)
 
     def slot_dtype(self, layout: str) -> str:
         # The HBM image has a fixed element type (docs/hbm-layout.md); dense keeps ours.
@@ -51,15 +50,8 @@ class PrefillRunner:
             from kernels.hbm_layout import HbmLayout
 
             return HbmLayout.for_model(self.config, dtype="float16").layer_bytes(n_tokens)
-        c = self.config
+        c = self.config  # the dense layout: K then V, [n_kv_heads, T, head_dim] each
         return 2 * c.n_kv_heads * n_tokens * c.head_dim * _ELEM[self.slot_dtype(layout)]
-
-    def shipper(self, layout: str) -> Any:
-        with self._lock:
-            if layout not in self._shippers:
-                self._shippers[layout] = make_shipper(
-                    layout, self.config, self.lm.device, self.slot_dtype(layout))
-            return self._shippers[layout]
 
     def check_prompt(self, ids: list[int], max_new_tokens: int) -> None:
         c = self.config
@@ -77,7 +69,14 @@ class PrefillRunner:
             cancel: threading.Event) -> PrefillResult:
         """Prefill `ids` into slot `desc` (layers marked ready as their copies land),
         then sample and publish the first token."""
-        shipper = self.shipper(layout)
+        slot_dtype = self.slot_dtype(layout)
+        shipper = self.shippers.take(layout, slot_dtype)
+        try:
+            return self._run(ids, desc, params, cancel, shipper)
+        finally:
+            self.shippers.give(layout, slot_dtype, shipper)
+
+    def _run(self, ids, desc, params, cancel, shipper) -> PrefillResult:
         marker = ReadyMarker(self.region, desc)
         cache = KVCache(self.config, 1, len(ids), self.lm.device, self.lm.dtype)
 
@@ -86,7 +85,7 @@ class PrefillRunner:
                 raise Cancelled("prefill cancelled")
             t = time.perf_counter()
             dst = self.region.layer_view(desc, layer)
-            marker.submit(layer, shipper.ship(k, v, dst), t, dst.numel())
+            marker.submit(layer, shipper.ship(layer, k, v, dst), t, dst.numel())
 
         t0 = time.perf_counter()
         with torch.inference_mode():

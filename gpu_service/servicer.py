@@ -25,10 +25,11 @@ VERSION = "0.1.0"
 
 class PrefillServicer(pbg.PrefillServiceServicer):
     def __init__(self, runner: PrefillRunner, region: Any, admission: kit.Admission,
-                 lease_s: float, wait_timeout_s: float = 60.0) -> None:
+                 lease_s: float, wait_timeout_s: float = 60.0, checksums: bool = True) -> None:
         self.runner, self.region, self.admission = runner, region, admission
         self.lm = runner.lm
         self.lease_s, self.wait_timeout_s = lease_s, wait_timeout_s
+        self.checksums = checksums  # per-layer xxh3 in the slot header: DATA_LOSS on mismatch
         # Counters reported as Info trailing metadata (x-hybrid-*): what tests and
         # operators use to see slots in use and how KV left this process.
         self.stats: Counter = Counter()
@@ -71,7 +72,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         n_layers = self.runner.config.n_layers
         layer_bytes = self.runner.layer_bytes(layout, len(ids))
         desc = self.region.alloc(
-            layer_bytes * n_layers, n_layers, layer_bytes=layer_bytes, layout=layout,
+            layer_bytes * n_layers, n_layers, layout=layout, checksums=self.checksums,
             dtype=self.runner.slot_dtype(layout), n_tokens=len(ids),
             n_kv_heads=self.runner.config.n_kv_heads, head_dim=self.runner.config.head_dim)
         self.stats["slots_allocated"] += 1
@@ -149,16 +150,16 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             await asyncio.sleep(period_s)
             try:
                 freed = self.region.reap_expired()
-                n = len(freed) if hasattr(freed, "__len__") else int(freed or 0)
-                if n:
-                    self.stats["slots_reaped"] += n
-                    log.info("lease reaper freed %d slot(s)", n)
+                if freed:
+                    self.stats["slots_reaped"] += len(freed)
+                    log.info("lease reaper freed %d slot(s): %s", len(freed),
+                             ", ".join(str(d.slot) for d in freed))
             except Exception:
                 log.exception("lease reaper")
 
     # ---- FetchKv -------------------------------------------------------------------
     async def FetchKv(self, request: pb.FetchKvRequest, context):
-        from transport.fetch import iter_chunks
+        from .fetch import iter_chunks
 
         try:
             desc = self._desc(request)
@@ -184,12 +185,12 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             model=self.lm.spec, weights_fingerprint=self.lm.fingerprint,
             device=str(self.lm.device), backend="prefill", kv_layout=pb.KV_LAYOUT_DENSE,
             dtype=kit.DTYPES[self.runner.compute_dtype], region=self.region.name,
-            region_bytes=self.region.capacity_bytes, max_positions=c.max_positions,
+            region_bytes=self.region.total_bytes, max_positions=c.max_positions,
             synthetic=self.lm.synthetic, n_layers=c.n_layers, version=VERSION)
 
     def metrics(self) -> dict[str, int]:
         m = dict(self.stats)
-        m["slots_in_use"] = self.region.slots_in_use()
+        m["slots_in_use"] = self.region.stats()["slots_used"]
         m["active"], m["waiting"] = self.admission.active, self.admission.waiting
         return m
 

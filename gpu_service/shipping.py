@@ -22,15 +22,31 @@ from engine.errors import DeadlineExceeded, HybridError
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def make_shipper(layout: str, config: Any, device: torch.device, slot_dtype: str) -> Any:
-    """kernels.comm.LayerShipper for the layout; a dense torch copy when kernels/ lacks it."""
-    try:
-        from kernels.comm import LayerShipper
-    except ImportError:
-        if layout != "dense":
-            raise
-        return DenseCopy(slot_dtype)
-    return LayerShipper(layout=layout, config=config, device=device, dtype=slot_dtype)
+class ShipperPool:
+    """kernels.comm.LayerShipper is not thread-safe and owns a CUDA copy stream, so each
+    concurrent prefill borrows one (created on demand, reused after)."""
+
+    def __init__(self, config: Any, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self._free: dict[tuple[str, str], list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, layout: str, slot_dtype: str) -> Any:
+        with self._lock:
+            free = self._free.get((layout, slot_dtype))
+            if free:
+                return free.pop()
+        try:
+            from kernels.comm import LayerShipper
+        except ImportError:  # kernels/ not merged yet: the dense layout is a plain copy
+            if layout != "dense":
+                raise
+            return DenseCopy(slot_dtype)
+        return LayerShipper.for_model(self.config, layout, slot_dtype, self.device)
+
+    def give(self, layout: str, slot_dtype: str, shipper: Any) -> None:
+        with self._lock:
+            self._free.setdefault((layout, slot_dtype), []).append(shipper)
 
 
 class DenseCopy:
@@ -40,7 +56,7 @@ class DenseCopy:
     def __init__(self, slot_dtype: str) -> None:
         self.dtype = _DTYPES[slot_dtype]
 
-    def ship(self, k: torch.Tensor, v: torch.Tensor, dst: torch.Tensor) -> None:
+    def ship(self, layer: int, k: torch.Tensor, v: torch.Tensor, dst: torch.Tensor) -> None:
         out = dst.view(self.dtype)
         n = k.numel()
         out[:n].view_as(k).copy_(k)
@@ -58,9 +74,9 @@ class ShipStats:
 class ReadyMarker:
     """Waits on each layer's copy event in order and marks it ready in the region.
 
-    CPU copies are synchronous (event None): the layer is marked at once, in the caller's
-    thread. CUDA copies return an event: a helper thread synchronizes on them in order so
-    the compute thread never blocks on the copy stream.
+    CPU copies are synchronous (handle already done): the layer is marked at once, in
+    the caller's thread. CUDA copies return a pending handle: a helper thread waits on
+    them in order so the compute thread never blocks on the copy stream.
     """
 
     def __init__(self, region: Any, desc: Any) -> None:
@@ -72,16 +88,17 @@ class ReadyMarker:
         self._last_done = 0.0
         self.last_submit = 0.0
 
-    def submit(self, layer: int, event: Any, t_submit: float, n_bytes: int) -> None:
+    def submit(self, layer: int, handle: Any, t_submit: float, n_bytes: int) -> None:
+        """`handle`: what LayerShipper.ship returned (None or already done: CPU copy)."""
         self.last_submit = t_submit
         self.stats.kv_bytes += n_bytes
-        if event is None:
+        if handle is None or handle.query():
             self._done(layer, t_submit)
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._wait_loop, daemon=True)
             self._thread.start()
-        self._q.put((layer, event, t_submit))
+        self._q.put((layer, handle, t_submit))
 
     def _done(self, layer: int, t_submit: float) -> None:
         now = time.perf_counter()
@@ -96,9 +113,9 @@ class ReadyMarker:
             item = self._q.get()
             if item is None:
                 return
-            layer, event, t_submit = item
+            layer, handle, t_submit = item
             try:
-                event.synchronize()
+                handle.wait()
                 self._done(layer, t_submit)
             except BaseException as e:  # surfaced by finish()
                 self._error = e
