@@ -168,7 +168,7 @@ class HybridClient:
 
 
 async def _prefill_done(pcall) -> pb.PrefillDone:
-    async for msg in pcall:
+    while (msg := await _call(pcall.read())) is not grpc.aio.EOF:  # read(): no mixing APIs
         if msg.HasField("done"):
             return msg.done
     raise errors.Unavailable("prefill stream ended without PrefillDone")
@@ -199,7 +199,7 @@ def _result(rid, handle, ids, text, pdone, gdone, ttft, total_ms, info) -> Remot
     }
     if dt.modeled_device_ms_per_token:
         timings["modeled_device_ms_per_token"] = dt.modeled_device_ms_per_token
-    dtype = pb.DType.Name(info.dtype).removeprefix("DTYPE_").lower()
+    dtype = {1: "float16", 2: "bfloat16", 3: "float32"}.get(info.dtype, "")
     return RemoteResult(ids, text, gdone.finish_reason, handle.model, handle.weights_fingerprint,
                         info.synthetic, timings, rid, gdone.backend, list(handle.prompt_ids),
                         f"prefill {pdone.device}, decode {info.device}", dtype)

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
 
-from engine.errors import DataLoss
 from protos import hybrid_pb2 as pb
 
 
@@ -62,33 +61,23 @@ async def shm_layers(readers: ShmReaders, desc: Any, timeout_s: float, pool: Exe
     yield -1, first
 
 
-async def grpc_layers(stub: Any, request_id: str, kv: pb.KvDescriptor, timeout_s: float,
+async def grpc_layers(stub: Any, request_id: str, desc: Any, timeout_s: float,
                       stats: IngestStats) -> AsyncIterator[tuple[int, Any]]:
-    """Same as shm_layers, over PrefillService.FetchKv (chunks of whole-layer order)."""
-    call = stub.FetchKv(pb.FetchKvRequest(request_id=request_id, kv=kv), timeout=timeout_s)
-    parts: list[bytes] = []
-    expect, first = 0, None
+    """Same as shm_layers, over PrefillService.FetchKv; transport.fetch.FetchAssembler
+    refuses gaps, reordering and truncation (DataLoss)."""
+    from transport.fetch import FetchAssembler
+
+    asm = FetchAssembler(desc)
+    call = stub.FetchKv(pb.FetchKvRequest(request_id=request_id, kv=desc.to_proto()),
+                        timeout=timeout_s)
     t = time.perf_counter()
     try:
         async for chunk in call:
-            if chunk.HasField("first_token"):
-                first = chunk.first_token
-                if not chunk.data and not chunk.layer_done:
-                    continue  # a trailing message carrying only the first token
-            if chunk.layer != expect or chunk.offset != sum(map(len, parts)):
-                raise DataLoss(f"FetchKv out of order: layer {chunk.layer} offset "
-                               f"{chunk.offset}, expected layer {expect}")
-            parts.append(chunk.data)
-            if chunk.layer_done:
+            for layer, data in asm.feed(chunk):
                 stats.wait_ms += (time.perf_counter() - t) * 1e3
-                data = b"".join(parts)
                 stats.bytes += len(data)
-                parts, expect = [], expect + 1
-                yield chunk.layer, data
+                yield layer, data
                 t = time.perf_counter()
     finally:
         call.cancel()
-    if expect != kv.n_layers or first is None:
-        raise DataLoss(f"FetchKv ended after {expect}/{kv.n_layers} layers "
-                       f"(first token {'present' if first is not None else 'missing'})")
-    yield -1, first
+    yield -1, asm.finish()

@@ -162,8 +162,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         if transport == "shm":
             layers = shm_layers(self.readers, desc, timeout, self.pool, ist)
         else:
-            layers = grpc_layers(self.prefill, request.handle.request_id, request.handle.kv,
-                                 timeout, ist)
+            layers = grpc_layers(self.prefill, request.handle.request_id, desc, timeout, ist)
         first = None
         async for layer, data in layers:
             if layer < 0:

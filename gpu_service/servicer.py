@@ -159,7 +159,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
 
     # ---- FetchKv -------------------------------------------------------------------
     async def FetchKv(self, request: pb.FetchKvRequest, context):
-        from .fetch import iter_chunks
+        from transport.fetch import iter_chunks
 
         try:
             desc = self._desc(request)

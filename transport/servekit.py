@@ -38,6 +38,8 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status an exception maps to; bad input never becomes UNKNOWN."""
     if isinstance(exc, HybridError):
         return grpc.StatusCode[exc.status]
+    if isinstance(exc, grpc.aio.AioRpcError):  # an upstream call failed: keep its code
+        return exc.code()
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED
     if isinstance(exc, ValueError | KeyError | IndexError):
