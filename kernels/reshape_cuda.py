@@ -116,12 +116,30 @@ _TORCH = {"float16": torch.float16, "float32": torch.float32}
 _BLOCK = (32, 8, 1)
 
 
+KERNELS = ("pack_k", "pack_v", "unpack_k", "unpack_v")
+
+
+def cuda_source(dtype: str) -> str:
+    """The kernels' CUDA C++ source for a layout dtype (tests also compile it on the CPU)."""
+    return f"typedef {_ELEM_T[dtype]} elem_t;\n" + _SRC
+
+
+def kernel_geometry(layout: HbmLayout, n_tokens: int, engine_strides: tuple[int, int]):
+    """(grid, block, scalar args) of one launch: one CTA per (lane, token block) tile.
+    engine_strides: (head, token) strides of the engine-side tensor, in elements."""
+    nb = layout.n_blocks(n_tokens)
+    scalars = (np.int64(engine_strides[0]), np.int64(engine_strides[1]), np.int32(n_tokens),
+               np.int32(layout.head_dim), np.int32(layout.n_lanes),
+               np.int32(layout.lanes_per_channel), np.int32(nb))
+    return (layout.n_lanes, nb, 1), _BLOCK, scalars
+
+
 @functools.cache
 def _kernels(dtype: str) -> dict:
     import cupy as cp
 
-    code = f"typedef {_ELEM_T[dtype]} elem_t;\n" + _SRC
-    return {name: cp.RawKernel(code, name) for name in ("pack_k", "pack_v", "unpack_k", "unpack_v")}
+    code = cuda_source(dtype)
+    return {name: cp.RawKernel(code, name) for name in KERNELS}
 
 
 def _stream(device: torch.device, stream: torch.cuda.Stream | None) -> torch.cuda.Stream:
@@ -135,14 +153,11 @@ def _launch(names: tuple[str, str], tensors: list[tuple[torch.Tensor, torch.Tens
     import cupy as cp
 
     kern = _kernels(layout.dtype)
-    grid = (layout.n_lanes, layout.n_blocks(n_tokens), 1)
-    scalars = (np.int64(engine_strides[0]), np.int64(engine_strides[1]), np.int32(n_tokens),
-               np.int32(layout.head_dim), np.int32(layout.n_lanes),
-               np.int32(layout.lanes_per_channel), np.int32(layout.n_blocks(n_tokens)))
+    grid, block, scalars = kernel_geometry(layout, n_tokens, engine_strides)
     device = tensors[0][0].device
     with cp.cuda.Device(device.index), cp.cuda.ExternalStream(stream.cuda_stream, device.index):
         for name, (src, dst) in zip(names, tensors, strict=True):
-            kern[name](grid, _BLOCK, (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()), *scalars))
+            kern[name](grid, block, (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()), *scalars))
 
 
 def _keep_alive(stream: torch.cuda.Stream, *tensors: torch.Tensor) -> None:

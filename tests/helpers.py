@@ -25,13 +25,16 @@ def _save(model, path: Path, safe: bool) -> Path:
 
 
 def make_tiny_gpt2(tmpdir, *, safe: bool = True, seed: int = 0, vocab: int = 300,
-                   n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 128) -> Path:
-    """A random GPT-2 (2 layers, d 64) saved to `tmpdir/tiny-gpt2[-bin]`; eos id = vocab-1."""
+                   n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 128,
+                   init_std: float = 0.02) -> Path:
+    """A random GPT-2 (2 layers, d 64) saved to `tmpdir/tiny-gpt2[-bin]`; eos id = vocab-1.
+    A larger init_std spreads the logits (bigger top-2 margins), for fp16 token tests."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                     n_head=n_head, bos_token_id=vocab - 1, eos_token_id=vocab - 1)
+                     n_head=n_head, bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+                     initializer_range=init_std)
     model = GPT2LMHeadModel(cfg).eval()
     _bump_biases(model)
     return _save(model, Path(tmpdir) / ("tiny-gpt2" if safe else "tiny-gpt2-bin"), safe)
@@ -39,7 +42,7 @@ def make_tiny_gpt2(tmpdir, *, safe: bool = True, seed: int = 0, vocab: int = 300
 
 def make_tiny_llama(tmpdir, *, safe: bool = True, seed: int = 0, vocab: int = 300,
                     n_layers: int = 2, hidden: int = 64, n_heads: int = 4, n_kv_heads: int = 2,
-                    max_positions: int = 128, tie: bool = False) -> Path:
+                    max_positions: int = 128, tie: bool = False, init_std: float = 0.02) -> Path:
     """A random Llama with grouped-query attention (4 query heads share 2 KV heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -48,7 +51,7 @@ def make_tiny_llama(tmpdir, *, safe: bool = True, seed: int = 0, vocab: int = 30
                       num_hidden_layers=n_layers, num_attention_heads=n_heads,
                       num_key_value_heads=n_kv_heads, max_position_embeddings=max_positions,
                       rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=tie,
-                      bos_token_id=1, eos_token_id=2)
+                      bos_token_id=1, eos_token_id=2, initializer_range=init_std)
     model = LlamaForCausalLM(cfg).eval()
     _bump_norms(model)
     name = "tiny-llama" if safe else "tiny-llama-bin"

@@ -1,0 +1,98 @@
+"""The summarization stage: one prompt -> KV in a region slot, layer by layer, plus the
+first token. Runs in a worker thread (never on the event loop)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.errors import Aborted, InvalidArgument
+from engine.kv_cache import KVCache
+from engine.sampling import SamplingParams, sample
+
+from .shipping import ReadyMarker, ShipperPool, ShipStats
+
+_ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
+_DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+class Cancelled(Aborted):
+    """The request was cancelled (client gone or server draining) mid-prefill."""
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    first_token: int
+    prefill_ms: float
+    ship: ShipStats
+
+
+class PrefillRunner:
+    """Owns the model on its device and knows how big a slot each layout needs."""
+
+    def __init__(self, lm: Any, region: Any, copy_timeout_s: float = 60.0) -> None:
+        self.lm, self.region = lm, region
+        self.config = lm.config
+        self.copy_timeout_s = copy_timeout_s
+        self.compute_dtype = _DTYPE_NAME[lm.dtype]
+        self.shippers = ShipperPool(self.config, lm.device)
+
+    def slot_dtype(self, layout: str) -> str:
+        # The HBM image has a fixed element type (docs/hbm-layout.md); dense keeps ours.
+        return "float16" if layout == "hbm" else self.compute_dtype
+
+    def layer_bytes(self, layout: str, n_tokens: int) -> int:
+        if layout == "hbm":
+            from kernels.hbm_layout import HbmLayout
+
+            return HbmLayout.for_model(self.config, dtype="float16").layer_bytes(n_tokens)
+        c = self.config  # the dense layout: K then V, [n_kv_heads, T, head_dim] each
+        return 2 * c.n_kv_heads * n_tokens * c.head_dim * _ELEM[self.slot_dtype(layout)]
+
+    def check_prompt(self, ids: list[int], max_new_tokens: int) -> None:
+        c = self.config
+        if not ids:
+            raise InvalidArgument("empty prompt: give prompt text or prompt_ids")
+        bad = [i for i in ids if i >= c.vocab_size]
+        if bad:
+            raise InvalidArgument(f"prompt id {bad[0]} outside the vocabulary (size {c.vocab_size})")
+        if len(ids) + max(1, max_new_tokens) > c.max_positions:
+            raise InvalidArgument(
+                f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's {c.max_positions} positions")
+
+    def run(self, ids: list[int], desc: Any, layout: str, params: SamplingParams,
+            cancel: threading.Event) -> PrefillResult:
+        """Prefill `ids` into slot `desc` (layers marked ready as their copies land),
+        then sample and publish the first token."""
+        slot_dtype = self.slot_dtype(layout)
+        shipper = self.shippers.take(layout, slot_dtype)
+        try:
+            return self._run(ids, desc, params, cancel, shipper)
+        finally:
+            self.shippers.give(layout, slot_dtype, shipper)
+
+    def _run(self, ids, desc, params, cancel, shipper) -> PrefillResult:
+        marker = ReadyMarker(self.region, desc)
+        cache = KVCache(self.config, 1, len(ids), self.lm.device, self.lm.dtype)
+
+        def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            if cancel.is_set():
+                raise Cancelled("prefill cancelled")
+            t = time.perf_counter()
+            dst = self.region.layer_view(desc, layer)
+            marker.submit(layer, shipper.ship(layer, k, v, dst), t, dst.numel())
+
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            x = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
+            logits = self.lm.model.prefill(x, cache, on_layer=on_layer)
+            first = int(sample(logits, params, 0)[0])
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        stats = marker.finish(marker.last_submit, self.copy_timeout_s)
+        self.region.set_first_token(desc, first)
+        return PrefillResult(first, prefill_ms, stats)

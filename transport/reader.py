@@ -1,0 +1,224 @@
+"""KvReader: the consumer's (decode service's) read-only side of the shared KV region.
+
+Per layer (seqlock): read the slot generation (must equal the descriptor's), wait for
+the layer's ready flag, read its checksum, copy the bytes, read the generation again.
+A change means the owner freed (and maybe reused) the slot while we copied: Aborted.
+Waits poll with short sleeps that back off to `poll_max_s`, never a busy spin, and are
+always bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import mmap
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import xxhash
+
+from engine.errors import (
+    Aborted,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    Unavailable,
+)
+from transport import layout as L
+from transport.descriptor import KvDescriptor
+from transport.shm import SHM_DIR, open_readonly, segment_path
+
+
+class KvReader:
+    def __init__(self, name: str, mm: mmap.mmap, *, owns_map: bool,
+                 poll_min_s: float = 20e-6, poll_max_s: float = 500e-6) -> None:
+        self.name, self._mm, self._owns_map = name, mm, owns_map
+        self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
+        self._u8 = memoryview(mm).toreadonly()
+        self._u64 = self._u8.cast("Q")
+        self.epoch = self._u64[L.H_EPOCH]
+        self.geometry = L.Geometry.read_header(self._u64)
+
+    @classmethod
+    def open(cls, name: str, *, shm_dir: str = SHM_DIR, **poll: float) -> KvReader:
+        """Map region `name` read-only and validate its header (magic, version,
+        geometry against the file size). NotFound if it does not exist."""
+        path = segment_path(name, shm_dir)
+        fd, size = open_readonly(path)
+        try:
+            if size < L.REGION_HEADER_BYTES:
+                raise InvalidArgument(f"{path} ({size} bytes) is too small to be a KV region")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        try:
+            _check_header(mm, path, size)
+            return cls(name, mm, owns_map=True, **poll)
+        except BaseException:
+            mm.close()
+            raise
+
+    @classmethod
+    def attach(cls, region: Any, **poll: float) -> KvReader:
+        """A reader over an owner's own mapping (the gRPC fetch server runs there)."""
+        return cls(region.name, region._mm, owns_map=False, **poll)
+
+    def close(self) -> None:
+        self._u64.release()
+        self._u8.release()
+        if self._owns_map:
+            with contextlib.suppress(BufferError):  # a caller still holds a layer view
+                self._mm.close()
+
+    def __enter__(self) -> KvReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- checks -----------------------------------------------------------------
+    def validate(self, desc: KvDescriptor) -> None:
+        """Every descriptor field against this region; InvalidArgument / Aborted."""
+        if desc.region.lstrip("/") != self.name.lstrip("/"):
+            raise InvalidArgument(f"descriptor for region {desc.region!r}, reader has {self.name!r}")
+        g = self.geometry
+        desc.validate(g.total_bytes, payload_offset=g.payload_offset, max_slots=g.max_slots,
+                      max_layers=g.max_layers)
+        if desc.epoch != self.epoch:
+            raise Aborted(f"descriptor epoch {desc.epoch}, region epoch {self.epoch}: "
+                          "the region was recreated")
+
+    def _check_live(self, desc: KvDescriptor, digest: int) -> None:
+        """Region open, slot still at the descriptor's generation, not failed, and the
+        descriptor exactly the one the owner published for it."""
+        u64, w = self._u64, self.geometry.slot_word(desc.slot)
+        if u64[L.H_STATE] != L.REGION_LIVE:
+            raise Unavailable(f"KV region {self.name} was closed by its owner")
+        gen = u64[w + L.S_GENERATION]
+        state = u64[w + L.S_STATE]
+        if gen != desc.generation or state == L.SLOT_FREE:
+            raise Aborted(f"stale descriptor: slot {desc.slot} generation {desc.generation}, "
+                          f"now {gen} ({self._reason(desc.slot) or 'freed'})")
+        if state == L.SLOT_FAILED:
+            raise Unavailable(f"prefill failed: {self._reason(desc.slot)}")
+        if u64[w + L.S_DIGEST] != digest:
+            raise InvalidArgument(f"descriptor fields do not match slot {desc.slot} "
+                                  "(forged or corrupted descriptor)")
+
+    def _check_after(self, desc: KvDescriptor) -> None:
+        gen = self._u64[self.geometry.slot_word(desc.slot) + L.S_GENERATION]
+        if gen != desc.generation:
+            raise Aborted(f"slot {desc.slot} was freed while reading (generation "
+                          f"{desc.generation} -> {gen}): discard what was read")
+
+    def _reason(self, slot: int) -> str:
+        a, b = self.geometry.reason_range(slot)
+        return L.decode_reason(bytes(self._u8[a:b]))
+
+    def check(self, desc: KvDescriptor) -> None:
+        """One-shot: raise unless `desc` is valid and current right now."""
+        self.validate(desc)
+        self._check_live(desc, desc.digest())
+
+    # -- waiting ----------------------------------------------------------------
+    def _poll(self, desc: KvDescriptor, ready: Callable[[], bool], timeout_s: float,
+              what: str) -> None:
+        if not isinstance(timeout_s, (int, float)) or not timeout_s >= 0 or math.isinf(timeout_s):
+            raise InvalidArgument(f"timeout_s={timeout_s!r}: every wait needs a finite bound")
+        digest = desc.digest()
+        deadline = time.monotonic() + timeout_s
+        delay = self.poll_min_s
+        while True:
+            self._check_live(desc, digest)
+            if ready():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceeded(f"{what} of slot {desc.slot} not ready after {timeout_s} s")
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, self.poll_max_s)
+
+    def wait_layer(self, desc: KvDescriptor, layer: int, timeout_s: float) -> None:
+        """Block (bounded) until `layer` is marked ready."""
+        self.validate(desc)
+        desc.layer_span(layer)  # InvalidArgument for a layer the slot does not have
+        idx = self.geometry.ready_byte(desc.slot, layer)
+        self._poll(desc, lambda: self._u8[idx] != 0, timeout_s, f"layer {layer}")
+
+    def wait_first_token(self, desc: KvDescriptor, timeout_s: float) -> int:
+        """Block (bounded) until prefill published the first generated token."""
+        self.validate(desc)
+        w = self.geometry.slot_word(desc.slot) + L.S_FIRST_TOKEN
+        self._poll(desc, lambda: L.to_i64(self._u64[w]) >= 0, timeout_s, "first token")
+        token = L.to_i64(self._u64[w])
+        self._check_after(desc)
+        return token
+
+    # -- reading ----------------------------------------------------------------
+    def _expected_checksum(self, desc: KvDescriptor, layer: int) -> int | None:
+        if not desc.checksums:
+            return None
+        return self._u64[self.geometry.checksum_word(desc.slot, layer)]
+
+    def read_layer(self, desc: KvDescriptor, layer: int, timeout_s: float) -> bytes:
+        """A private copy of `layer`'s bytes once it is ready (see the module doc)."""
+        self.wait_layer(desc, layer, timeout_s)
+        want = self._expected_checksum(desc, layer)
+        a, n = desc.layer_span(layer)
+        data = bytes(self._u8[a:a + n])
+        self._verify(desc, layer, data, want)
+        return data
+
+    def read_layer_into(self, desc: KvDescriptor, layer: int, out: Any, timeout_s: float) -> int:
+        """Copy `layer` into the writable buffer `out` (bytearray, numpy array, CPU
+        tensor's numpy()); returns the byte count."""
+        dst = memoryview(out).cast("B")
+        a, n = desc.layer_span(layer)
+        if dst.readonly or len(dst) < n:
+            raise InvalidArgument(f"layer {layer} needs a writable {n}-byte buffer, got {len(dst)}")
+        self.wait_layer(desc, layer, timeout_s)
+        want = self._expected_checksum(desc, layer)
+        dst[:n] = self._u8[a:a + n]
+        self._verify(desc, layer, dst[:n], want)
+        return n
+
+    @contextlib.contextmanager
+    def layer(self, desc: KvDescriptor, layer: int, timeout_s: float) -> Iterator[memoryview]:
+        """Zero-copy: a read-only view into shared memory, valid inside the block. The
+        checksum is verified before, the generation after: on Aborted at exit, discard
+        whatever was derived from the view."""
+        self.wait_layer(desc, layer, timeout_s)
+        a, n = desc.layer_span(layer)
+        view = self._u8[a:a + n]
+        try:
+            self._verify(desc, layer, view, self._expected_checksum(desc, layer))
+            yield view
+        finally:
+            view.release()
+        self._check_after(desc)
+
+    def _verify(self, desc: KvDescriptor, layer: int, data: Any, want: int | None) -> None:
+        self._check_after(desc)
+        if want is not None and xxhash.xxh3_64_intdigest(data) != want:
+            raise DataLoss(f"layer {layer} of slot {desc.slot}: checksum mismatch "
+                           f"(stored {want:#018x}, read {xxhash.xxh3_64_intdigest(data):#018x})")
+
+
+def _check_header(mm: mmap.mmap, path: str, size: int) -> None:
+    u64 = memoryview(mm).cast("Q")
+    try:
+        if bytes(mm[:8]) != L.MAGIC:
+            raise InvalidArgument(f"{path} is not a KV region (or not initialized yet)")
+        if u64[L.H_VERSION] != L.VERSION:
+            raise FailedPrecondition(f"{path} has region format version {u64[L.H_VERSION]}; "
+                                     f"this reader speaks version {L.VERSION}")
+        problems = L.Geometry.read_header(u64).problems(size)
+        if problems:
+            raise DataLoss(f"{path}: corrupt region header: {'; '.join(problems)}")
+        if u64[L.H_STATE] != L.REGION_LIVE:
+            raise Unavailable(f"KV region {path} was closed by its owner")
+    finally:
+        u64.release()

@@ -1,0 +1,389 @@
+"""KvRegion: the owner's (prefill service's) side of the shared KV region.
+
+The owner alone allocates, fills, marks ready and frees slots. Protocol per slot (see
+docs/transport.md): alloc publishes the slot header with state ACTIVE last; each layer's
+bytes (and checksum) are written before its ready flag; free bumps the generation
+*before* anything else, so a reader that copied across a free/reuse sees the change on
+its second generation read (seqlock). x86 keeps stores in program order; the flag is set
+only after the CUDA event of a device-to-host copy completed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import mmap
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, replace
+from typing import Any
+
+import xxhash
+
+from engine.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
+from transport import cuda, shm
+from transport import layout as L
+from transport.alloc import FreeList
+from transport.descriptor import KvDescriptor, check_positive
+
+
+@dataclass
+class _Owned:
+    desc: KvDescriptor
+    deadline: float  # time.monotonic() at which the lease expires
+
+
+class KvRegion:
+    def __init__(self, name: str, path: str, mm: mmap.mmap, geom: L.Geometry, epoch: int,
+                 lease_s: float) -> None:
+        self.name, self.path, self.epoch, self.geometry = name, path, epoch, geom
+        self.lease_s = lease_s
+        self._mm = mm
+        self._u8 = memoryview(mm)
+        self._u64 = self._u8.cast("Q")
+        self._lock = threading.RLock()
+        self._free = FreeList(geom.payload_offset, geom.payload_bytes, L.ALLOC_ALIGN)
+        self._owned: list[_Owned | None] = [None] * geom.max_slots
+        self._owner_pid = os.getpid()
+        self._tensor: Any = None
+        self._registered_ptr: int | None = None
+        self._closed = self._unlinked = False
+        ref, pid = weakref.ref(self), self._owner_pid  # no strong ref from atexit
+        self._atexit = lambda: _close_at_exit(ref, path, pid)
+        atexit.register(self._atexit)
+
+    # -- lifecycle --------------------------------------------------------------
+    @classmethod
+    def create(cls, capacity_bytes: int, max_slots: int, max_layers: int, lease_s: float,
+               name_prefix: str = "hybrid-kv", *, cuda_register: bool | None = None,
+               shm_dir: str = shm.SHM_DIR, mode: int = 0o600) -> KvRegion:
+        """Create, reserve (posix_fallocate) and map a region with `capacity_bytes` of
+        payload. `cuda_register`: None = when CUDA is available. Raises
+        ResourceExhausted (with the sizes) when /dev/shm is too small."""
+        check_positive(capacity_bytes=capacity_bytes, max_slots=max_slots, max_layers=max_layers)
+        if max_layers > L.MAX_LAYERS_LIMIT or max_slots > L.MAX_SLOTS_LIMIT:
+            raise InvalidArgument(f"max_layers <= {L.MAX_LAYERS_LIMIT} and max_slots <= "
+                                  f"{L.MAX_SLOTS_LIMIT}, got {max_layers} and {max_slots}")
+        if not lease_s > 0:
+            raise InvalidArgument(f"lease_s={lease_s!r}: expected > 0")
+        geom = L.Geometry.plan(capacity_bytes, max_slots, max_layers)
+        epoch = time.time_ns()
+        name = f"/{shm.check_prefix(name_prefix)}-{os.getpid()}-{epoch}"
+        path = shm.segment_path(name, shm_dir)
+        fd = shm.create_segment(path, geom.total_bytes, mode, shm_dir)
+        try:
+            mm = mmap.mmap(fd, geom.total_bytes, mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            shm.unlink_quietly(path)
+            raise
+        finally:
+            os.close(fd)
+        region = cls(name, path, mm, geom, epoch, lease_s)
+        try:
+            region._init_header()
+            if cuda.cuda_available() if cuda_register is None else cuda_register:
+                region._register()
+        except BaseException:
+            region.close()
+            raise
+        return region
+
+    def _init_header(self) -> None:
+        g, u64 = self.geometry, self._u64
+        g.write_header(u64, self.epoch, self._owner_pid, shm.process_start_ticks(os.getpid()) or 0,
+                       int(self.lease_s * 1e9))
+        for slot in range(g.max_slots):
+            w = g.slot_word(slot)
+            u64[w + L.S_GENERATION] = 1  # generation 0 is never valid
+            u64[w + L.S_FIRST_TOKEN] = L.to_u64(L.FIRST_TOKEN_UNSET)
+        u64[L.H_STATE] = L.REGION_LIVE
+        u64[L.H_MAGIC] = int.from_bytes(L.MAGIC, "little")  # last: the header is complete
+
+    def _register(self) -> None:
+        base = self._torch_base()
+        cuda.host_register(base.data_ptr(), self.geometry.total_bytes)
+        self._registered_ptr = base.data_ptr()
+
+    def _torch_base(self) -> Any:
+        if self._tensor is None:
+            import torch
+            self._tensor = torch.frombuffer(self._mm, dtype=torch.uint8)  # zero-copy
+        return self._tensor
+
+    @property
+    def registered(self) -> bool:
+        """True when the mapping is page-locked for CUDA."""
+        return self._registered_ptr is not None
+
+    @property
+    def total_bytes(self) -> int:
+        return self.geometry.total_bytes
+
+    def unlink(self) -> None:
+        """Remove the /dev/shm name (mappings stay valid). Lock-free and idempotent, so
+        signal handlers may call it; a forked child never unlinks its parent's region."""
+        if os.getpid() == self._owner_pid and not self._unlinked:
+            self._unlinked = True
+            shm.unlink_quietly(self.path)
+
+    def close(self) -> None:
+        """Mark the region closed for readers, unregister from CUDA, unmap, unlink.
+        If layer views are still referenced the mapping lives until they are dropped
+        (never a dangling pointer); the name is removed regardless."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            atexit.unregister(self._atexit)
+            try:
+                self._u64[L.H_STATE] = L.REGION_CLOSED
+                if self._registered_ptr is not None:
+                    cuda.host_unregister(self._registered_ptr)
+                    self._registered_ptr = None
+                self._tensor = None
+                self._u64.release()
+                self._u8.release()
+                with contextlib.suppress(BufferError):  # handed-out views still alive
+                    self._mm.close()
+            finally:
+                self.unlink()
+
+    def __enter__(self) -> KvRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- slots ------------------------------------------------------------------
+    def alloc(self, n_bytes: int, n_layers: int, *, layer_bytes: list[int] | None = None,
+              layout: str = "dense", dtype: str = "float16", n_tokens: int = 0,
+              n_kv_heads: int = 0, head_dim: int = 0, checksums: bool = False,
+              lease_s: float | None = None) -> KvDescriptor:
+        """Reserve a slot for `n_bytes` of KV in `n_layers` equal layers (or the sizes in
+        `layer_bytes`, summing to n_bytes). Never waits: ResourceExhausted at once when
+        neither space nor a slot header is free after reaping expired leases."""
+        probe = self._probe(n_bytes, n_layers, layer_bytes, layout=layout, dtype=dtype,
+                            n_tokens=n_tokens, n_kv_heads=n_kv_heads, head_dim=head_dim,
+                            checksums=checksums)
+        lease = self.lease_s if lease_s is None else lease_s
+        with self._lock:
+            self._check_open()
+            slot, off = self._take(probe.length)
+            if slot is None or off is None:
+                self.reap_expired()
+                slot, off = self._take(probe.length)
+            if slot is None or off is None:
+                raise ResourceExhausted(self._full_message(probe.length, slot is None))
+            w = self.geometry.slot_word(slot)
+            desc = replace(probe, slot=slot, offset=off, generation=self._u64[w])
+            self._publish(desc, time.monotonic() + lease)
+            return desc
+
+    def _probe(self, n_bytes: int, n_layers: int, layer_bytes: list[int] | None,
+               **meta: Any) -> KvDescriptor:
+        check_positive(n_bytes=n_bytes, n_layers=n_layers)
+        if layer_bytes is None:
+            if n_bytes % n_layers:
+                raise InvalidArgument(f"{n_bytes} bytes do not split into {n_layers} equal layers")
+            layer_bytes = [n_bytes // n_layers] * n_layers
+        sizes = list(layer_bytes)
+        if len(sizes) != n_layers or sum(sizes) != n_bytes:
+            raise InvalidArgument(f"layer_bytes {len(sizes)} sizes summing to {sum(sizes)}; "
+                                  f"expected {n_layers} summing to {n_bytes}")
+        ranges, length = L.plan_layers(sizes)
+        g = self.geometry
+        if length > g.payload_bytes:
+            raise ResourceExhausted(f"a {length}-byte slot can never fit this region's "
+                                    f"{g.payload_bytes}-byte payload area")
+        probe = KvDescriptor(region=self.name, epoch=self.epoch, slot=0, offset=g.payload_offset,
+                             length=length, generation=1, n_layers=n_layers, layers=ranges,
+                             **meta)
+        return probe.validate(g.total_bytes, payload_offset=g.payload_offset,
+                              max_slots=g.max_slots, max_layers=g.max_layers)
+
+    def _take(self, length: int) -> tuple[int | None, int | None]:
+        slot = next((i for i, o in enumerate(self._owned) if o is None), None)
+        if slot is None:
+            return None, None
+        return slot, self._free.alloc(length)
+
+    def _full_message(self, length: int, no_slot: bool) -> str:
+        s = self.stats()
+        what = (f"all {self.geometry.max_slots} slots in use" if no_slot else
+                f"no free block of {length} bytes (free {s['bytes_free']} bytes, largest "
+                f"block {s['largest_free']}, {s['slots_used']} slots in use)")
+        return f"KV region {self.name} full: {what}; capacity {self.geometry.payload_bytes} bytes"
+
+    def _publish(self, desc: KvDescriptor, deadline: float) -> None:
+        g, u64, w = self.geometry, self._u64, self.geometry.slot_word(desc.slot)
+        u64[w + L.S_OFFSET] = desc.offset
+        u64[w + L.S_LENGTH] = desc.length
+        u64[w + L.S_N_LAYERS] = desc.n_layers
+        u64[w + L.S_FLAGS] = L.FLAG_CHECKSUMS if desc.checksums else 0
+        u64[w + L.S_FIRST_TOKEN] = L.to_u64(L.FIRST_TOKEN_UNSET)
+        u64[w + L.S_LEASE_DEADLINE] = self._deadline_ns(deadline)
+        u64[w + L.S_DIGEST] = desc.digest()
+        a, b = g.reason_range(desc.slot)
+        self._u8[a:b] = bytes(b - a)
+        r = g.ready_byte(desc.slot, 0)
+        self._u8[r:r + g.max_layers] = bytes(g.max_layers)
+        c = g.checksum_word(desc.slot, 0)
+        u64[c:c + g.max_layers] = memoryview(bytes(8 * g.max_layers)).cast("Q")
+        u64[w + L.S_STATE] = L.SLOT_ACTIVE  # last: the header is complete
+        self._owned[desc.slot] = _Owned(desc, deadline)
+
+    @staticmethod
+    def _deadline_ns(deadline: float) -> int:
+        return max(0, time.monotonic_ns() + int((deadline - time.monotonic()) * 1e9))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable(f"KV region {self.name} is closed")
+
+    def _current(self, desc: KvDescriptor) -> _Owned:
+        """The owner record for `desc`; Aborted when it is stale, InvalidArgument when
+        it is not one of ours."""
+        self._check_open()
+        if desc.region.lstrip("/") != self.name.lstrip("/") or desc.epoch != self.epoch:
+            raise InvalidArgument(f"descriptor for region {desc.region} epoch {desc.epoch}, "
+                                  f"this is {self.name} epoch {self.epoch}")
+        if type(desc.slot) is not int or not 0 <= desc.slot < self.geometry.max_slots:
+            raise InvalidArgument(f"slot {desc.slot!r} out of range [0, {self.geometry.max_slots})")
+        rec = self._owned[desc.slot]
+        if rec is None or rec.desc.generation != desc.generation:
+            now = self._u64[self.geometry.slot_word(desc.slot)]
+            raise Aborted(f"stale descriptor: slot {desc.slot} generation {desc.generation}, "
+                          f"now {now} (freed or lease expired)")
+        if rec.desc != desc:
+            raise InvalidArgument(f"descriptor fields do not match slot {desc.slot}")
+        return rec
+
+    def free(self, desc: KvDescriptor, reason: str = "released") -> bool:
+        """Free the slot (generation bumps first). True if this call freed it; False if
+        that generation was already freed and the slot not reused since; Aborted if the
+        descriptor is stale otherwise."""
+        with self._lock:
+            try:
+                self._current(desc)
+            except Aborted:
+                now = self._u64[self.geometry.slot_word(desc.slot)]
+                if self._owned[desc.slot] is None and desc.generation == now - 1:
+                    return False
+                raise
+            self._release(desc.slot, reason)
+            return True
+
+    def _release(self, slot: int, reason: str) -> None:
+        g, u64, w = self.geometry, self._u64, self.geometry.slot_word(slot)
+        rec = self._owned[slot]
+        assert rec is not None
+        u64[w + L.S_GENERATION] = rec.desc.generation + 1  # first: readers now see stale
+        u64[w + L.S_STATE] = L.SLOT_FREE
+        a, b = g.reason_range(slot)
+        self._u8[a:b] = L.encode_reason(reason)
+        self._owned[slot] = None
+        self._free.free(rec.desc.offset, rec.desc.length)
+
+    def renew(self, desc: KvDescriptor, lease_s: float | None = None) -> float:
+        """Extend the lease to now + lease_s (default: the region's); returns lease_s.
+        Aborted if the slot was already freed or reaped."""
+        lease = self.lease_s if lease_s is None else lease_s
+        with self._lock:
+            rec = self._current(desc)
+            rec.deadline = time.monotonic() + lease
+            w = self.geometry.slot_word(desc.slot)
+            self._u64[w + L.S_LEASE_DEADLINE] = self._deadline_ns(rec.deadline)
+        return lease
+
+    def reap_expired(self, now: float | None = None) -> list[KvDescriptor]:
+        """Free every slot whose lease expired (consumer gone); returns their descriptors."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self._closed:
+                return []
+            dead = [o.desc for o in self._owned if o is not None and o.deadline <= now]
+            for desc in dead:
+                self._release(desc.slot, "lease expired")
+        return dead
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            used = sum(o is not None for o in self._owned)
+            return {"slots_used": used, "slots_free": self.geometry.max_slots - used,
+                    "bytes_free": self._free.free_bytes, "largest_free": self._free.largest,
+                    "free_blocks": self._free.blocks, "capacity": self.geometry.payload_bytes}
+
+    def owned(self) -> list[KvDescriptor]:
+        with self._lock:
+            return [o.desc for o in self._owned if o is not None]
+
+    # -- filling ----------------------------------------------------------------
+    def layer_buffer(self, desc: KvDescriptor, layer: int) -> memoryview:
+        """Writable view of the slot's bytes for `layer` (CPU producers, tests)."""
+        with self._lock:
+            self._current(desc)
+            a, n = desc.layer_span(layer)
+            return self._u8[a:a + n]
+
+    def write_layer(self, desc: KvDescriptor, layer: int, data: Any) -> None:
+        src = memoryview(data).cast("B")
+        dst = self.layer_buffer(desc, layer)
+        if len(src) != len(dst):
+            raise InvalidArgument(f"layer {layer} takes {len(dst)} bytes, got {len(src)}")
+        dst[:] = src
+
+    def layer_view(self, desc: KvDescriptor, layer: int) -> Any:
+        """torch.uint8 tensor over the slot's `layer` range, zero-copy (pinned when the
+        region is registered): the destination of non_blocking device-to-host copies."""
+        with self._lock:
+            self._current(desc)
+            a, n = desc.layer_span(layer)
+            return self._torch_base()[a:a + n]
+
+    def mark_ready(self, desc: KvDescriptor, layer: int, checksum: int | None = None,
+                   event: Any = None) -> None:
+        """Publish `layer`: waits for `event` (the copy's CUDA event) first, stores the
+        checksum (computed here if the slot has checksums and none is given), then sets
+        the ready flag, strictly after the data."""
+        if event is not None:
+            event.synchronize()
+        with self._lock:
+            self._current(desc)
+            a, n = desc.layer_span(layer)
+            g, slot = self.geometry, desc.slot
+            if self._u8[g.ready_byte(slot, layer)]:
+                raise InvalidArgument(f"layer {layer} of slot {slot} is already marked ready")
+            if checksum is not None and not desc.checksums:
+                raise InvalidArgument("checksum given for a slot allocated without checksums")
+            if desc.checksums:
+                if checksum is None:
+                    checksum = xxhash.xxh3_64_intdigest(self._u8[a:a + n])
+                self._u64[g.checksum_word(slot, layer)] = checksum & L.U64_MAX
+            self._u8[g.ready_byte(slot, layer)] = 1
+
+    def set_first_token(self, desc: KvDescriptor, token: int) -> None:
+        if type(token) is not int or not 0 <= token < 1 << 63:
+            raise InvalidArgument(f"first token {token!r} must be a non-negative integer")
+        with self._lock:
+            self._current(desc)
+            self._u64[self.geometry.slot_word(desc.slot) + L.S_FIRST_TOKEN] = token
+
+    def mark_failed(self, desc: KvDescriptor, reason: str) -> None:
+        """Tell readers prefill failed (they get Unavailable with `reason`); the slot
+        stays allocated until freed or reaped."""
+        with self._lock:
+            self._current(desc)
+            a, b = self.geometry.reason_range(desc.slot)
+            self._u8[a:b] = L.encode_reason(reason or "prefill failed")
+            self._u64[self.geometry.slot_word(desc.slot) + L.S_STATE] = L.SLOT_FAILED
+
+
+def _close_at_exit(ref: weakref.ref, path: str, owner_pid: int) -> None:
+    region = ref()
+    if region is not None:
+        region.close()
+    elif os.getpid() == owner_pid:
+        shm.unlink_quietly(path)
