@@ -42,14 +42,17 @@ class PrefillRunner:
         self.shippers = ShipperPool(self.config, lm.device)
 
     def slot_dtype(self, layout: str) -> str:
-        # The HBM image has a fixed element type (docs/hbm-layout.md); dense keeps ours.
-        return "float16" if layout == "hbm" else self.compute_dtype
+        # The HBM image holds fp16 (the U55C's type) or fp32 (docs/hbm-layout.md): an fp32
+        # prefill ships fp32 so an fp32 decoder (fpga-emu on the CPU) matches it exactly.
+        if layout == "hbm":
+            return "float32" if self.compute_dtype == "float32" else "float16"
+        return self.compute_dtype
 
     def layer_bytes(self, layout: str, n_tokens: int) -> int:
         if layout == "hbm":
             from kernels.hbm_layout import HbmLayout
 
-            return HbmLayout.for_model(self.config, dtype="float16").layer_bytes(n_tokens)
+            return HbmLayout.for_model(self.config, self.slot_dtype(layout)).layer_bytes(n_tokens)
         c = self.config  # the dense layout: K then V, [n_kv_heads, T, head_dim] each
         return 2 * c.n_kv_heads * n_tokens * c.head_dim * _ELEM[self.slot_dtype(layout)]
 

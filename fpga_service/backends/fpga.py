@@ -11,6 +11,7 @@ generation for the same logits.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 
@@ -99,7 +100,8 @@ class _FpgaBackend(DecodeBackend):
         from kernels.hbm_layout import HbmLayout
         from kernels.weights_image import pack_weights
 
-        hbm_dtype = hbm_dtype or self._default_dtype(str(dtype))
+        # HYBRID_HBM_DTYPE: how `hybrid serve decode` picks it until the CLI has an option
+        hbm_dtype = hbm_dtype or os.environ.get("HYBRID_HBM_DTYPE") or self._default_dtype(str(dtype))
         if hbm_dtype not in HBM_DTYPES:
             raise InvalidArgument(f"hbm_dtype must be one of {HBM_DTYPES}, got {hbm_dtype!r}")
         self.kv_dtype = hbm_dtype
