@@ -14,7 +14,7 @@ from engine.errors import FailedPrecondition
 from fpga_service.device import abi
 from fpga_service.device.bandwidth import BandwidthModel
 from fpga_service.device.base import CHANNEL_BYTES, HbmDevice
-from fpga_service.device.kernel import run_kernel
+from fpga_service.device.kernel import forget, run_kernel
 
 
 class EmulatorDevice(HbmDevice):
@@ -32,6 +32,8 @@ class EmulatorDevice(HbmDevice):
             self.channels = [np.zeros(self.channel_bytes, np.uint8) for _ in range(self.n_channels)]
 
     def close(self) -> None:
+        if self.channels:
+            forget(self.channels)
         self.channels = []
         self.weights = None
 

@@ -152,6 +152,13 @@ def _datapath(channels: Sequence[np.ndarray], meta_raw: np.ndarray) -> Datapath:
     return dp
 
 
+def forget(channels: Sequence[np.ndarray]) -> None:
+    """Drop cached views of these channels (the device closed), so their memory can go."""
+    ptrs = tuple(ch.__array_interface__["data"][0] for ch in channels)
+    for key in [k for k in _CACHE if k[0] == ptrs]:
+        del _CACHE[key]
+
+
 def run_kernel(channels: Sequence[np.ndarray], io: np.ndarray, meta: np.ndarray, *,
                n_steps: int, position: int, token: int, kv_capacity: int) -> None:
     """Execute one kernel run (the hardware's entry point); results go into `io`."""
