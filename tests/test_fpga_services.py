@@ -70,3 +70,24 @@ def test_pair_with_fpga_backend_equals_local(ckpt, backend, tmp_path):
                              timeout_s=60)
             assert res.token_ids == want, transport
             assert res.timings.get("modeled_device_ms_per_token", 0) > 0
+
+
+def test_xrt_without_pyxrt_stays_not_serving(tmp_path):
+    import asyncio
+
+    from client.api import health
+    from client.launch import free_port
+    from tests.services_util import wait_until
+
+    target = f"127.0.0.1:{free_port()}"
+    log = tmp_path / "decode.log"
+    proc = spawn(["serve", "decode", "--model", "synthetic:tiny-gpt2", "--device", "cpu",
+                  "--host", "127.0.0.1", "--port", target.split(":")[1], "--backend", "fpga-xrt"],
+                 env={"HYBRID_XCLBIN": ""}, log_path=str(log))
+    try:
+        assert wait_until(lambda: "NOT_SERVING" in log.read_text(), 60)
+        assert proc.poll() is None  # alive, not crashed
+        assert asyncio.run(health(target, timeout_s=2.0)) == "NOT_SERVING"
+        assert "pyxrt" in log.read_text()
+    finally:
+        assert stop(proc) == 0
