@@ -164,3 +164,24 @@ def test_modeled_time_is_calibrated_to_the_source():
     ms, nbytes = BandwidthModel().step_ms(cfg, HbmLayout.for_model(cfg, "float16"), 256)
     assert 3.2 < ms < 3.6  # the source measured ~3.4 ms/token on the U55C
     assert 700e6 < nbytes < 760e6  # ~710 MB of weights + the live KV
+
+
+def test_close_from_another_thread_waits_for_the_running_step(model):
+    import threading
+
+    _, backend, first, layers = model
+    dev = backend.device
+    before = dev.used_bytes()
+    session = backend.open_session(DecodeSpec("cancel", len(PROMPT), 8))
+    for layer, data in enumerate(layers):
+        session.ingest_layer(layer, memoryview(data))
+    gen = session.decode(first)
+    next(gen)
+    closer = threading.Thread(target=session.close)
+    with session._lock:  # a step is "running": close must wait for it
+        closer.start()
+        closer.join(0.2)
+        assert closer.is_alive() and session.kv.live
+    closer.join(5)
+    assert not session.kv.live and dev.used_bytes() == before
+    assert list(gen) == []  # the loop sees the close and stops without touching HBM

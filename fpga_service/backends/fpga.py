@@ -12,6 +12,7 @@ generation for the same logits.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 
@@ -41,13 +42,20 @@ class FpgaSession(DecodeSession):
         self._t: dict[str, float] = {"ingest_ms": 0.0, "decode_ms": 0.0, "n_tokens": 0.0,
                                      "modeled_device_ms": 0.0, "bytes_read": 0.0}
         self._t_first: float | None = None
+        # close() may come from another thread (a cancelled request) while a kernel run
+        # or an ingest is writing into this KV area: it waits, so a freed area is never
+        # written (it could already belong to the next request).
+        self._lock = threading.Lock()
+        self._closed = False
 
     def ingest_layer(self, layer: int, data: memoryview) -> None:
         if layer != self._next_layer:
             raise InvalidArgument(f"layer {layer} arrived, expected {self._next_layer}")
         now = time.perf_counter()
         self._t_first = self._t_first or now
-        self.dev.write_kv_layer(self.kv, layer, data, self.spec.n_prompt)
+        with self._lock:
+            self._check_open()
+            self.dev.write_kv_layer(self.kv, layer, data, self.spec.n_prompt)
         self._next_layer += 1
         self._t["ingest_ms"] = (time.perf_counter() - self._t_first) * 1e3
 
@@ -62,7 +70,10 @@ class FpgaSession(DecodeSession):
         token, pos = first_token, spec.n_prompt
         for step in range(1, spec.max_new_tokens):
             t0 = time.perf_counter()
-            res = self.dev.run_decode(self.kv, token, pos, 1, self.backend.timeout_s)
+            with self._lock:
+                if self._closed:
+                    return
+                res = self.dev.run_decode(self.kv, token, pos, 1, self.backend.timeout_s)
             token = int(sample(res.logits, spec.sampling, step)[0])
             self._account(t0, res)
             yield token
@@ -84,8 +95,14 @@ class FpgaSession(DecodeSession):
         t["modeled_device_ms_per_token"] = t["modeled_device_ms"] / n
         return t
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition(f"session {self.spec.request_id} is closed")
+
     def close(self) -> None:
-        self.kv.free()
+        with self._lock:
+            self._closed = True
+            self.kv.free()
 
 
 class _FpgaBackend(DecodeBackend):
