@@ -24,14 +24,20 @@ def _pairs(text: str | None, default):
 @click.option("--fpga-prefill", help="measured FPGA prefill, TOKENS:MS,...")
 @click.option("--gpu-decode-ms", type=float, help="GPU decode ms per token (source: 5.0)")
 @click.option("--fpga-decode-ms", type=float, help="FPGA decode ms per token (source: 3.4)")
+@click.option("--fpga-model", help="take FPGA decode ms/token from the U55C bandwidth model "
+              "of this preset (e.g. gpt2-medium) instead")
 @click.option("--transfer-ms", type=float, help="fixed KV transfer ms (source: 150-215; 180)")
 @click.option("--transfer-ms-per-token", type=float, default=0.0, show_default=True)
 def plan(n_input, n_output, gpu_prefill, fpga_prefill, gpu_decode_ms, fpga_decode_ms,
-         transfer_ms, transfer_ms_per_token) -> None:
+         fpga_model, transfer_ms, transfer_ms_per_token) -> None:
     """Predict the three latencies from stage-time models (the source's eqs. 4 and 5)."""
     from fpga_service import placement as P
 
     try:
+        if fpga_model:
+            fpga_decode_ms = P.modeled_fpga_decode_ms(fpga_model, n_input, n_output)
+            click.echo(f"FPGA decode from the U55C model of {fpga_model}: "
+                       f"{fpga_decode_ms:.3f} ms/token")
         model = P.StageModel(
             gpu_prefill=_pairs(gpu_prefill, P.SOURCE_GPU_PREFILL),
             fpga_prefill=_pairs(fpga_prefill, P.SOURCE_FPGA_PREFILL),

@@ -99,3 +99,20 @@ def plan(n_input: int, n_output: int, model: StageModel | None = None) -> Plan:
     # The equations and the totals agree by construction; the choice is the minimum.
     choice = min(lat, key=lambda k: (lat[k], k))
     return Plan(n_input, n_output, lat, choice, eq4, eq5)
+
+
+def modeled_fpga_decode_ms(model: str, n_input: int, n_output: int,
+                           hbm_dtype: str = "float16") -> float:
+    """FPGA decode ms/token from the emulator's U55C bandwidth model for a preset model,
+    at the request's mid-decode context (docs/fpga-emulator.md)."""
+    from engine.config import preset
+    from fpga_service.device.bandwidth import BandwidthModel
+    from kernels.hbm_layout import HbmLayout
+
+    try:
+        cfg = preset(model)
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    ctx = n_input + max(n_output - 1, 1) // 2
+    ms, _ = BandwidthModel().step_ms(cfg, HbmLayout.for_model(cfg, hbm_dtype), ctx)
+    return ms

@@ -89,3 +89,16 @@ def test_stage_model_latencies_near_the_source_table():
             for shape, row in SOURCE_TABLE.items()
             for name, ms in zip(("gpu-only", "fpga-only", "hybrid"), row, strict=True)]
     assert sum(errs) / len(errs) < 0.06  # 3.6% with the defaults
+
+
+def test_fpga_decode_from_the_bandwidth_model():
+    out = CliRunner().invoke(plan_cmd, ["--input", "256", "--output", "256",
+                                        "--fpga-model", "gpt2-medium"])
+    assert out.exit_code == 0, out.output
+    assert "U55C model of gpt2-medium: 3.5" in out.output and "choice: hybrid" in out.output
+    # a model 20x bigger decodes far slower on one U55C: GPU-only (at 5 ms/token) wins
+    out = CliRunner().invoke(plan_cmd, ["--input", "256", "--output", "256",
+                                        "--fpga-model", "llama-7b"])
+    assert "choice: gpu-only" in out.output
+    out = CliRunner().invoke(plan_cmd, ["--input", "8", "--output", "8", "--fpga-model", "nope"])
+    assert out.exit_code != 0 and "unknown preset" in out.output
