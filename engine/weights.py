@@ -49,19 +49,22 @@ def synthetic_normal(seed: int, name: str, n: int) -> np.ndarray:
 
 
 def synthetic_state_dict(
-    shapes: dict[str, torch.Size], seed: int, progress: Progress = None
+    shapes: dict[str, torch.Size], seed: int, progress: Progress = None,
+    cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> dict[str, torch.Tensor]:
     """Weights for the given parameter names/shapes (our naming): matrices ~N(0, 0.02),
-    1-D `weight`s (norm gains) ones, biases zeros."""
+    1-D `weight`s (norm gains) ones, biases zeros; generated in fp32, each passed
+    through `cast` (device/dtype) as soon as it exists."""
     out = {}
     for i, (name, shape) in enumerate(sorted(shapes.items())):
         if len(shape) >= 2:
             n = int(np.prod(shape))
-            out[name] = torch.from_numpy(synthetic_normal(seed, name, n)).view(shape)
+            t = torch.from_numpy(synthetic_normal(seed, name, n)).view(shape)
         elif name.endswith("bias"):
-            out[name] = torch.zeros(shape)
+            t = torch.zeros(shape)
         else:
-            out[name] = torch.ones(shape)
+            t = torch.ones(shape)
+        out[name] = cast(t)
         if progress:
             progress(i + 1, len(shapes))
     return out
@@ -138,6 +141,22 @@ def hf_to_ours(cfg: ModelConfig, source: dict[str, torch.Tensor]) -> tuple[dict,
         ours[key] = t
         used[name] = source[name]
     return ours, used
+
+
+def ours_to_hf(cfg: ModelConfig, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_ours: our names/orientation -> a transformers state dict
+    (for baselines and parity checks on synthetic weights)."""
+    from engine.gpt2 import CONV1D_SUFFIXES
+
+    prefix = "transformer." if cfg.family == "gpt2" else "model."
+    hf = {}
+    for key, t in ours.items():
+        if cfg.family == "gpt2" and key.endswith(CONV1D_SUFFIXES):
+            t = t.t().contiguous()
+        hf[key if key == "lm_head.weight" else prefix + key] = t
+    if cfg.tie_embeddings:
+        hf["lm_head.weight"] = hf[prefix + ("wte.weight" if cfg.family == "gpt2" else "embed_tokens.weight")]
+    return hf
 
 
 def check_names(expected: dict[str, torch.Size], got: dict[str, torch.Tensor]) -> None:
