@@ -83,18 +83,34 @@ def bench_layer(model: str, n_tokens: int, iters: int) -> None:
     def pack() -> None:
         reshape.pack_layer(k, v, layout, out=out)
 
+    def pack_separate() -> None:
+        reshape.pack_layer(k, v, layout, out=out, fused=False)
+
     def pack_torch() -> None:
         reshape.pack_layer(k, v, layout, out=out, force_torch=True)
 
     base = time_us(copy, iters)
     row("baseline: device-to-device copy (same bytes)", base, nbytes)
-    row("reshape (CuPy K + V kernels)" if reshape.cupy_available() else "reshape (torch path)",
-        time_us(pack, iters), nbytes, base)
+    if not reshape.cupy_available():
+        print("  CuPy not importable: the 'reshape' rows below are the torch path")
+    row("reshape (CuPy pack_kv: K and V in one launch)", time_us(pack, iters), nbytes, base)
+    row("reshape (CuPy pack_k then pack_v)", time_us(pack_separate, iters), nbytes, base)
     row("reshape, torch path on the GPU", time_us(pack_torch, iters), nbytes, base)
     gbase = graph_us(copy, iters)
     row("baseline in a CUDA graph", gbase, nbytes)
-    row("reshape in a CUDA graph", graph_us(pack, iters), nbytes,
-        gbase if isinstance(gbase, float) else None)
+    gb = gbase if isinstance(gbase, float) else None
+    gpack = graph_us(pack, iters)
+    row("reshape (pack_kv) in a CUDA graph", gpack, nbytes, gb)
+    row("reshape (pack_k + pack_v) in a CUDA graph", graph_us(pack_separate, iters), nbytes, gb)
+    # Eager timings of a 2 MiB op are bounded by Python launch cost; the graph rows show
+    # what the GPU does, so the target is judged on them when capture works.
+    if gb is not None and isinstance(gpack, float):
+        ratio, how = gb / gpack, "CUDA graph"
+    else:
+        ratio, how = base / time_us(pack, iters), "eager"
+    verdict = "meets" if ratio >= 0.5 else "misses"
+    print(f"  => reshape at {ratio * 100:.1f}% of the copy's bandwidth ({how}): {verdict} "
+          f"the >= 50% target")
 
 
 def bench_shipper(model: str, n_tokens: int, reps: int = 20) -> None:
@@ -148,6 +164,9 @@ def main() -> None:
         raise SystemExit("bench_reshape needs a CUDA GPU")
     bench_layer(args.model, args.tokens, args.iters)
     bench_shipper(args.model, args.tokens)
+    if reshape.cuda_kernel_error():
+        print(f"WARNING: CuPy kernels failed, figures are the torch path: "
+              f"{reshape.cuda_kernel_error()}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,17 @@ the copy synchronous). The returned handle's `.wait()` / `.query()` follow `done
 caller marks layer l ready in the slot header after `.wait()`. Device staging buffers
 and the K, V tensors stay referenced until their copy has finished. On CPU the reshape
 writes straight into `dest` and the handle is already done.
+
+Use in a prefill runner (names from docs/interfaces.md):
+
+    shipper = LayerShipper.for_model(cfg, "hbm", "float16", device="cuda", timing=True)
+    handles = []
+    def on_layer(l, k, v):                     # called by model.prefill after layer l
+        handles.append(shipper.ship(l, k, v, region.layer_view(desc, l)))
+    logits = model.prefill(ids, cache, on_layer=on_layer)
+    for l, h in enumerate(handles):
+        h.wait(timeout_s=5.0)
+        region.mark_ready(desc, l)
 """
 
 from __future__ import annotations
@@ -32,14 +43,20 @@ from kernels.reshape import pack_layer
 Layout = HbmLayout | DenseLayout
 
 
+@dataclass
 class Done:
     """Handle of work that finished synchronously (the CPU path)."""
+
+    ms: float = 0.0             # wall time of the reshape + copy
 
     def query(self) -> bool:
         return True
 
     def wait(self, timeout_s: float | None = None) -> None:
         return None
+
+    def elapsed_ms(self) -> float:
+        return self.ms
 
 
 @dataclass
@@ -48,6 +65,7 @@ class CudaShipment:
 
     event: torch.cuda.Event
     keep: tuple = field(default=(), repr=False)    # tensors the copy still reads
+    start: torch.cuda.Event | None = None           # set when the shipper times copies
 
     def query(self) -> bool:
         done = self.event.query()
@@ -67,6 +85,14 @@ class CudaShipment:
                 time.sleep(pause)
                 pause = min(pause * 2, 1e-3)
         self.keep = ()
+
+    def elapsed_ms(self) -> float:
+        """Copy-stream time of this layer's reshape + copy (after its wait on compute);
+        needs `LayerShipper(timing=True)` and a finished copy."""
+        if self.start is None:
+            raise InvalidArgument("this shipper does not time copies (timing=False)")
+        self.wait()
+        return self.start.elapsed_time(self.event)
 
 
 def make_layout(kind: str, config: ModelConfig, dtype: str) -> Layout:
@@ -92,14 +118,14 @@ class LayerShipper:
     Not thread-safe: one shipper per prefill runner (calls come from its thread)."""
 
     def __init__(self, layout: Layout, device: torch.device | str = "cpu",
-                 copy_stream: torch.cuda.Stream | None = None) -> None:
+                 copy_stream: torch.cuda.Stream | None = None, timing: bool = False) -> None:
         self.layout = layout
+        self.timing = timing
         self.device = torch.device(device)
         self.copy_stream = None
         if self.device.type == "cuda":
             self.copy_stream = copy_stream or torch.cuda.Stream(self.device)
         self._inflight: list[tuple[torch.cuda.Event, torch.Tensor]] = []
-        self._pool: dict[int, list[torch.Tensor]] = {}
 
     @classmethod
     def for_model(cls, config: ModelConfig, kind: str, dtype: str,
@@ -128,8 +154,9 @@ class LayerShipper:
             raise InvalidArgument(f"layer {layer}: k must be [n_kv_heads, T, head_dim]")
         self._check_dest(dest, k.shape[1])
         if not k.is_cuda:
+            t0 = time.perf_counter()
             self._pack_cpu(k, v, dest)
-            return Done()
+            return Done((time.perf_counter() - t0) * 1e3)
         return self._ship_cuda(k, v, dest, compute_stream)
 
     def _pack_cpu(self, k: torch.Tensor, v: torch.Tensor, dest: torch.Tensor) -> None:
@@ -146,31 +173,29 @@ class LayerShipper:
         ready.record(compute)
         copy.wait_event(ready)
         staging = self._staging(dest.numel(), k.device)
+        start = None
+        if self.timing:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record(copy)
         with torch.cuda.stream(copy):
             pack_into(k, v, self.layout, staging, stream=copy)
             dest.copy_(staging, non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=self.timing)
             done.record(copy)
         # k, v were made on the compute stream; the copy stream reads them, so the caching
         # allocator must not hand their memory out again before `done`.
         k.record_stream(copy)
         v.record_stream(copy)
         self._inflight.append((done, staging))
-        return CudaShipment(done, (k, v, dest))
+        return CudaShipment(done, (k, v, dest), start)
 
     def _staging(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        """A device buffer for one packed layer, reusing ones whose copy has finished."""
-        still = []
-        for ev, buf in self._inflight:
-            if ev.query():
-                self._pool.setdefault(buf.numel(), []).append(buf)
-            else:
-                still.append((ev, buf))
-        self._inflight = still
-        free = self._pool.get(nbytes)
-        if free:
-            return free.pop()
-        with torch.cuda.stream(self.copy_stream):   # owned by the copy stream
+        """A device buffer for one packed layer. It is allocated on the copy stream and
+        referenced in `_inflight` until its copy's event has completed; then it goes back
+        to torch's caching allocator, which reuses it for the next layer (same stream,
+        so in order) without a cudaMalloc and without unbounded pooling here."""
+        self._inflight = [(ev, buf) for ev, buf in self._inflight if not ev.query()]
+        with torch.cuda.stream(self.copy_stream):
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     @property
@@ -185,4 +210,3 @@ class LayerShipper:
     def close(self) -> None:
         self.synchronize()
         self._inflight.clear()
-        self._pool.clear()

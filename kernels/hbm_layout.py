@@ -69,6 +69,9 @@ class HbmLayout:
     vec: int = VEC
 
     def __post_init__(self) -> None:
+        dims = (self.n_layers, self.n_kv_heads, self.head_dim, self.n_channels, self.vec)
+        if min(dims) < 1 or self.weights_bytes < 0:
+            raise InvalidArgument(f"HBM layout dimensions must be positive, got {self}")
         if self.dtype not in ELEM_BYTES:
             raise InvalidArgument(
                 f"HBM layout dtype must be one of {sorted(ELEM_BYTES)}, got {self.dtype!r}")

@@ -15,6 +15,7 @@ the last used one, so the full channels are one strided copy per K and V:
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -35,8 +36,24 @@ def cupy_available() -> bool:
     return True
 
 
+# Set when the CuPy kernels failed once (e.g. NVRTC cannot target this GPU): from then on
+# the torch path runs, which produces the same bytes. `cuda_kernel_error()` reports it.
+_CUPY_ERROR: list[str] = []
+
+
+def cuda_kernel_error() -> str | None:
+    """Why the CuPy kernels were disabled in this process, or None."""
+    return _CUPY_ERROR[0] if _CUPY_ERROR else None
+
+
 def _use_cuda_kernels(x: torch.Tensor, force_torch: bool) -> bool:
-    return x.is_cuda and not force_torch and cupy_available()
+    return x.is_cuda and not force_torch and not _CUPY_ERROR and cupy_available()
+
+
+def _cuda_failed(exc: Exception) -> None:
+    _CUPY_ERROR.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"CuPy reshape kernels disabled, using the torch path: {_CUPY_ERROR[0]}",
+                  RuntimeWarning, stacklevel=3)
 
 
 def _out_buffer(out: torch.Tensor | None, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -83,13 +100,14 @@ def _pack_torch(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout,
 
 def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *,
                out: torch.Tensor | None = None, stream: torch.cuda.Stream | None = None,
-               capacity_tokens: int | None = None, force_torch: bool = False) -> torch.Tensor:
+               capacity_tokens: int | None = None, force_torch: bool = False,
+               fused: bool = True) -> torch.Tensor:
     """k, v [n_kv_heads, T, head_dim] -> uint8[layout.layer_bytes(T)] on k's device.
 
     `out`: optional destination (contiguous uint8, exactly layer_bytes(T)); `stream`: the
     CUDA stream for the CuPy kernels (default: torch's current stream). Raises
     InvalidArgument on bad shapes, ResourceExhausted beyond the capacity (default: the
-    layout's max tokens per channel)."""
+    layout's max tokens per channel). `fused` (CUDA only): K and V in one launch."""
     if k.shape != v.shape or k.device != v.device:
         raise InvalidArgument(f"k {list(k.shape)} on {k.device} and v {list(v.shape)} on "
                               f"{v.device} must match")
@@ -99,7 +117,15 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *,
     dst = _out_buffer(out, layout.layer_bytes(n_tokens), k.device)
     if _use_cuda_kernels(k, force_torch):
         from kernels import reshape_cuda
-        return reshape_cuda.pack_layer(k, v, layout, out=dst, stream=stream)
+        try:
+            return reshape_cuda.pack_layer(k, v, layout, out=dst, stream=stream, fused=fused)
+        except InvalidArgument:
+            raise
+        except Exception as exc:   # compile / launch failure: same bytes from torch
+            _cuda_failed(exc)
+    if k.is_cuda and stream is not None:      # torch path on the GPU, still on `stream`
+        with torch.cuda.stream(stream):
+            return _pack_torch(k, v, layout, dst)
     return _pack_torch(k, v, layout, dst)
 
 
@@ -151,5 +177,13 @@ def unpack_layer(buf, layout: HbmLayout, n_tokens: int, *,
         data = data.contiguous()
     if _use_cuda_kernels(data, force_torch):
         from kernels import reshape_cuda
-        return reshape_cuda.unpack_layer(data, layout, n_tokens, stream=stream)
+        try:
+            return reshape_cuda.unpack_layer(data, layout, n_tokens, stream=stream)
+        except InvalidArgument:
+            raise
+        except Exception as exc:
+            _cuda_failed(exc)
+    if data.is_cuda and stream is not None:
+        with torch.cuda.stream(stream):
+            return _unpack_torch(data, layout, n_tokens)
     return _unpack_torch(data, layout, n_tokens)

@@ -11,6 +11,9 @@ their inverses. Called through kernels/reshape.py when the tensors are on CUDA.
   `.contiguous()` (if needed) run on the same stream. Tensors used on a stream other
   than the current one are `record_stream`ed so the caching allocator does not reuse
   them early.
+- Launches: `pack_k` and `pack_v` are the two kernels of the source document;
+  `pack_kv` runs both in one launch (grid z = 2), the default, because at one layer of
+  a 512-token prompt (2 MiB) launch overhead is a large part of the time.
 - Coalescing: one CTA (32x8 threads) per (token block, lane) = one 32x32 tile. K: each
   warp reads 32 consecutive elements of a token row (contiguous in head_dim) and writes
   one contiguous 64-byte tile row. V: the tile is staged in shared memory (33-element
@@ -50,10 +53,15 @@ __device__ __forceinline__ Tile tile_of(int j, int b, int n_lanes, int L, int n_
     return t;
 }
 
-extern "C" __global__ void pack_k(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
-        long long stride_h, long long stride_t, int n_tokens, int head_dim,
-        int n_lanes, int L, int n_blocks) {
-    const int j = blockIdx.x, b = blockIdx.y;
+#define KV_PARAMS long long stride_h, long long stride_t, int n_tokens, int head_dim, \
+                  int n_lanes, int L, int n_blocks
+#define KV_ARGS stride_h, stride_t, n_tokens, head_dim, n_lanes, L, n_blocks
+
+// K: one warp per tile row; reads 32 consecutive elements of a token's kv row, writes one
+// contiguous 32-element row of the [token][dim] tile. Padding tokens are written as zero.
+__device__ __forceinline__ void pack_k_tile(const elem_t* __restrict__ src,
+                                            elem_t* __restrict__ dst, KV_PARAMS) {
+    const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
     const int h = t.e / head_dim, d = t.e - h * head_dim;
     for (int r = threadIdx.y; r < 32; r += blockDim.y) {
@@ -64,11 +72,13 @@ extern "C" __global__ void pack_k(const elem_t* __restrict__ src, elem_t* __rest
     }
 }
 
-extern "C" __global__ void pack_v(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
-        long long stride_h, long long stride_t, int n_tokens, int head_dim,
-        int n_lanes, int L, int n_blocks) {
-    __shared__ elem_t s[32][33];
-    const int j = blockIdx.x, b = blockIdx.y;
+// V: the same coalesced read into shared memory, then a coalesced write of the
+// transposed [dim][token] tile. Must be the last thing its kernel does (see the tests'
+// CPU shim, where __syncthreads() returns from this function in the first phase).
+__device__ __forceinline__ void pack_v_tile(const elem_t* __restrict__ src,
+                                            elem_t* __restrict__ dst, elem_t (*s)[33],
+                                            KV_PARAMS) {
+    const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
     const int h = t.e / head_dim, d = t.e - h * head_dim;
     for (int r = threadIdx.y; r < 32; r += blockDim.y) {
@@ -82,10 +92,31 @@ extern "C" __global__ void pack_v(const elem_t* __restrict__ src, elem_t* __rest
         dst[t.v + dim * 32 + threadIdx.x] = s[threadIdx.x][dim];   // [dim][token]
 }
 
+extern "C" __global__ void pack_k(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
+                                  KV_PARAMS) {
+    pack_k_tile(src, dst, KV_ARGS);
+}
+
+extern "C" __global__ void pack_v(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
+                                  KV_PARAMS) {
+    __shared__ elem_t s[32][33];
+    pack_v_tile(src, dst, s, KV_ARGS);
+}
+
+// Both in one launch (gridDim.z = 2: z = 0 runs the K kernel's CTAs, z = 1 the V
+// kernel's): half the launch overhead for the per-layer hand-off. Same bytes.
+extern "C" __global__ void pack_kv(const elem_t* __restrict__ k_src,
+                                   const elem_t* __restrict__ v_src,
+                                   elem_t* __restrict__ dst, KV_PARAMS) {
+    __shared__ elem_t s[32][33];
+    if (blockIdx.z == 0) pack_k_tile(k_src, dst, KV_ARGS);
+    else pack_v_tile(v_src, dst, s, KV_ARGS);
+}
+
 extern "C" __global__ void unpack_k(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
         long long stride_h, long long stride_t, int n_tokens, int head_dim,
         int n_lanes, int L, int n_blocks) {
-    const int j = blockIdx.x, b = blockIdx.y;
+    const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
     const int h = t.e / head_dim, d = t.e - h * head_dim;
     for (int r = threadIdx.y; r < 32; r += blockDim.y) {
@@ -98,7 +129,7 @@ extern "C" __global__ void unpack_v(const elem_t* __restrict__ src, elem_t* __re
         long long stride_h, long long stride_t, int n_tokens, int head_dim,
         int n_lanes, int L, int n_blocks) {
     __shared__ elem_t s[32][33];
-    const int j = blockIdx.x, b = blockIdx.y;
+    const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
     const int h = t.e / head_dim, d = t.e - h * head_dim;
     for (int dim = threadIdx.y; dim < 32; dim += blockDim.y)
@@ -116,7 +147,7 @@ _TORCH = {"float16": torch.float16, "float32": torch.float32}
 _BLOCK = (32, 8, 1)
 
 
-KERNELS = ("pack_k", "pack_v", "unpack_k", "unpack_v")
+KERNELS = ("pack_k", "pack_v", "unpack_k", "unpack_v", "pack_kv")
 
 
 def cuda_source(dtype: str) -> str:
@@ -125,13 +156,13 @@ def cuda_source(dtype: str) -> str:
 
 
 def kernel_geometry(layout: HbmLayout, n_tokens: int, engine_strides: tuple[int, int]):
-    """(grid, block, scalar args) of one launch: one CTA per (lane, token block) tile.
+    """(grid, block, scalar args) of one launch: one CTA per (token block, lane) tile.
     engine_strides: (head, token) strides of the engine-side tensor, in elements."""
     nb = layout.n_blocks(n_tokens)
     scalars = (np.int64(engine_strides[0]), np.int64(engine_strides[1]), np.int32(n_tokens),
                np.int32(layout.head_dim), np.int32(layout.n_lanes),
                np.int32(layout.lanes_per_channel), np.int32(nb))
-    return (layout.n_lanes, nb, 1), _BLOCK, scalars
+    return (nb, layout.n_lanes, 1), _BLOCK, scalars   # x: token blocks, y: lanes
 
 
 @functools.cache
@@ -146,18 +177,18 @@ def _stream(device: torch.device, stream: torch.cuda.Stream | None) -> torch.cud
     return stream if stream is not None else torch.cuda.current_stream(device)
 
 
-def _launch(names: tuple[str, str], tensors: list[tuple[torch.Tensor, torch.Tensor]],
-            layout: HbmLayout, n_tokens: int, engine_strides: tuple[int, int],
-            stream: torch.cuda.Stream) -> None:
-    """Run the K kernel on tensors[0] and the V kernel on tensors[1] (src, dst pairs)."""
+def _launch(calls: list[tuple[str, tuple[torch.Tensor, ...], int]], layout: HbmLayout,
+            n_tokens: int, engine_strides: tuple[int, int], stream: torch.cuda.Stream) -> None:
+    """Launch each (kernel name, pointer operands, grid z) on `stream`, in order."""
     import cupy as cp
 
     kern = _kernels(layout.dtype)
-    grid, block, scalars = kernel_geometry(layout, n_tokens, engine_strides)
-    device = tensors[0][0].device
-    with cp.cuda.Device(device.index), cp.cuda.ExternalStream(stream.cuda_stream, device.index):
-        for name, (src, dst) in zip(names, tensors, strict=True):
-            kern[name](grid, block, (np.uint64(src.data_ptr()), np.uint64(dst.data_ptr()), *scalars))
+    (gx, gy, _), block, scalars = kernel_geometry(layout, n_tokens, engine_strides)
+    device = calls[0][1][0].device
+    with cp.cuda.Device(device.index), cp.cuda.ExternalStream(stream.cuda_stream):
+        for name, tensors, gz in calls:
+            ptrs = tuple(np.uint64(t.data_ptr()) for t in tensors)
+            kern[name]((gx, gy, gz), block, (*ptrs, *scalars))
 
 
 def _keep_alive(stream: torch.cuda.Stream, *tensors: torch.Tensor) -> None:
@@ -172,9 +203,10 @@ def _engine_operand(x: torch.Tensor, layout: HbmLayout) -> torch.Tensor:
 
 
 def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *, out: torch.Tensor,
-               stream: torch.cuda.Stream | None = None) -> torch.Tensor:
+               stream: torch.cuda.Stream | None = None, fused: bool = True) -> torch.Tensor:
     """CUDA pack; `out` is a contiguous uint8 tensor of layout.layer_bytes(T) on k's device.
-    Shapes are checked by kernels.reshape.pack_layer. Returns `out` (ready on `stream`)."""
+    Shapes are checked by kernels.reshape.pack_layer. Returns `out` (ready on `stream`).
+    fused: one launch of pack_kv instead of pack_k then pack_v (same bytes)."""
     if out.device != k.device or out.data_ptr() % layout.elem_bytes:
         raise InvalidArgument("out must be on k's device and aligned to the element size")
     stream = _stream(k.device, stream)
@@ -184,8 +216,9 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *, out: torc
         if kk.stride() != vv.stride():
             kk, vv = kk.contiguous(), vv.contiguous()
     _keep_alive(stream, k, v, kk, vv, out)
-    _launch(("pack_k", "pack_v"), [(kk, out), (vv, out)], layout, n_tokens,
-            (kk.stride(0), kk.stride(1)), stream)
+    calls = [("pack_kv", (kk, vv, out), 2)] if fused else \
+        [("pack_k", (kk, out), 1), ("pack_v", (vv, out), 1)]
+    _launch(calls, layout, n_tokens, (kk.stride(0), kk.stride(1)), stream)
     return out
 
 
@@ -200,6 +233,6 @@ def unpack_layer(data: torch.Tensor, layout: HbmLayout, n_tokens: int, *,
         k = torch.empty(shape, dtype=_TORCH[layout.dtype], device=data.device)
         v = torch.empty_like(k)
     _keep_alive(stream, data)
-    _launch(("unpack_k", "unpack_v"), [(data, k), (data, v)], layout, n_tokens,
-            (k.stride(0), k.stride(1)), stream)
+    calls = [("unpack_k", (data, k), 1), ("unpack_v", (data, v), 1)]
+    _launch(calls, layout, n_tokens, (k.stride(0), k.stride(1)), stream)
     return k, v

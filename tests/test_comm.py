@@ -34,6 +34,7 @@ def test_ship_all_layers_into_a_slot(kind: str, name: str) -> None:
         handle = shipper.ship(i, k, v, dest)
         assert isinstance(handle, Done) and handle.query()
         handle.wait(timeout_s=1.0)
+        assert handle.elapsed_ms() >= 0.0
     assert slot[:64].eq(0).all()
     for i, (k, v) in enumerate(layers):
         data = slot[64 + i * per_layer:64 + (i + 1) * per_layer].numpy()

@@ -38,19 +38,26 @@ using std::min;
 
 _DRIVER = r"""
 typedef void (*kernel_fn)(const elem_t*, elem_t*, long long, long long, int, int, int, int, int);
-extern "C" void launch(int which, int gx, int gy, const void* src, void* dst, long long sh,
-                       long long st, int n_tokens, int head_dim, int n_lanes, int L, int nb) {
+// which: index in KERNELS; 4 = pack_kv (src2 = V source, grid z = 2)
+extern "C" void launch(int which, int gx, int gy, int gz, const void* src, const void* src2,
+                       void* dst, long long sh, long long st, int n_tokens, int head_dim,
+                       int n_lanes, int L, int nb) {
     kernel_fn fns[4] = {pack_k, pack_v, unpack_k, unpack_v};
     blockDim = Dim3{32, 8, 1};
+    for (int bz = 0; bz < gz; ++bz)
     for (int by = 0; by < gy; ++by)
         for (int bx = 0; bx < gx; ++bx) {
-            blockIdx = Dim3{bx, by, 0};
+            blockIdx = Dim3{bx, by, bz};
             for (shim_phase = 0; shim_phase < 2; ++shim_phase)
                 for (int ty = 0; ty < blockDim.y; ++ty)
                     for (int tx = 0; tx < blockDim.x; ++tx) {
                         threadIdx = Dim3{tx, ty, 0};
-                        fns[which]((const elem_t*)src, (elem_t*)dst, sh, st, n_tokens,
-                                   head_dim, n_lanes, L, nb);
+                        if (which == 4)
+                            pack_kv((const elem_t*)src, (const elem_t*)src2, (elem_t*)dst, sh,
+                                    st, n_tokens, head_dim, n_lanes, L, nb);
+                        else
+                            fns[which]((const elem_t*)src, (elem_t*)dst, sh, st, n_tokens,
+                                       head_dim, n_lanes, L, nb);
                     }
         }
 }
@@ -70,13 +77,14 @@ def libs(tmp_path_factory) -> dict[str, ctypes.CDLL]:
 
 
 def _run(lib, name: str, src: np.ndarray, dst: np.ndarray, layout: HbmLayout, n_tokens: int,
-         strides: tuple[int, int]) -> None:
+         strides: tuple[int, int], src2: np.ndarray | None = None) -> None:
     (gx, gy, _), block, scalars = kernel_geometry(layout, n_tokens, strides)
     assert block == (32, 8, 1)
-    ll, i32 = ctypes.c_longlong, ctypes.c_int
+    ll, i32, ptr = ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p
     args = [ll(int(scalars[0])), ll(int(scalars[1]))] + [i32(int(s)) for s in scalars[2:]]
-    lib.launch(i32(KERNELS.index(name)), i32(gx), i32(gy), ctypes.c_void_p(src.ctypes.data),
-               ctypes.c_void_p(dst.ctypes.data), *args)
+    gz = 2 if name == "pack_kv" else 1
+    lib.launch(i32(KERNELS.index(name)), i32(gx), i32(gy), i32(gz), ptr(src.ctypes.data),
+               ptr(0 if src2 is None else src2.ctypes.data), ptr(dst.ctypes.data), *args)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
@@ -94,6 +102,9 @@ def test_compiled_kernels_match_reference(libs, dtype, shape, n_tokens) -> None:
     _run(libs[dtype], "pack_k", cache[0], out, layout, n_tokens, strides)
     _run(libs[dtype], "pack_v", cache[1], out, layout, n_tokens, strides)
     assert np.array_equal(out, want)
+    fused = np.full_like(out, 0xCD)
+    _run(libs[dtype], "pack_kv", cache[0], fused, layout, n_tokens, strides, src2=cache[1])
+    assert np.array_equal(fused, want)
     k2 = np.zeros((n_kv_heads, n_tokens, head_dim), dtype)
     v2 = np.zeros_like(k2)
     dense = (n_tokens * head_dim, head_dim)

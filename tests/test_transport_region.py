@@ -276,3 +276,49 @@ def test_bad_create_arguments():
             KvRegion.create(*args, name_prefix=PREFIX, cuda_register=False)
     with pytest.raises(InvalidArgument):
         KvRegion.create(4096, 1, 1, 1.0, name_prefix="../x", cuda_register=False)
+
+
+def test_layer_view_is_a_zero_copy_tensor_over_the_slot(region, reader):
+    torch = pytest.importorskip("torch")
+    d = region.alloc(2 * 4096, 2, checksums=True)
+    view = region.layer_view(d, 1)
+    assert view.dtype == torch.uint8 and view.shape == (4096,)
+    view.copy_(torch.arange(4096, dtype=torch.int64).remainder(251).to(torch.uint8))
+    region.mark_ready(d, 1)
+    assert reader.read_layer(d, 1, 0.1) == bytes(i % 251 for i in range(4096))
+    region.free(d)
+    with pytest.raises(Aborted):
+        region.layer_view(d, 1)
+    region.close()  # with `view` alive: unlinked, mapping kept until the view dies
+    assert not os.path.exists(region.path)
+    view[0] = 7
+    del view
+
+
+def test_producer_activity_keeps_the_lease_ahead(region):
+    d = region.alloc(2 * 4096, 2)
+    time.sleep(0.15)  # lease 0.2 s: 0.05 s left
+    region.write_layer(d, 0, bytes(4096))  # producing: at least one lease ahead again
+    region.mark_ready(d, 0)
+    t = time.monotonic()
+    assert region.reap_expired(now=t + 0.15) == []
+    assert region.reap_expired(now=t + 0.25) == [d]
+
+
+def test_reader_pool_reuses_and_drops_closed_regions():
+    from transport.reader import ReaderPool
+    pool = ReaderPool()
+    a = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    b = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    try:
+        ra = pool.get(a.name)
+        assert pool.get(a.name.lstrip("/")) is ra and pool.get(b.name) is not ra
+        a.close()
+        pool.get(b.name)  # sweeps the reader of the closed region
+        assert ra._mm.closed
+        with pytest.raises(NotFound):
+            pool.get(a.name)
+    finally:
+        pool.close()
+        a.close()
+        b.close()

@@ -13,6 +13,7 @@ import contextlib
 import math
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -41,6 +42,7 @@ class KvReader:
         self._u64 = self._u8.cast("Q")
         self.epoch = self._u64[L.H_EPOCH]
         self.geometry = L.Geometry.read_header(self._u64)
+        self._digests: dict[KvDescriptor, int] = {}  # validated descriptors (static checks)
 
     @classmethod
     def open(cls, name: str, *, shm_dir: str = SHM_DIR, **poll: float) -> KvReader:
@@ -66,6 +68,10 @@ class KvReader:
         """A reader over an owner's own mapping (the gRPC fetch server runs there)."""
         return cls(region.name, region._mm, owns_map=False, **poll)
 
+    @property
+    def closed_by_owner(self) -> bool:
+        return self._u64[L.H_STATE] != L.REGION_LIVE
+
     def close(self) -> None:
         self._u64.release()
         self._u8.release()
@@ -90,6 +96,22 @@ class KvReader:
         if desc.epoch != self.epoch:
             raise Aborted(f"descriptor epoch {desc.epoch}, region epoch {self.epoch}: "
                           "the region was recreated")
+
+    def _validated_digest(self, desc: KvDescriptor) -> int:
+        """validate() + digest(), cached: both depend only on the descriptor and the
+        fixed geometry, and a request reads every layer with the same descriptor."""
+        try:
+            digest = self._digests.get(desc)
+        except TypeError:  # an unhashable field: validate() names it
+            self.validate(desc)
+            raise
+        if digest is None:
+            self.validate(desc)
+            digest = desc.digest()
+            if len(self._digests) >= 1024:
+                self._digests.clear()
+            self._digests[desc] = digest
+        return digest
 
     def _check_live(self, desc: KvDescriptor, digest: int) -> None:
         """Region open, slot still at the descriptor's generation, not failed, and the
@@ -120,15 +142,14 @@ class KvReader:
 
     def check(self, desc: KvDescriptor) -> None:
         """One-shot: raise unless `desc` is valid and current right now."""
-        self.validate(desc)
-        self._check_live(desc, desc.digest())
+        self._check_live(desc, self._validated_digest(desc))
 
     # -- waiting ----------------------------------------------------------------
     def _poll(self, desc: KvDescriptor, ready: Callable[[], bool], timeout_s: float,
               what: str) -> None:
         if not isinstance(timeout_s, (int, float)) or not timeout_s >= 0 or math.isinf(timeout_s):
             raise InvalidArgument(f"timeout_s={timeout_s!r}: every wait needs a finite bound")
-        digest = desc.digest()
+        digest = self._validated_digest(desc)
         deadline = time.monotonic() + timeout_s
         delay = self.poll_min_s
         while True:
@@ -143,14 +164,14 @@ class KvReader:
 
     def wait_layer(self, desc: KvDescriptor, layer: int, timeout_s: float) -> None:
         """Block (bounded) until `layer` is marked ready."""
-        self.validate(desc)
+        self._validated_digest(desc)
         desc.layer_span(layer)  # InvalidArgument for a layer the slot does not have
         idx = self.geometry.ready_byte(desc.slot, layer)
         self._poll(desc, lambda: self._u8[idx] != 0, timeout_s, f"layer {layer}")
 
     def wait_first_token(self, desc: KvDescriptor, timeout_s: float) -> int:
         """Block (bounded) until prefill published the first generated token."""
-        self.validate(desc)
+        self._validated_digest(desc)
         w = self.geometry.slot_word(desc.slot) + L.S_FIRST_TOKEN
         self._poll(desc, lambda: L.to_i64(self._u64[w]) >= 0, timeout_s, "first token")
         token = L.to_i64(self._u64[w])
@@ -222,3 +243,32 @@ def _check_header(mm: mmap.mmap, path: str, size: int) -> None:
             raise Unavailable(f"KV region {path} was closed by its owner")
     finally:
         u64.release()
+
+
+class ReaderPool:
+    """One KvReader per region name for a long-lived consumer (the decode service):
+    opening maps the file, so do it once per region, not per request. A reader whose
+    region was closed by its owner (restart) is dropped and unmapped on the next get."""
+
+    def __init__(self, **poll: float) -> None:
+        self._poll = poll
+        self._readers: dict[str, KvReader] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> KvReader:
+        key = name.lstrip("/")
+        with self._lock:
+            for other, reader in list(self._readers.items()):
+                if reader.closed_by_owner:
+                    del self._readers[other]
+                    reader.close()
+            reader = self._readers.get(key)
+            if reader is None:
+                reader = self._readers[key] = KvReader.open(name, **self._poll)
+            return reader
+
+    def close(self) -> None:
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()

@@ -1,11 +1,10 @@
 """KvRegion: the owner's (prefill service's) side of the shared KV region.
 
-The owner alone allocates, fills, marks ready and frees slots. Protocol per slot (see
-docs/transport.md): alloc publishes the slot header with state ACTIVE last; each layer's
-bytes (and checksum) are written before its ready flag; free bumps the generation
+The owner alone allocates, fills, marks ready and frees slots (docs/transport.md): alloc
+publishes the slot header with state ACTIVE last; a layer's bytes (and checksum) land
+before its ready flag, which waits for the copy's CUDA event; free bumps the generation
 *before* anything else, so a reader that copied across a free/reuse sees the change on
-its second generation read (seqlock). x86 keeps stores in program order; the flag is set
-only after the CUDA event of a device-to-host copy completed.
+its second generation read (seqlock; x86 keeps stores in program order).
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from transport.descriptor import KvDescriptor, check_positive
 @dataclass
 class _Owned:
     desc: KvDescriptor
+    lease: float     # seconds a renewal (or producer activity) extends it by
     deadline: float  # time.monotonic() at which the lease expires
 
 
@@ -110,7 +110,10 @@ class KvRegion:
     def _torch_base(self) -> Any:
         if self._tensor is None:
             import torch
-            self._tensor = torch.frombuffer(self._mm, dtype=torch.uint8)  # zero-copy
+            # Via a memoryview we never release: torch drops its buffer export at once,
+            # so a tensor over the mmap itself would not stop mmap.close() (dangling
+            # pointer); the memoryview's export does.
+            self._tensor = torch.frombuffer(memoryview(self._mm), dtype=torch.uint8)
         return self._tensor
 
     @property
@@ -130,9 +133,8 @@ class KvRegion:
             shm.unlink_quietly(self.path)
 
     def close(self) -> None:
-        """Mark the region closed for readers, unregister from CUDA, unmap, unlink.
-        If layer views are still referenced the mapping lives until they are dropped
-        (never a dangling pointer); the name is removed regardless."""
+        """Mark closed for readers, unregister from CUDA, unmap, unlink. Views still
+        referenced keep the mapping alive until dropped (never a dangling pointer)."""
         with self._lock:
             if self._closed:
                 return
@@ -140,7 +142,8 @@ class KvRegion:
             atexit.unregister(self._atexit)
             try:
                 self._u64[L.H_STATE] = L.REGION_CLOSED
-                if self._registered_ptr is not None:
+                if self._registered_ptr is not None:  # no DMA may still target it
+                    cuda.synchronize_quietly()
                     cuda.host_unregister(self._registered_ptr)
                     self._registered_ptr = None
                 self._tensor = None
@@ -169,6 +172,8 @@ class KvRegion:
                             n_tokens=n_tokens, n_kv_heads=n_kv_heads, head_dim=head_dim,
                             checksums=checksums)
         lease = self.lease_s if lease_s is None else lease_s
+        if not lease > 0:
+            raise InvalidArgument(f"lease_s={lease_s!r}: expected > 0")
         with self._lock:
             self._check_open()
             slot, off = self._take(probe.length)
@@ -179,7 +184,7 @@ class KvRegion:
                 raise ResourceExhausted(self._full_message(probe.length, slot is None))
             w = self.geometry.slot_word(slot)
             desc = replace(probe, slot=slot, offset=off, generation=self._u64[w])
-            self._publish(desc, time.monotonic() + lease)
+            self._publish(desc, lease)
             return desc
 
     def _probe(self, n_bytes: int, n_layers: int, layer_bytes: list[int] | None,
@@ -217,14 +222,13 @@ class KvRegion:
                 f"block {s['largest_free']}, {s['slots_used']} slots in use)")
         return f"KV region {self.name} full: {what}; capacity {self.geometry.payload_bytes} bytes"
 
-    def _publish(self, desc: KvDescriptor, deadline: float) -> None:
+    def _publish(self, desc: KvDescriptor, lease: float) -> None:
         g, u64, w = self.geometry, self._u64, self.geometry.slot_word(desc.slot)
         u64[w + L.S_OFFSET] = desc.offset
         u64[w + L.S_LENGTH] = desc.length
         u64[w + L.S_N_LAYERS] = desc.n_layers
         u64[w + L.S_FLAGS] = L.FLAG_CHECKSUMS if desc.checksums else 0
         u64[w + L.S_FIRST_TOKEN] = L.to_u64(L.FIRST_TOKEN_UNSET)
-        u64[w + L.S_LEASE_DEADLINE] = self._deadline_ns(deadline)
         u64[w + L.S_DIGEST] = desc.digest()
         a, b = g.reason_range(desc.slot)
         self._u8[a:b] = bytes(b - a)
@@ -233,11 +237,16 @@ class KvRegion:
         c = g.checksum_word(desc.slot, 0)
         u64[c:c + g.max_layers] = memoryview(bytes(8 * g.max_layers)).cast("Q")
         u64[w + L.S_STATE] = L.SLOT_ACTIVE  # last: the header is complete
-        self._owned[desc.slot] = _Owned(desc, deadline)
+        self._owned[desc.slot] = rec = _Owned(desc, lease, 0.0)
+        self._extend(rec, lease)
 
-    @staticmethod
-    def _deadline_ns(deadline: float) -> int:
-        return max(0, time.monotonic_ns() + int((deadline - time.monotonic()) * 1e9))
+    def _extend(self, rec: _Owned, lease: float, at_least: bool = False) -> None:
+        """Lease deadline := now + lease (or the later of both), mirrored in the slot
+        header as CLOCK_MONOTONIC ns for anyone inspecting the region."""
+        now, now_ns = time.monotonic(), time.monotonic_ns()
+        rec.deadline = max(rec.deadline, now + lease) if at_least else now + lease
+        w = self.geometry.slot_word(rec.desc.slot)
+        self._u64[w + L.S_LEASE_DEADLINE] = max(0, now_ns + int((rec.deadline - now) * 1e9))
 
     def _check_open(self) -> None:
         if self._closed:
@@ -288,14 +297,11 @@ class KvRegion:
         self._free.free(rec.desc.offset, rec.desc.length)
 
     def renew(self, desc: KvDescriptor, lease_s: float | None = None) -> float:
-        """Extend the lease to now + lease_s (default: the region's); returns lease_s.
-        Aborted if the slot was already freed or reaped."""
-        lease = self.lease_s if lease_s is None else lease_s
+        """Lease := now + lease_s (default: the slot's). Aborted once freed or reaped."""
         with self._lock:
             rec = self._current(desc)
-            rec.deadline = time.monotonic() + lease
-            w = self.geometry.slot_word(desc.slot)
-            self._u64[w + L.S_LEASE_DEADLINE] = self._deadline_ns(rec.deadline)
+            lease = rec.lease if lease_s is None else lease_s
+            self._extend(rec, lease)
         return lease
 
     def reap_expired(self, now: float | None = None) -> list[KvDescriptor]:
@@ -319,12 +325,17 @@ class KvRegion:
     def owned(self) -> list[KvDescriptor]:
         with self._lock:
             return [o.desc for o in self._owned if o is not None]
-
     # -- filling ----------------------------------------------------------------
+    def _producing(self, desc: KvDescriptor) -> None:
+        """Producer activity keeps the lease at least one lease ahead: a slot must not
+        expire (and its bytes be reused) while copies into it may still be in flight."""
+        rec = self._current(desc)
+        self._extend(rec, rec.lease, at_least=True)
+
     def layer_buffer(self, desc: KvDescriptor, layer: int) -> memoryview:
         """Writable view of the slot's bytes for `layer` (CPU producers, tests)."""
         with self._lock:
-            self._current(desc)
+            self._producing(desc)
             a, n = desc.layer_span(layer)
             return self._u8[a:a + n]
 
@@ -339,7 +350,7 @@ class KvRegion:
         """torch.uint8 tensor over the slot's `layer` range, zero-copy (pinned when the
         region is registered): the destination of non_blocking device-to-host copies."""
         with self._lock:
-            self._current(desc)
+            self._producing(desc)
             a, n = desc.layer_span(layer)
             return self._torch_base()[a:a + n]
 
@@ -351,7 +362,7 @@ class KvRegion:
         if event is not None:
             event.synchronize()
         with self._lock:
-            self._current(desc)
+            self._producing(desc)
             a, n = desc.layer_span(layer)
             g, slot = self.geometry, desc.slot
             if self._u8[g.ready_byte(slot, layer)]:
