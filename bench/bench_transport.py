@@ -52,7 +52,8 @@ def measure_d2h(iters: int = 20) -> dict[str, float]:
     pageable = torch.empty(KV_BYTES, dtype=torch.uint8)
     split = lambda t: list(t.split(LAYER_BYTES))  # noqa: E731
     stream = torch.cuda.Stream()
-    with KvRegion.create(KV_BYTES + (16 << 20), 4, N_LAYERS, 30.0, cuda_register=True) as region:
+    # Room for two requests: the bandwidth slot stays while _protocol_pass allocs its own.
+    with KvRegion.create(2 * KV_BYTES + (16 << 20), 4, N_LAYERS, 30.0, cuda_register=True) as region:
         desc = region.alloc(KV_BYTES, N_LAYERS, n_tokens=N_TOKENS, n_kv_heads=N_HEADS,
                             head_dim=HEAD_DIM)
         views = [region.layer_view(desc, i) for i in range(N_LAYERS)]

@@ -137,8 +137,10 @@ def test_10k_cycles_no_leak_and_bounded_rss():
     assert stats["bytes_free"] == stats["capacity"]
     growth = (report["rss1"] - report["rss0"]) / report["rss0"]
     assert growth < 0.05, f"owner RSS grew {growth:.1%} over 9000 cycles"
+    assert report["objects"] < 200, f"{report['objects']} Python objects accumulated"
     assert not os.path.exists(report["path"])
-    print(f"10k cycles in {time.monotonic() - t0:.1f} s, owner RSS growth {growth:.2%}")
+    print(f"10k cycles in {time.monotonic() - t0:.1f} s, owner RSS {report['rss0'] >> 10} -> "
+          f"{report['rss1'] >> 10} KiB ({growth:+.2%})")
 
 
 _OWNER = """

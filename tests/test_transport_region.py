@@ -322,3 +322,27 @@ def test_reader_pool_reuses_and_drops_closed_regions():
         pool.close()
         a.close()
         b.close()
+
+
+def test_cuda_registration_order_without_a_gpu(monkeypatch):
+    """The register/unregister calls (faked here; real ones in test_transport_cuda.py):
+    the whole mapping once at create, unregistered after a device sync and before the
+    mapping goes away."""
+    pytest.importorskip("torch")
+    from transport import cuda
+    calls = []
+    monkeypatch.setattr(cuda, "host_register", lambda ptr, n: calls.append(("reg", ptr, n)))
+    monkeypatch.setattr(cuda, "synchronize_quietly", lambda: calls.append(("sync",)))
+
+    def unregister(ptr):
+        calls.append(("unreg", ptr, r._mm.closed, os.path.exists(r.path)))
+        return 0
+
+    monkeypatch.setattr(cuda, "host_unregister", unregister)
+    r = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=True)
+    assert r.registered
+    ptr = r._tensor.data_ptr()
+    assert calls == [("reg", ptr, r.total_bytes)]
+    r.close()
+    assert calls[1:] == [("sync",), ("unreg", ptr, False, True)]
+    assert r._mm.closed and not r.registered

@@ -3,6 +3,7 @@ importable). They import transport only, never torch, so each child starts fast.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -80,11 +81,11 @@ def owner_cycles(n_cycles: int, warmup: int, conn: Connection) -> None:
     here, there = ctx.Pipe()
     reader = ctx.Process(target=cycle_reader, args=(region.name, there), daemon=True)
     reader.start()
-    rss0 = failures = 0
+    rss0 = objs0 = failures = 0
     try:
         for i in range(n_cycles):
             if i == warmup:
-                rss0 = rss_bytes()
+                rss0, objs0 = rss_bytes(), len(gc.get_objects())
             desc = region.alloc(2 * 4096 + 2 * (i % 7) * 256, 2, checksums=True)
             want = []
             for layer in range(2):
@@ -98,6 +99,7 @@ def owner_cycles(n_cycles: int, warmup: int, conn: Connection) -> None:
             region.free(desc)
         here.send(None)
         conn.send({"rss0": rss0, "rss1": rss_bytes(), "failures": failures,
+                   "objects": len(gc.get_objects()) - objs0,
                    "stats": region.stats(), "path": region.path})
     finally:
         reader.join(5)
