@@ -98,28 +98,47 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     report = _progress_printer() if progress is True else (progress or None)
+
+    def cast(t: torch.Tensor) -> torch.Tensor:  # per tensor: peak memory ~ one model
+        return t.to(device=dev, dtype=dt if t.is_floating_point() else t.dtype)
+
     if spec.startswith(SYNTHETIC):
-        name, seed = parse_synthetic(spec)
-        cfg = PRESETS[name]
-        model = build_model_meta(cfg)
-        shapes = {k: v.shape for k, v in model.state_dict().items()}
-        sd = W.synthetic_state_dict(shapes, seed, report)
-        fp, model_dir = W.synthetic_fingerprint(name, seed), None
+        cfg, sd, fp, model_dir = _synthetic(spec, cast, report)
     else:
-        model_dir = resolve_model_dir(spec)
-        cfg = _config_from_dir(model_dir)
-        model = build_model_meta(cfg)
-        shapes = {k: v.shape for k, v in model.state_dict().items()}
-        source = W.read_checkpoint(W.checkpoint_files(model_dir))
-        sd, used = W.hf_to_ours(cfg, source)
-        W.check_names(shapes, sd)
-        fp = W.fingerprint(used)
-        if report:
-            report(len(shapes), len(shapes))
+        cfg, sd, fp, model_dir = _checkpoint(spec, cast, report)
+    model = build_model_meta(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
-    model = model.to(device=dev, dtype=dt).eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
     tok = load_tokenizer(model_dir, cfg.vocab_size, cfg.eos_token_id)
     return LoadedModel(spec, cfg, model, tok, fp, model_dir is None, dev, dt)
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    return {k: v.shape for k, v in build_model_meta(cfg).state_dict().items()}
+
+
+def _synthetic(spec: str, cast, report):
+    name, seed = parse_synthetic(spec)
+    cfg = PRESETS[name]
+    sd = W.synthetic_state_dict(_shapes(cfg), seed, report, cast)
+    return cfg, sd, W.synthetic_fingerprint(name, seed), None
+
+
+def _checkpoint(spec: str, cast, report):
+    model_dir = resolve_model_dir(spec)
+    cfg = _config_from_dir(model_dir)
+    shapes = _shapes(cfg)
+    source = W.read_checkpoint(W.checkpoint_files(model_dir))
+    ours, used = W.hf_to_ours(cfg, source)
+    W.check_names(shapes, ours)
+    fp = W.fingerprint(used)  # over source bytes, before any cast
+    del source, used
+    sd = {}
+    for i, name in enumerate(sorted(ours)):
+        sd[name] = cast(ours.pop(name))
+        if report:
+            report(i + 1, len(shapes))
+    return cfg, sd, fp, model_dir
 
 
 def build_model_meta(cfg: ModelConfig) -> nn.Module:

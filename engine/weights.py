@@ -49,19 +49,22 @@ def synthetic_normal(seed: int, name: str, n: int) -> np.ndarray:
 
 
 def synthetic_state_dict(
-    shapes: dict[str, torch.Size], seed: int, progress: Progress = None
+    shapes: dict[str, torch.Size], seed: int, progress: Progress = None,
+    cast: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> dict[str, torch.Tensor]:
     """Weights for the given parameter names/shapes (our naming): matrices ~N(0, 0.02),
-    1-D `weight`s (norm gains) ones, biases zeros."""
+    1-D `weight`s (norm gains) ones, biases zeros; generated in fp32, each passed
+    through `cast` (device/dtype) as soon as it exists."""
     out = {}
     for i, (name, shape) in enumerate(sorted(shapes.items())):
         if len(shape) >= 2:
             n = int(np.prod(shape))
-            out[name] = torch.from_numpy(synthetic_normal(seed, name, n)).view(shape)
+            t = torch.from_numpy(synthetic_normal(seed, name, n)).view(shape)
         elif name.endswith("bias"):
-            out[name] = torch.zeros(shape)
+            t = torch.zeros(shape)
         else:
-            out[name] = torch.ones(shape)
+            t = torch.ones(shape)
+        out[name] = cast(t)
         if progress:
             progress(i + 1, len(shapes))
     return out
