@@ -29,6 +29,12 @@ _U32_FIELDS = ("slot", "n_layers", "n_tokens", "n_kv_heads", "head_dim")
 _U64_FIELDS = ("epoch", "offset", "length", "generation")
 
 
+def check_positive(**values: object) -> None:
+    for k, v in values.items():
+        if type(v) is not int or v < 1:
+            raise InvalidArgument(f"{k}={v!r}: expected a positive integer")
+
+
 class LayerRange(NamedTuple):
     """One layer's bytes, `offset` relative to the slot start."""
 

@@ -47,6 +47,16 @@ def round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
+def plan_layers(sizes: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """Layer (offset, length) pairs inside a slot, each start LAYER_ALIGN-aligned, and
+    the slot length (ALLOC_ALIGN-rounded)."""
+    ranges, off = [], 0
+    for n in sizes:
+        ranges.append((off, n))
+        off = round_up(off + n, LAYER_ALIGN)
+    return ranges, round_up(max(off, 1), ALLOC_ALIGN)
+
+
 def slot_header_bytes(max_layers: int) -> int:
     ready = round_up(max_layers, 8)
     return round_up(S_READY_BYTE + ready + 8 * max_layers, 64)

@@ -41,6 +41,7 @@ class KvReader:
         self._u64 = self._u8.cast("Q")
         self.epoch = self._u64[L.H_EPOCH]
         self.geometry = L.Geometry.read_header(self._u64)
+        self._digests: dict[KvDescriptor, int] = {}  # validated descriptors (static checks)
 
     @classmethod
     def open(cls, name: str, *, shm_dir: str = SHM_DIR, **poll: float) -> KvReader:
@@ -91,6 +92,22 @@ class KvReader:
             raise Aborted(f"descriptor epoch {desc.epoch}, region epoch {self.epoch}: "
                           "the region was recreated")
 
+    def _validated_digest(self, desc: KvDescriptor) -> int:
+        """validate() + digest(), cached: both depend only on the descriptor and the
+        fixed geometry, and a request reads every layer with the same descriptor."""
+        try:
+            digest = self._digests.get(desc)
+        except TypeError:  # an unhashable field: validate() names it
+            self.validate(desc)
+            raise
+        if digest is None:
+            self.validate(desc)
+            digest = desc.digest()
+            if len(self._digests) >= 1024:
+                self._digests.clear()
+            self._digests[desc] = digest
+        return digest
+
     def _check_live(self, desc: KvDescriptor, digest: int) -> None:
         """Region open, slot still at the descriptor's generation, not failed, and the
         descriptor exactly the one the owner published for it."""
@@ -120,15 +137,14 @@ class KvReader:
 
     def check(self, desc: KvDescriptor) -> None:
         """One-shot: raise unless `desc` is valid and current right now."""
-        self.validate(desc)
-        self._check_live(desc, desc.digest())
+        self._check_live(desc, self._validated_digest(desc))
 
     # -- waiting ----------------------------------------------------------------
     def _poll(self, desc: KvDescriptor, ready: Callable[[], bool], timeout_s: float,
               what: str) -> None:
         if not isinstance(timeout_s, (int, float)) or not timeout_s >= 0 or math.isinf(timeout_s):
             raise InvalidArgument(f"timeout_s={timeout_s!r}: every wait needs a finite bound")
-        digest = desc.digest()
+        digest = self._validated_digest(desc)
         deadline = time.monotonic() + timeout_s
         delay = self.poll_min_s
         while True:
@@ -143,14 +159,14 @@ class KvReader:
 
     def wait_layer(self, desc: KvDescriptor, layer: int, timeout_s: float) -> None:
         """Block (bounded) until `layer` is marked ready."""
-        self.validate(desc)
+        self._validated_digest(desc)
         desc.layer_span(layer)  # InvalidArgument for a layer the slot does not have
         idx = self.geometry.ready_byte(desc.slot, layer)
         self._poll(desc, lambda: self._u8[idx] != 0, timeout_s, f"layer {layer}")
 
     def wait_first_token(self, desc: KvDescriptor, timeout_s: float) -> int:
         """Block (bounded) until prefill published the first generated token."""
-        self.validate(desc)
+        self._validated_digest(desc)
         w = self.geometry.slot_word(desc.slot) + L.S_FIRST_TOKEN
         self._poll(desc, lambda: L.to_i64(self._u64[w]) >= 0, timeout_s, "first token")
         token = L.to_i64(self._u64[w])

@@ -26,27 +26,13 @@ from engine.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailab
 from transport import cuda, shm
 from transport import layout as L
 from transport.alloc import FreeList
-from transport.descriptor import KvDescriptor, LayerRange
+from transport.descriptor import KvDescriptor, check_positive
 
 
 @dataclass
 class _Owned:
     desc: KvDescriptor
     deadline: float  # time.monotonic() at which the lease expires
-
-
-def _plan_layers(sizes: list[int]) -> tuple[tuple[LayerRange, ...], int]:
-    ranges, off = [], 0
-    for n in sizes:
-        ranges.append(LayerRange(off, n))
-        off = L.round_up(off + n, L.LAYER_ALIGN)
-    return tuple(ranges), L.round_up(max(off, 1), L.ALLOC_ALIGN)
-
-
-def _positive(**kw: Any) -> None:
-    for k, v in kw.items():
-        if type(v) is not int or v < 1:
-            raise InvalidArgument(f"{k}={v!r}: expected a positive integer")
 
 
 class KvRegion:
@@ -76,7 +62,7 @@ class KvRegion:
         """Create, reserve (posix_fallocate) and map a region with `capacity_bytes` of
         payload. `cuda_register`: None = when CUDA is available. Raises
         ResourceExhausted (with the sizes) when /dev/shm is too small."""
-        _positive(capacity_bytes=capacity_bytes, max_slots=max_slots, max_layers=max_layers)
+        check_positive(capacity_bytes=capacity_bytes, max_slots=max_slots, max_layers=max_layers)
         if max_layers > L.MAX_LAYERS_LIMIT or max_slots > L.MAX_SLOTS_LIMIT:
             raise InvalidArgument(f"max_layers <= {L.MAX_LAYERS_LIMIT} and max_slots <= "
                                   f"{L.MAX_SLOTS_LIMIT}, got {max_layers} and {max_slots}")
@@ -124,7 +110,11 @@ class KvRegion:
     def _torch_base(self) -> Any:
         if self._tensor is None:
             import torch
-            self._tensor = torch.frombuffer(self._mm, dtype=torch.uint8)  # zero-copy
+            # Through a memoryview we never release: torch keeps a reference to the
+            # object it was given but drops its buffer export, so a tensor over the
+            # mmap itself would not stop mmap.close() (dangling pointer). The view's
+            # export does: close() then leaves the mapping to the last tensor.
+            self._tensor = torch.frombuffer(memoryview(self._mm), dtype=torch.uint8)
         return self._tensor
 
     @property
@@ -198,7 +188,7 @@ class KvRegion:
 
     def _probe(self, n_bytes: int, n_layers: int, layer_bytes: list[int] | None,
                **meta: Any) -> KvDescriptor:
-        _positive(n_bytes=n_bytes, n_layers=n_layers)
+        check_positive(n_bytes=n_bytes, n_layers=n_layers)
         if layer_bytes is None:
             if n_bytes % n_layers:
                 raise InvalidArgument(f"{n_bytes} bytes do not split into {n_layers} equal layers")
@@ -207,7 +197,7 @@ class KvRegion:
         if len(sizes) != n_layers or sum(sizes) != n_bytes:
             raise InvalidArgument(f"layer_bytes {len(sizes)} sizes summing to {sum(sizes)}; "
                                   f"expected {n_layers} summing to {n_bytes}")
-        ranges, length = _plan_layers(sizes)
+        ranges, length = L.plan_layers(sizes)
         g = self.geometry
         if length > g.payload_bytes:
             raise ResourceExhausted(f"a {length}-byte slot can never fit this region's "

@@ -1,0 +1,206 @@
+"""Cross-process behaviour of the KV region: real processes (spawn / subprocess)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from engine.errors import Aborted
+from tests import transport_procs as procs
+from transport.reader import KvReader
+from transport.region import KvRegion
+from transport.shm import SHM_DIR, sweep_stale
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CTX = mp.get_context("spawn")
+
+
+def _prefix() -> str:
+    return f"hkvtest-{uuid.uuid4().hex[:8]}"
+
+
+def _ours(prefix: str) -> list[str]:
+    return [e for e in os.listdir(SHM_DIR) if e.startswith(prefix + "-")]
+
+
+@pytest.fixture
+def region():
+    r = KvRegion.create(4 << 20, 4, 8, 0.5, name_prefix=_prefix(), cuda_register=False)
+    yield r
+    r.close()
+
+
+def _recv(conn, timeout_s: float = 10.0):
+    assert conn.poll(timeout_s), "child process did not answer in time"
+    return conn.recv()
+
+
+def test_reader_consumes_layers_as_they_become_ready(region):
+    n_layers, nbytes = 8, 64 * 1024
+    desc = region.alloc(n_layers * nbytes, n_layers, checksums=True)
+    here, there = CTX.Pipe()
+    child = CTX.Process(target=procs.follow_layers, args=(region.name, desc.to_bytes(), there, 10.0))
+    child.start()
+    try:
+        for layer in range(n_layers):
+            region.write_layer(desc, layer, procs.pattern(layer, nbytes))
+            region.mark_ready(desc, layer)
+            # The reader reports layer l before layer l+1 exists: consumption overlaps
+            # production (the layer-wise hand-off), deterministically.
+            kind, got_layer, data, _ = _recv(here)
+            assert (kind, got_layer) == ("layer", layer)
+            assert data == procs.pattern(layer, nbytes)
+        region.set_first_token(desc, 17)
+        assert _recv(here) == ("first_token", 17)
+    finally:
+        child.join(10)
+    assert child.exitcode == 0
+
+
+def test_free_running_writer_and_reader_bytes_equal(region):
+    n_layers, nbytes = 6, 100_000  # not a multiple of 256: exercises layer alignment
+    desc = region.alloc(n_layers * nbytes, n_layers, checksums=True)
+    here, there = CTX.Pipe()
+    child = CTX.Process(target=procs.follow_layers, args=(region.name, desc.to_bytes(), there, 10.0))
+    child.start()
+    for layer in range(n_layers):
+        region.write_layer(desc, layer, procs.pattern(layer, nbytes, salt=3))
+        region.mark_ready(desc, layer)
+    region.set_first_token(desc, 5)
+    got = [_recv(here) for _ in range(n_layers + 1)]
+    child.join(10)
+    assert [g[2] for g in got[:-1]] == [procs.pattern(i, nbytes, salt=3) for i in range(n_layers)]
+    assert got[-1] == ("first_token", 5)
+
+
+def test_reader_killed_mid_read_slot_reclaimed_after_lease(region):
+    desc = region.alloc(2 * 8192, 2)
+    region.write_layer(desc, 0, procs.pattern(0, 8192))
+    region.mark_ready(desc, 0)
+    here, there = CTX.Pipe()
+    child = CTX.Process(target=procs.read_then_hang, args=(region.name, desc.to_bytes(), there))
+    child.start()
+    assert _recv(here) == ("layer0", procs.pattern(0, 8192))
+    # While the consumer lives, its renewals keep the slot (lease 0.5 s, 1.2 s elapse).
+    t_end = time.monotonic() + 1.2
+    while time.monotonic() < t_end:
+        if here.poll(0.02):
+            assert here.recv() == ("renew",)
+            region.renew(desc)
+        assert region.reap_expired() == []
+    os.kill(child.pid, signal.SIGKILL)  # mid-read: it is inside read_layer's wait
+    child.join(5)
+    killed = time.monotonic()
+    while not region.reap_expired():
+        assert time.monotonic() - killed < 3.0, "slot never reclaimed"
+        time.sleep(0.02)
+    assert time.monotonic() - killed >= 0.3  # not before the lease ran out
+    assert region.stats()["slots_used"] == 0
+    with pytest.raises(Aborted):
+        region.renew(desc)
+    assert region.alloc(region.stats()["capacity"], 1)  # all space came back
+
+
+def test_stale_generation_refused_across_processes(region):
+    desc = region.alloc(8192, 1)
+    region.free(desc)
+    fresh = region.alloc(8192, 1)
+    assert fresh.slot == desc.slot and fresh.generation == desc.generation + 1
+    region.write_layer(fresh, 0, procs.pattern(0, 8192))
+    region.mark_ready(fresh, 0)
+    here, there = CTX.Pipe()
+    child = CTX.Process(target=procs.follow_layers, args=(region.name, desc.to_bytes(), there, 2.0))
+    child.start()
+    kind, name, msg = _recv(here)
+    child.join(10)
+    assert (kind, name) == ("error", "Aborted") and "generation 1, now 2" in msg
+
+
+def test_10k_cycles_no_leak_and_bounded_rss():
+    here, there = CTX.Pipe()
+    owner = CTX.Process(target=procs.owner_cycles, args=(10_000, 1000, there))
+    t0 = time.monotonic()
+    owner.start()
+    report = _recv(here, timeout_s=60)
+    owner.join(10)
+    assert owner.exitcode == 0
+    assert report["failures"] == 0
+    stats = report["stats"]
+    assert stats["slots_used"] == 0 and stats["free_blocks"] == 1
+    assert stats["bytes_free"] == stats["capacity"]
+    growth = (report["rss1"] - report["rss0"]) / report["rss0"]
+    assert growth < 0.05, f"owner RSS grew {growth:.1%} over 9000 cycles"
+    assert not os.path.exists(report["path"])
+    print(f"10k cycles in {time.monotonic() - t0:.1f} s, owner RSS growth {growth:.2%}")
+
+
+_OWNER = """
+import sys, time
+from transport.region import KvRegion
+from transport.shm import install_signal_cleanup
+r = KvRegion.create(1 << 20, 2, 2, 1.0, name_prefix=sys.argv[1], cuda_register=False)
+install_signal_cleanup(r)
+d = r.alloc(8192, 2)
+print(r.path, flush=True)
+if sys.argv[2] == "wait":
+    time.sleep(30)
+"""
+
+
+def _spawn_owner(prefix: str, mode: str) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    p = subprocess.Popen([sys.executable, "-c", _OWNER, prefix, mode], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = p.stdout.readline().strip()
+    assert path.startswith(SHM_DIR), p.stderr.read()
+    return p, path
+
+
+@pytest.mark.parametrize("how", ["exit", "SIGTERM", "SIGINT"])
+def test_no_shm_entry_left_after_owner_exits(how):
+    prefix = _prefix()
+    p, path = _spawn_owner(prefix, "exit" if how == "exit" else "wait")
+    if how != "exit":
+        assert os.path.exists(path)
+        p.send_signal(getattr(signal, how))
+    rc = p.wait(10)
+    assert not os.path.exists(path) and _ours(prefix) == []
+    if how == "SIGTERM":  # chained to the default action: still "killed by SIGTERM"
+        assert rc == -signal.SIGTERM
+    elif how == "SIGINT":  # Python's default handler: KeyboardInterrupt
+        assert rc != 0
+    else:
+        assert rc == 0
+
+
+def test_sweep_stale_removes_segment_of_killed_owner():
+    prefix = _prefix()
+    p, path = _spawn_owner(prefix, "wait")
+    live = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=prefix, cuda_register=False)
+    try:
+        assert sweep_stale(prefix) == []  # both owners alive
+        p.kill()  # SIGKILL: no handler runs, the segment stays behind
+        p.wait(10)
+        assert os.path.exists(path)
+        assert sweep_stale(prefix) == ["/" + os.path.basename(path)]
+        assert _ours(prefix) == [os.path.basename(live.path)]
+    finally:
+        live.close()
+    assert _ours(prefix) == []
+
+
+def test_reader_sees_region_closed(region):
+    desc = region.alloc(8192, 1)
+    reader = KvReader.open(region.name)
+    region.close()
+    from engine.errors import Unavailable
+    with pytest.raises(Unavailable, match="closed"):
+        reader.read_layer(desc, 0, 0.1)
+    reader.close()
