@@ -117,6 +117,6 @@ class ReadyMarker:
         compute_end, handle = self._last or (None, None)
         if compute_end is not None:
             self.stats.exposed_transfer_ms = max(0.0, compute_end.elapsed_time(handle.event))
-        elif handle is not None:
-            self.stats.exposed_transfer_ms = handle.elapsed_ms()
+        else:  # CPU: each copy ran inline in the compute thread, so none of it was hidden
+            self.stats.exposed_transfer_ms = self.stats.transfer_ms
         return self.stats
