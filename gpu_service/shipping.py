@@ -59,8 +59,8 @@ class ReadyMarker:
 
     Latency hiding is measured on the device's own clock: raw = sum of each layer's
     copy-stream time; exposed = from an event recorded on the compute stream right after
-    the last layer's compute to that layer's copy-done event (host wall time on CPU,
-    where nothing overlaps and exposed = the last layer's copy).
+    the last layer's compute to that layer's copy-done event. On CPU the copies run
+    inline between layers, nothing overlaps, and exposed = raw.
     """
 
     def __init__(self, region: Any, desc: Any) -> None:
