@@ -129,6 +129,7 @@ class HybridClient:
             layout=info.kv_layout, sampling=sampling_proto(params),
             max_new_tokens=max_new_tokens, expected_fingerprint=info.weights_fingerprint),
             timeout=_left(deadline))
+        gcall = None
         try:
             first = await _call(pcall.read())
             if first is grpc.aio.EOF or not first.HasField("handle"):
@@ -159,8 +160,10 @@ class HybridClient:
                     raise pdone_task.exception() from None
                 raise
             pdone = await pdone_task
-        finally:
+        finally:  # however we leave (error, consumer gone): hang up both calls
             pcall.cancel()
+            if gcall is not None:
+                gcall.cancel()
         if gdone is None:
             raise errors.Unavailable("decode stream ended without its timings")
         yield _result(rid, handle, ids, "".join(texts), pdone, gdone, ttft,

@@ -66,10 +66,14 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             fields["status"] = "OK"
         except asyncio.CancelledError:
             fields["status"] = "CANCELLED"
+            self.stats["cancelled"] += 1
             raise
         except Exception as e:
-            fields["status"] = kit.status_of(e).name
             code = kit.status_of(e)
+            fields["status"] = code.name
+            self.stats[f"status_{code.name.lower()}"] += 1
+            if not fields.get("released") and request.handle.HasField("kv"):
+                await self._release(request, rid)  # refused: nobody will consume the slot
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("internal error id=%s", rid)
             await context.abort(code, str(e) or type(e).__name__)
@@ -126,6 +130,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             first, ist = await self._ingest(request, session, desc, transport, timeout)
             ingest_ms = (time.perf_counter() - t_ingest) * 1e3
             released = await self._release(request, spec.request_id)
+            fields["released"] = True
             fields.update(kv_bytes=ist.bytes, ingest_ms=round(ingest_ms, 2),
                           ingest_wait_ms=round(ist.wait_ms, 2))
             stream = self.tokenizer.stream()
@@ -154,6 +159,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             stop.set()  # a cancelled client stops the decode thread at its next token
             await loop.run_in_executor(self.pool, session.close)
             if not released:
+                fields["released"] = True
                 await self._release(request, spec.request_id)
 
     async def _ingest(self, request, session, desc, transport: str, timeout: float):

@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from engine.errors import Aborted, InvalidArgument
+from engine.errors import Aborted
+from engine.generate import check_request
 from engine.kv_cache import KVCache
 from engine.sampling import SamplingParams, sample
 
 from .shipping import ReadyMarker, ShipperPool, ShipStats
 
-_ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
 _DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -49,24 +49,13 @@ class PrefillRunner:
         return self.compute_dtype
 
     def layer_bytes(self, layout: str, n_tokens: int) -> int:
-        if layout == "hbm":
-            from kernels.hbm_layout import HbmLayout
+        from kernels.comm import make_layout
 
-            return HbmLayout.for_model(self.config, self.slot_dtype(layout)).layer_bytes(n_tokens)
-        c = self.config  # the dense layout: K then V, [n_kv_heads, T, head_dim] each
-        return 2 * c.n_kv_heads * n_tokens * c.head_dim * _ELEM[self.slot_dtype(layout)]
+        return make_layout(layout, self.config, self.slot_dtype(layout)).layer_bytes(n_tokens)
 
     def check_prompt(self, ids: list[int], max_new_tokens: int) -> None:
-        c = self.config
-        if not ids:
-            raise InvalidArgument("empty prompt: give prompt text or prompt_ids")
-        bad = [i for i in ids if i >= c.vocab_size]
-        if bad:
-            raise InvalidArgument(f"prompt id {bad[0]} outside the vocabulary (size {c.vocab_size})")
-        if len(ids) + max(1, max_new_tokens) > c.max_positions:
-            raise InvalidArgument(
-                f"prompt ({len(ids)}) + max_new_tokens ({max_new_tokens}) exceeds the "
-                f"model's {c.max_positions} positions")
+        """The engine's own request checks (max_new_tokens 0 = only the first token)."""
+        check_request(self.config, ids, max(1, max_new_tokens))
 
     def run(self, ids: list[int], desc: Any, layout: str, params: SamplingParams,
             cancel: threading.Event) -> PrefillResult:
@@ -77,25 +66,37 @@ class PrefillRunner:
         try:
             return self._run(ids, desc, params, cancel, shipper)
         finally:
+            # Copies still in flight write into the slot: they must land before the
+            # caller frees it (failure/cancel) or the shipper is reused.
+            shipper.synchronize()
             self.shippers.give(layout, slot_dtype, shipper)
 
     def _run(self, ids, desc, params, cancel, shipper) -> PrefillResult:
         marker = ReadyMarker(self.region, desc)
         cache = KVCache(self.config, 1, len(ids), self.lm.device, self.lm.dtype)
 
+        on_cuda = self.lm.device.type == "cuda"
+
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             if cancel.is_set():
                 raise Cancelled("prefill cancelled")
-            t = time.perf_counter()
+            compute_end = None
+            if on_cuda:  # after this layer's compute on the compute (current) stream
+                compute_end = torch.cuda.Event(enable_timing=True)
+                compute_end.record()
             dst = self.region.layer_view(desc, layer)
-            marker.submit(layer, shipper.ship(layer, k, v, dst), t, dst.numel())
+            marker.submit(layer, shipper.ship(layer, k, v, dst), compute_end, dst.numel())
 
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            x = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
-            logits = self.lm.model.prefill(x, cache, on_layer=on_layer)
-            first = int(sample(logits, params, 0)[0])
+        try:
+            with torch.inference_mode():
+                x = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
+                logits = self.lm.model.prefill(x, cache, on_layer=on_layer)
+                first = int(sample(logits, params, 0)[0])  # syncs the compute stream
+        except BaseException:
+            marker.close()
+            raise
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        stats = marker.finish(marker.last_submit, self.copy_timeout_s)
+        stats = marker.finish(self.copy_timeout_s)
         self.region.set_first_token(desc, first)
         return PrefillResult(first, prefill_ms, stats)

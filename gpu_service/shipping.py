@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.errors import DeadlineExceeded, HybridError
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class ShipperPool:
@@ -36,47 +33,34 @@ class ShipperPool:
             free = self._free.get((layout, slot_dtype))
             if free:
                 return free.pop()
-        try:
-            from kernels.comm import LayerShipper
-        except ImportError:  # kernels/ not merged yet: the dense layout is a plain copy
-            if layout != "dense":
-                raise
-            return DenseCopy(slot_dtype)
-        return LayerShipper.for_model(self.config, layout, slot_dtype, self.device)
+        from kernels.comm import LayerShipper
+
+        # timing=True: each handle reports its copy-stream time (the raw transfer figure).
+        return LayerShipper.for_model(self.config, layout, slot_dtype, self.device, timing=True)
 
     def give(self, layout: str, slot_dtype: str, shipper: Any) -> None:
         with self._lock:
             self._free.setdefault((layout, slot_dtype), []).append(shipper)
 
 
-class DenseCopy:
-    """Dense layout (K [n_kv_heads, T, head_dim] then V, slot dtype), synchronous copy.
-    Fallback only: used when kernels.comm is not importable."""
-
-    def __init__(self, slot_dtype: str) -> None:
-        self.dtype = _DTYPES[slot_dtype]
-
-    def ship(self, layer: int, k: torch.Tensor, v: torch.Tensor, dst: torch.Tensor) -> None:
-        out = dst.view(self.dtype)
-        n = k.numel()
-        out[:n].view_as(k).copy_(k)
-        out[n:2 * n].view_as(v).copy_(v)
-        return None
-
-
 @dataclass
 class ShipStats:
-    transfer_ms: float = 0.0          # raw copy time, all layers
+    transfer_ms: float = 0.0          # raw reshape + copy time, all layers
     exposed_transfer_ms: float = 0.0  # last layer's compute end -> last copy done
     kv_bytes: int = 0
 
 
 class ReadyMarker:
-    """Waits on each layer's copy event in order and marks it ready in the region.
+    """Waits on each layer's copy in order and marks the layer ready in the region.
 
     CPU copies are synchronous (handle already done): the layer is marked at once, in
     the caller's thread. CUDA copies return a pending handle: a helper thread waits on
     them in order so the compute thread never blocks on the copy stream.
+
+    Latency hiding is measured on the device's own clock: raw = sum of each layer's
+    copy-stream time; exposed = from an event recorded on the compute stream right after
+    the last layer's compute to that layer's copy-done event. On CPU the copies run
+    inline between layers, nothing overlaps, and exposed = raw.
     """
 
     def __init__(self, region: Any, desc: Any) -> None:
@@ -85,43 +69,42 @@ class ReadyMarker:
         self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._last_done = 0.0
-        self.last_submit = 0.0
+        self._last: tuple[Any, Any] | None = None  # (compute-end marker, handle) of the last layer
 
-    def submit(self, layer: int, handle: Any, t_submit: float, n_bytes: int) -> None:
-        """`handle`: what LayerShipper.ship returned (None or already done: CPU copy)."""
-        self.last_submit = t_submit
+    def submit(self, layer: int, handle: Any, compute_end: Any, n_bytes: int) -> None:
+        """`handle`: what LayerShipper.ship returned; `compute_end`: a CUDA event recorded
+        on the compute stream before shipping (None on CPU)."""
         self.stats.kv_bytes += n_bytes
-        if handle is None or handle.query():
-            self._done(layer, t_submit)
+        self._last = (compute_end, handle)
+        if handle is None or (compute_end is None and handle.query()):
+            self._done(layer, handle)
             return
         if self._thread is None:
             self._thread = threading.Thread(target=self._wait_loop, daemon=True)
             self._thread.start()
-        self._q.put((layer, handle, t_submit))
+        self._q.put((layer, handle))
 
-    def _done(self, layer: int, t_submit: float) -> None:
-        now = time.perf_counter()
-        # Copies are serialized on one stream: a copy starts when both it was submitted
-        # and the previous one finished.
-        self.stats.transfer_ms += (now - max(t_submit, self._last_done)) * 1e3
-        self._last_done = now
+    def _done(self, layer: int, handle: Any) -> None:
+        if handle is not None:
+            self.stats.transfer_ms += handle.elapsed_ms()
         self.region.mark_ready(self.desc, layer)
 
     def _wait_loop(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            layer, handle, t_submit = item
+        while (item := self._q.get()) is not None:
+            layer, handle = item
             try:
                 handle.wait()
-                self._done(layer, t_submit)
+                self._done(layer, handle)
             except BaseException as e:  # surfaced by finish()
                 self._error = e
                 return
 
-    def finish(self, t_compute_end: float, timeout_s: float) -> ShipStats:
+    def close(self) -> None:
+        """Stop the helper thread without waiting for the result (the request failed)."""
+        if self._thread is not None:
+            self._q.put(None)
+
+    def finish(self, timeout_s: float) -> ShipStats:
         """Wait for every copy; returns the figures. Raises the helper's error."""
         if self._thread is not None:
             self._q.put(None)
@@ -131,5 +114,9 @@ class ReadyMarker:
         if self._error is not None:
             raise self._error if isinstance(self._error, HybridError) else HybridError(
                 f"KV copy failed: {self._error}")
-        self.stats.exposed_transfer_ms = max(0.0, (self._last_done - t_compute_end) * 1e3)
+        compute_end, handle = self._last or (None, None)
+        if compute_end is not None:
+            self.stats.exposed_transfer_ms = max(0.0, compute_end.elapsed_time(handle.event))
+        else:  # CPU: each copy ran inline in the compute thread, so none of it was hidden
+            self.stats.exposed_transfer_ms = self.stats.transfer_ms
         return self.stats
