@@ -43,6 +43,8 @@ class Datapath:
         self.channels = channels
         self.table = self.layout.weight_table(self.cfg)
         base = meta["weights_base"]
+        # channel c's KV lanes, (first element, lanes): the address generator's constants
+        self.lanes = [self.layout.lane_range(c) for c in range(len(channels))]
         self.w = {name: self._views(e, base) for name, e in self.table.items()}
 
     def _views(self, e: WeightEntry, base: Sequence[int]) -> list[torch.Tensor | None]:
@@ -90,7 +92,7 @@ class Datapath:
         nb = lay.n_blocks(area.capacity_tokens)
         out = []
         for c, ch in enumerate(self.channels):
-            first, lanes = lay.lane_range(c)
+            first, lanes = self.lanes[c]
             if lanes == 0:
                 continue
             start = kv_base[c] + rel
@@ -175,11 +177,18 @@ def run_kernel(channels: Sequence[np.ndarray], io: np.ndarray, meta: np.ndarray,
         return
     area = KvArea(0, kv_capacity, dp.layout.kv_area_bytes(kv_capacity))
     tokens = view.tokens()
-    with torch.no_grad():
-        for i in range(n_steps):
-            logits = step(dp, kv_base, area, token, position + i)
-            token = int(torch.argmax(logits))
-            tokens[i] = token
+    # One host thread per run: the per-channel ops are small, and on a loaded host
+    # intra-op threads cost more in synchronisation than they save (5x on 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for i in range(n_steps):
+                logits = step(dp, kv_base, area, token, position + i)
+                token = int(torch.argmax(logits))
+                tokens[i] = token
+    finally:
+        torch.set_num_threads(threads)
     view.logits(cfg.vocab_size)[:] = logits.numpy()
     view.set_result(abi.STATUS_OK, n_steps)
 
