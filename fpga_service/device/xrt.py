@@ -5,7 +5,9 @@ only in `open()`; a missing module, device or xclbin raises `Unavailable` with a
 that names what is missing, so the decode service reports NOT_SERVING instead of dying.
 
 One buffer object per HBM channel, each placed in the bank the kernel's argument c is
-connected to (`kernel.group_id(c)`). Runs go through `pyxrt.run` + `set_arg`: the
+connected to (`kernel.group_id(c)`). Normal buffer objects have a host shadow of the same
+size: 32 x 512 MiB is 16 GiB of host memory, so `channel_bytes` can be lowered to what
+the model and the expected KV need. Runs go through `pyxrt.run` + `set_arg`: the
 kernel's call form silently drops arguments it cannot cast (floats, ints >= 2**31).
 The ABI is docs/fpga-kernel-abi.md (fpga_service/device/abi.py).
 """
@@ -119,8 +121,11 @@ class XrtDevice(HbmDevice):
         run.set_arg(abi.ARG_META, self._meta)
         for i in sorted(scalars):
             run.set_arg(i, abi.check_scalar(f"arg{i}", scalars[i]))
-        run.start()
-        state = run.wait(max(1, int(timeout_s * 1000)))
+        try:
+            run.start()
+            state = run.wait(max(1, int(timeout_s * 1000)))
+        except Exception as e:  # XRT raises on a dead device or a bad argument
+            raise HybridError(f"{self.kernel_name} run failed: {e}") from None
         done = xrt.ert_cmd_state.ERT_CMD_STATE_COMPLETED
         if state != done:
             name = getattr(state, "name", str(state))
