@@ -78,7 +78,7 @@ def hf_model(path):
     """Load a saved tiny checkpoint back with transformers (fp32, eager reference)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path)).float().eval()
 
 
 def hf_logits_trace(hf, prompt: list[int], n_steps: int) -> tuple[list[torch.Tensor], list[int]]:

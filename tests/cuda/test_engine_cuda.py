@@ -28,7 +28,7 @@ def ckpt(request, tmp_path_factory):
 def test_fp16_greedy_matches_hf_fp16(ckpt):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float16).cuda().eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt)).to("cuda", torch.float16).eval()
     lm = load_model(str(ckpt), device="cuda", dtype="float16")
     assert lm.dtype == torch.float16 and lm.device.type == "cuda"
     for prompt in PROMPTS:
