@@ -56,9 +56,12 @@ def _cuda_failed(exc: Exception) -> None:
                   RuntimeWarning, stacklevel=3)
 
 
-def _out_buffer(out: torch.Tensor | None, nbytes: int, device: torch.device) -> torch.Tensor:
+def _out_buffer(out: torch.Tensor | None, nbytes: int, device: torch.device,
+                elem_bytes: int) -> torch.Tensor:
     if out is None:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if out.data_ptr() % elem_bytes:
+        raise InvalidArgument(f"out must start on a {elem_bytes}-byte boundary (typed stores)")
     if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes or not out.is_contiguous():
         raise InvalidArgument(
             f"out must be a contiguous uint8 tensor of {nbytes} bytes, got "
@@ -114,7 +117,7 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *,
     if k.dtype not in TORCH_DTYPES.values() or v.dtype != k.dtype:
         raise InvalidArgument(f"k, v must both be float16, bfloat16 or float32, got {k.dtype}, {v.dtype}")
     n_tokens = check_kv_shape(tuple(k.shape), layout, capacity_tokens)
-    dst = _out_buffer(out, layout.layer_bytes(n_tokens), k.device)
+    dst = _out_buffer(out, layout.layer_bytes(n_tokens), k.device, layout.elem_bytes)
     if _use_cuda_kernels(k, force_torch):
         from kernels import reshape_cuda
         try:

@@ -170,6 +170,8 @@ def test_bad_input_errors() -> None:
         reshape_ref.pack_layer(k[:, :0].numpy(), k[:, :0].numpy(), layout)
     with pytest.raises(InvalidArgument, match="contiguous uint8 tensor of"):
         reshape.pack_layer(k, k, layout, out=torch.empty(3, dtype=torch.uint8))
+    with pytest.raises(InvalidArgument, match="2-byte boundary"):
+        reshape.pack_layer(k, k, layout, out=torch.empty(8193, dtype=torch.uint8)[1:])
     with pytest.raises(InvalidArgument, match="expected 8192"):
         reshape.unpack_layer(b"\0" * 10, layout, 8)
     with pytest.raises(InvalidArgument, match="expected 8192"):

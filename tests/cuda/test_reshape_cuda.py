@@ -111,11 +111,15 @@ def test_layer_shipper_overlaps_and_orders_after_compute(cupy, kind) -> None:
                         dtype=torch.float16, device="cuda")
     handles = []
     for i in range(n_layers):
-        torch.cuda._sleep(2_000_000)        # "compute" of layer i on the compute stream ...
+        # "compute" of layer i on the compute stream (layer 0: long enough to observe
+        # that ship() returns while its copy still waits) ...
+        torch.cuda._sleep(50_000_000 if i == 0 else 2_000_000)
         cache[i, 0, :, :n_tokens].copy_(src[i][0])     # ... which then writes K and V
         cache[i, 1, :, :n_tokens].copy_(src[i][1])
         k, v = cache[i, 0, :, :n_tokens], cache[i, 1, :, :n_tokens]
         handles.append(shipper.ship(i, k, v, slot[i * per:(i + 1) * per]))
+        if i == 0:
+            assert not handles[0].query()   # asynchronous: queued behind the compute
     assert all(isinstance(h, CudaShipment) for h in handles)
     for i, h in enumerate(handles):
         h.wait(timeout_s=30.0)
