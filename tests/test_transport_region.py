@@ -346,3 +346,34 @@ def test_cuda_registration_order_without_a_gpu(monkeypatch):
     r.close()
     assert calls[1:] == [("sync",), ("unreg", ptr, False, True)]
     assert r._mm.closed and not r.registered
+
+
+def test_signal_cleanup_chains_to_previous_handler_and_undoes():
+    import signal
+
+    from transport.shm import install_signal_cleanup
+    seen = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
+    r = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    try:
+        undo = install_signal_cleanup(r, signals=(signal.SIGUSR1,))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert seen == [signal.SIGUSR1] and not os.path.exists(r.path)
+        undo()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert seen == [signal.SIGUSR1] * 2  # the previous handler is back, alone
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        r.close()
+
+
+def test_only_the_creating_process_unlinks():
+    r = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    real_pid, r._owner_pid = r._owner_pid, -1  # as seen from a forked child
+    r.unlink()
+    assert os.path.exists(r.path)
+    r._owner_pid = real_pid
+    r.close()
+    assert not os.path.exists(r.path)

@@ -132,3 +132,23 @@ def stream_owner(n_layers: int, layer_bytes: int, chunk_bytes: int, delay_s: flo
             conn.send((chunk.SerializeToString(), time.monotonic()))
         conn.send(None)
         producer.join()
+
+
+def seqlock_reader(name: str, conn: Connection) -> None:
+    """Read whatever descriptor arrives, however stale: every read must either return
+    exactly that generation's bytes or fail with Aborted; never torn or foreign data."""
+    from engine.errors import Aborted
+    counts = {"ok": 0, "aborted": 0, "aborted_mid_copy": 0, "torn": 0}
+    with KvReader.open(name) as reader:
+        while (msg := conn.recv()) is not None:
+            raw, hold = msg
+            desc = KvDescriptor.from_bytes(raw)
+            try:
+                data = reader.read_layer(desc, 0, 1.0)
+                ok = data == pattern(0, len(data), salt=desc.generation)
+                counts["ok" if ok else "torn"] += 1
+            except Aborted as e:
+                counts["aborted_mid_copy" if "while reading" in str(e) else "aborted"] += 1
+            if hold:
+                conn.send("read")
+    conn.send(counts)

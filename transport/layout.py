@@ -10,7 +10,12 @@ that changes once (first_token) and a torn generation can only differ from the o
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
+
+# Pre-fault the page tables at map time (once per region per process) instead of on
+# the first copy of each page during a request.
+MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 MAGIC = b"HYBRIDKV"
 VERSION = 1

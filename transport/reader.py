@@ -35,7 +35,7 @@ from transport.shm import SHM_DIR, open_readonly, segment_path
 
 class KvReader:
     def __init__(self, name: str, mm: mmap.mmap, *, owns_map: bool,
-                 poll_min_s: float = 20e-6, poll_max_s: float = 500e-6) -> None:
+                 poll_min_s: float = 20e-6, poll_max_s: float = 200e-6) -> None:
         self.name, self._mm, self._owns_map = name, mm, owns_map
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         self._u8 = memoryview(mm).toreadonly()
@@ -53,7 +53,7 @@ class KvReader:
         try:
             if size < L.REGION_HEADER_BYTES:
                 raise InvalidArgument(f"{path} ({size} bytes) is too small to be a KV region")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            mm = mmap.mmap(fd, size, L.MAP_FLAGS, mmap.PROT_READ)
         finally:
             os.close(fd)
         try:
@@ -115,18 +115,21 @@ class KvReader:
 
     def _check_live(self, desc: KvDescriptor, digest: int) -> None:
         """Region open, slot still at the descriptor's generation, not failed, and the
-        descriptor exactly the one the owner published for it."""
+        descriptor exactly the one the owner published for it. Seqlock: the state and
+        digest read here belong to the descriptor's generation only if the generation
+        is unchanged after reading them (else a free + re-alloc slipped in between)."""
         u64, w = self._u64, self.geometry.slot_word(desc.slot)
         if u64[L.H_STATE] != L.REGION_LIVE:
             raise Unavailable(f"KV region {self.name} was closed by its owner")
         gen = u64[w + L.S_GENERATION]
-        state = u64[w + L.S_STATE]
-        if gen != desc.generation or state == L.SLOT_FREE:
+        state, stored = u64[w + L.S_STATE], u64[w + L.S_DIGEST]
+        reason = self._reason(desc.slot) if state == L.SLOT_FAILED else ""
+        if gen != desc.generation or state == L.SLOT_FREE or u64[w + L.S_GENERATION] != gen:
             raise Aborted(f"stale descriptor: slot {desc.slot} generation {desc.generation}, "
-                          f"now {gen} ({self._reason(desc.slot) or 'freed'})")
+                          f"now {u64[w + L.S_GENERATION]} ({self._reason(desc.slot) or 'freed'})")
         if state == L.SLOT_FAILED:
-            raise Unavailable(f"prefill failed: {self._reason(desc.slot)}")
-        if u64[w + L.S_DIGEST] != digest:
+            raise Unavailable(f"prefill failed: {reason}")
+        if stored != digest:
             raise InvalidArgument(f"descriptor fields do not match slot {desc.slot} "
                                   "(forged or corrupted descriptor)")
 

@@ -74,7 +74,7 @@ class KvRegion:
         path = shm.segment_path(name, shm_dir)
         fd = shm.create_segment(path, geom.total_bytes, mode, shm_dir)
         try:
-            mm = mmap.mmap(fd, geom.total_bytes, mmap.MAP_SHARED,
+            mm = mmap.mmap(fd, geom.total_bytes, L.MAP_FLAGS,
                            mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             shm.unlink_quietly(path)
