@@ -128,7 +128,7 @@ class HybridClient:
             request_id=rid, prompt=prompt or "", prompt_ids=list(prompt_ids or ()),
             layout=info.kv_layout, sampling=sampling_proto(params),
             max_new_tokens=max_new_tokens, expected_fingerprint=info.weights_fingerprint),
-            timeout=_left(deadline))
+            timeout=_left(deadline), metadata=_dtype_metadata(info.dtype))
         gcall = None
         try:
             first = await _call(pcall.read())
@@ -168,6 +168,12 @@ class HybridClient:
             raise errors.Unavailable("decode stream ended without its timings")
         yield _result(rid, handle, ids, "".join(texts), pdone, gdone, ttft,
                       (time.perf_counter() - t0) * 1e3, info)
+
+
+def _dtype_metadata(dtype: int) -> tuple[tuple[str, str], ...]:
+    """The decoder's KV dtype for the prefill side (until PrefillRequest has the field)."""
+    name = {pb.DTYPE_FP16: "float16", pb.DTYPE_BF16: "bfloat16", pb.DTYPE_FP32: "float32"}.get(dtype)
+    return (("x-hybrid-kv-dtype", name),) if name else ()
 
 
 async def _prefill_done(pcall) -> pb.PrefillDone:

@@ -5,6 +5,7 @@ first token."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -34,8 +35,17 @@ class ShmReaders:
 
         with self._lock:
             if name not in self._readers:
+                self._evict_gone()
                 self._readers[name] = KvReader.open(name)
             return self._readers[name]
+
+    def _evict_gone(self) -> None:
+        """Unmap regions whose owner removed them (a restarted prefill has a new name):
+        a mapping of an unlinked segment would pin its memory for our lifetime."""
+        from transport.shm import segment_path
+
+        for name in [n for n in self._readers if not os.path.exists(segment_path(n))]:
+            self._readers.pop(name).close()
 
     def close(self) -> None:
         with self._lock:

@@ -41,17 +41,18 @@ class PrefillRunner:
         self.compute_dtype = _DTYPE_NAME[lm.dtype]
         self.shippers = ShipperPool(self.config, lm.device)
 
-    def slot_dtype(self, layout: str) -> str:
-        # The HBM image holds fp16 (the U55C's type) or fp32 (docs/hbm-layout.md): an fp32
-        # prefill ships fp32 so an fp32 decoder (fpga-emu on the CPU) matches it exactly.
-        if layout == "hbm":
-            return "float32" if self.compute_dtype == "float32" else "float16"
-        return self.compute_dtype
+    def slot_dtype(self, layout: str, requested: str | None = None) -> str:
+        """The decoder's element type when it named one (PrefillRequest metadata); else
+        float16 for the HBM image (docs/hbm-layout.md) and our compute dtype for dense."""
+        if requested:
+            return requested
+        return "float16" if layout == "hbm" else self.compute_dtype
 
-    def layer_bytes(self, layout: str, n_tokens: int) -> int:
+    def layer_bytes(self, layout: str, n_tokens: int, dtype: str | None = None) -> int:
         from kernels.comm import make_layout
 
-        return make_layout(layout, self.config, self.slot_dtype(layout)).layer_bytes(n_tokens)
+        layout_spec = make_layout(layout, self.config, self.slot_dtype(layout, dtype))
+        return layout_spec.layer_bytes(n_tokens)
 
     def check_prompt(self, ids: list[int], max_new_tokens: int) -> None:
         """The engine's own request checks (max_new_tokens 0 = only the first token)."""
@@ -61,7 +62,7 @@ class PrefillRunner:
             cancel: threading.Event) -> PrefillResult:
         """Prefill `ids` into slot `desc` (layers marked ready as their copies land),
         then sample and publish the first token."""
-        slot_dtype = self.slot_dtype(layout)
+        slot_dtype = desc.dtype
         shipper = self.shippers.take(layout, slot_dtype)
         try:
             return self._run(ids, desc, params, cancel, shipper)

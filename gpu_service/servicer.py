@@ -41,9 +41,11 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         fields: dict[str, Any] = {}
         try:
             layout, ids, params = self._check(request)
-            fields.update(layout=layout, n_prompt=len(ids))
+            dtype = self._requested_dtype(context)
+            self.runner.layer_bytes(layout, 1, dtype)  # InvalidArgument for a bad layout/dtype pair
+            fields.update(layout=layout, dtype=self.runner.slot_dtype(layout, dtype), n_prompt=len(ids))
             async with self.admission.slot() as queue_ms:
-                async for msg in self._prefill(rid, ids, layout, params, queue_ms, fields):
+                async for msg in self._prefill(rid, ids, layout, dtype, params, queue_ms, fields):
                     yield msg
             fields["status"] = "OK"
         except asyncio.CancelledError:
@@ -67,13 +69,25 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         self.runner.check_prompt(ids, request.max_new_tokens)
         return layout, ids, kit.sampling_from_proto(request.sampling)
 
-    async def _prefill(self, rid: str, ids: list[int], layout: str, params: Any,
-                       queue_ms: float, fields: dict):
+    @staticmethod
+    def _requested_dtype(context: grpc.aio.ServicerContext) -> str | None:
+        """The slot dtype the decoder wants, sent by the client as `x-hybrid-kv-dtype`
+        metadata (PrefillRequest has no dtype field yet; see docs/protocol.md)."""
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-hybrid-kv-dtype":
+                if value not in kit.DTYPES:
+                    raise InvalidArgument(f"x-hybrid-kv-dtype {value!r}: expected one of "
+                                          f"{', '.join(kit.DTYPES)}")
+                return value
+        return None
+
+    async def _prefill(self, rid: str, ids: list[int], layout: str, dtype: str | None,
+                       params: Any, queue_ms: float, fields: dict):
         n_layers = self.runner.config.n_layers
-        layer_bytes = self.runner.layer_bytes(layout, len(ids))
+        layer_bytes = self.runner.layer_bytes(layout, len(ids), dtype)
         desc = self.region.alloc(
             layer_bytes * n_layers, n_layers, layout=layout, checksums=self.checksums,
-            dtype=self.runner.slot_dtype(layout), n_tokens=len(ids),
+            dtype=self.runner.slot_dtype(layout, dtype), n_tokens=len(ids),
             n_kv_heads=self.runner.config.n_kv_heads, head_dim=self.runner.config.head_dim)
         self.stats["slots_allocated"] += 1
         cancel = threading.Event()

@@ -88,6 +88,9 @@ class ReadyMarker:
         if handle is not None:
             self.stats.transfer_ms += handle.elapsed_ms()
         self.region.mark_ready(self.desc, layer)
+        # A producer still filling the slot keeps it alive: a prefill longer than the
+        # lease must not be reaped under its own feet.
+        self.region.renew(self.desc)
 
     def _wait_loop(self) -> None:
         while (item := self._q.get()) is not None:

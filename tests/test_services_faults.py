@@ -75,6 +75,20 @@ def test_prefill_bad_input(stubs, pair, case):
     assert slots_in_use(pair.prefill) == 0
 
 
+def test_prefill_slot_dtype_follows_the_decoder(stubs, pair):
+    """The client passes the decoder's dtype as x-hybrid-kv-dtype metadata."""
+    def prefill(dtype):
+        msgs = list(stubs[0].Prefill(pb.PrefillRequest(prompt_ids=[1, 2, 3, 4]), timeout=10,
+                                     metadata=(("x-hybrid-kv-dtype", dtype),)))
+        stubs[0].Release(pb.LeaseRequest(kv=msgs[0].handle.kv), timeout=5)
+        return msgs[0].handle.kv
+
+    fp32, fp16 = prefill("float32"), prefill("float16")
+    assert (fp32.dtype, fp16.dtype) == (pb.DTYPE_FP32, pb.DTYPE_FP16)
+    assert sum(r.length for r in fp32.layers) == 2 * sum(r.length for r in fp16.layers)
+    assert _code(lambda: prefill("int8")) == C.INVALID_ARGUMENT
+
+
 def _edit(h: pb.KvHandle, **kv) -> pb.KvHandle:
     h2 = pb.KvHandle()
     h2.CopyFrom(h)
