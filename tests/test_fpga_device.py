@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.errors import InvalidArgument, ResourceExhausted, Unavailable
 from fpga_service.device import abi
@@ -123,3 +125,26 @@ def test_xrt_bytes_reach_the_device_only_after_sync(pyxrt, tmp_path):
         assert dev.read(7, 4096, 4) == b"abcd"
     finally:
         dev.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 5 * ALIGN)), max_size=40))
+def test_allocator_never_overlaps_and_returns_everything(ops):
+    a = ChannelAllocator(16 * ALIGN)
+    live: dict[int, int] = {}
+    for is_alloc, size in ops:
+        if is_alloc or not live:
+            off = a.alloc(size)
+            if off is not None:
+                n = -(-size // ALIGN) * ALIGN
+                assert all(off + n <= o or o + s <= off for o, s in live.items())
+                assert off + n <= a.capacity
+                live[off] = n
+        else:
+            off = min(live)
+            del live[off]
+            a.free(off)
+        assert a.used == sum(live.values())
+    for off in list(live):
+        a.free(off)
+    assert a.used == 0 and a.alloc(16 * ALIGN) == 0
