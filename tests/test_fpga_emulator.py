@@ -185,3 +185,26 @@ def test_close_from_another_thread_waits_for_the_running_step(model):
     closer.join(5)
     assert not session.kv.live and dev.used_bytes() == before
     assert list(gen) == []  # the loop sees the close and stops without touching HBM
+
+
+def test_concurrent_sessions_get_their_own_tokens(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    lm, backend, _, _ = model
+    layout = HbmLayout.for_model(lm.config, backend.kv_dtype)
+    prompts = [PROMPT, PROMPT[::-1], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], PROMPT[:4]]
+    jobs = [(p, *prefill_packed(lm, p, layout)) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda j: run_session(backend, j[1], j[2], len(j[0]), 8,
+                                                  rid=str(j[0])), jobs))
+    assert got == [reference(lm, p, 8) for p in prompts]
+
+
+def test_backend_keeps_no_host_copy_of_the_weights(model):
+    import torch
+
+    backend = model[1]
+    assert not any(isinstance(v, torch.nn.Module | torch.Tensor) for v in vars(backend).values())
+    info = backend.info()
+    assert info["device"] == "fpga-emulator" and int(info["hbm_used_bytes"]) > 0
+    assert int(info["hbm_capacity_bytes"]) == 32 * 4 * MiB
