@@ -1,0 +1,225 @@
+"""Python client of the service pair (grpc.aio).
+
+    async with HybridClient("localhost:50051", "localhost:50052") as c:
+        res = await c.generate("Hello", max_new_tokens=32)
+
+Flow per request: Decode.Info (cached: the layout and weights the decoder wants) ->
+Prefill stream (first message: the KV handle) -> at once Decode.Generate with that handle
+while prefill still computes -> tokens stream in -> PrefillDone and GenerateDone timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine import errors
+from engine.sampling import SamplingParams
+from protos import hybrid_pb2 as pb
+from protos import hybrid_pb2_grpc as pbg
+
+_MAX_MSG = [("grpc.max_receive_message_length", 64 << 20)]
+TRANSPORTS = {"shm": pb.KV_TRANSPORT_SHM, "grpc": pb.KV_TRANSPORT_GRPC}
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    token_ids: list[int]           # generated ids only (prefill's first token included)
+    text: str
+    finish_reason: str
+    model: str
+    weights_fingerprint: str
+    synthetic: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    request_id: str = ""
+    backend: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    device: str = ""                 # "prefill <dev>, decode <dev>"
+    dtype: str = ""                  # the decoder's KV dtype
+
+    def to_json(self) -> dict:
+        return {"token_ids": self.token_ids, "text": self.text, "model": self.model,
+                "weights_fingerprint": self.weights_fingerprint, "synthetic": self.synthetic,
+                "finish_reason": self.finish_reason, "backend": self.backend,
+                "request_id": self.request_id, "prompt_ids": self.prompt_ids,
+                "device": self.device, "dtype": self.dtype, "timings": self.timings}
+
+
+def error_from_rpc(e: grpc.aio.AioRpcError | grpc.RpcError) -> errors.HybridError:
+    """The engine.errors class named by a gRPC status, carrying its message."""
+    by_status = {c.status: c for c in vars(errors).values()
+                 if isinstance(c, type) and issubclass(c, errors.HybridError)}
+    code = e.code()
+    cls = by_status.get(code.name)
+    err = (cls or errors.HybridError)(f"{code.name}: {e.details()}")
+    if cls is None:
+        err.status = code.name
+    return err
+
+
+def sampling_proto(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+    if p.seed is not None:
+        msg.seed = p.seed
+    return msg
+
+
+class HybridClient:
+    """One client for a prefill + decode pair. Create inside a running event loop."""
+
+    def __init__(self, prefill: str = "localhost:50051", decode: str = "localhost:50052",
+                 timeout_s: float = 120.0) -> None:
+        self.timeout_s = timeout_s
+        self._pch = grpc.aio.insecure_channel(prefill, options=_MAX_MSG)
+        self._dch = grpc.aio.insecure_channel(decode, options=_MAX_MSG)
+        self.prefill, self.decode = pbg.PrefillServiceStub(self._pch), pbg.DecodeServiceStub(self._dch)
+        self._decode_info: pb.ServiceInfo | None = None
+
+    async def __aenter__(self) -> HybridClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._pch.close()
+        await self._dch.close()
+
+    async def decode_info(self) -> pb.ServiceInfo:
+        if self._decode_info is None:
+            self._decode_info = await _call(self.decode.Info(pb.InfoRequest(), timeout=10.0))
+        return self._decode_info
+
+    async def prefill_info(self) -> pb.ServiceInfo:
+        return await _call(self.prefill.Info(pb.InfoRequest(), timeout=10.0))
+
+    async def generate(self, prompt: str | None = None, *,
+                       on_chunk: Callable[[list[int], str], None] | None = None,
+                       **kw) -> RemoteResult:
+        """Like `stream`, returning the result; each chunk's (ids, text) goes to `on_chunk`."""
+        async for item in self.stream(prompt, **kw):
+            if isinstance(item, RemoteResult):
+                return item
+            if on_chunk is not None:
+                on_chunk(*item)
+        raise errors.HybridError("stream ended without a result")
+
+    async def stream(
+        self, prompt: str | None = None, *, prompt_ids: Iterable[int] | None = None,
+        max_new_tokens: int = 32, params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen
+        stop_ids: Iterable[int] = (), ignore_eos: bool = False, kv_transport: str = "shm",
+        request_id: str | None = None,
+    ) -> AsyncIterator[tuple[list[int], str] | RemoteResult]:
+        """Yields (ids, text piece) as tokens arrive, then one RemoteResult."""
+        if kv_transport not in TRANSPORTS:
+            raise errors.InvalidArgument(f"kv transport must be shm or grpc, not {kv_transport!r}")
+        t0 = time.perf_counter()
+        deadline = time.monotonic() + self.timeout_s
+        info = await self.decode_info()
+        params = params.with_seed()  # both stages must draw from the same seed
+        rid = request_id or uuid.uuid4().hex[:16]
+        pcall = self.prefill.Prefill(pb.PrefillRequest(
+            request_id=rid, prompt=prompt or "", prompt_ids=list(prompt_ids or ()),
+            layout=info.kv_layout, sampling=sampling_proto(params),
+            max_new_tokens=max_new_tokens, expected_fingerprint=info.weights_fingerprint),
+            timeout=_left(deadline), metadata=_dtype_metadata(info.dtype))
+        gcall = None
+        try:
+            first = await _call(pcall.read())
+            if first is grpc.aio.EOF or not first.HasField("handle"):
+                raise errors.Unavailable("prefill stream ended before its KV handle")
+            handle = first.handle
+            gcall = self.decode.Generate(pb.GenerateRequest(
+                request_id=rid, handle=handle, sampling=sampling_proto(params),
+                max_new_tokens=max_new_tokens, stop_ids=list(stop_ids),
+                transport=TRANSPORTS[kv_transport], ignore_eos=ignore_eos),
+                timeout=_left(deadline))
+            pdone_task = asyncio.create_task(_prefill_done(pcall))
+            # If prefill dies, decode would only notice at its readiness timeout: cut it short.
+            pdone_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or gcall.cancel())
+            ids, texts, gdone, ttft = [], [], None, None
+            try:
+                async for msg in gcall:
+                    if msg.HasField("tokens"):
+                        ttft = ttft if ttft is not None else (time.perf_counter() - t0) * 1e3
+                        ids.extend(msg.tokens.ids)
+                        texts.append(msg.tokens.text)
+                        yield list(msg.tokens.ids), msg.tokens.text
+                    else:
+                        gdone = msg.done
+            except grpc.aio.AioRpcError as e:
+                raise error_from_rpc(e) from None
+            except asyncio.CancelledError:
+                if pdone_task.done() and not pdone_task.cancelled() and pdone_task.exception():
+                    raise pdone_task.exception() from None
+                raise
+            pdone = await pdone_task
+        finally:  # however we leave (error, consumer gone): hang up both calls
+            pcall.cancel()
+            if gcall is not None:
+                gcall.cancel()
+        if gdone is None:
+            raise errors.Unavailable("decode stream ended without its timings")
+        yield _result(rid, handle, ids, "".join(texts), pdone, gdone, ttft,
+                      (time.perf_counter() - t0) * 1e3, info)
+
+
+def _dtype_metadata(dtype: int) -> tuple[tuple[str, str], ...]:
+    """The decoder's KV dtype for the prefill side (until PrefillRequest has the field)."""
+    name = {pb.DTYPE_FP16: "float16", pb.DTYPE_BF16: "bfloat16", pb.DTYPE_FP32: "float32"}.get(dtype)
+    return (("x-hybrid-kv-dtype", name),) if name else ()
+
+
+async def _prefill_done(pcall) -> pb.PrefillDone:
+    while (msg := await _call(pcall.read())) is not grpc.aio.EOF:  # read(): no mixing APIs
+        if msg.HasField("done"):
+            return msg.done
+    raise errors.Unavailable("prefill stream ended without PrefillDone")
+
+
+async def _call(awaitable):
+    try:
+        return await awaitable
+    except grpc.aio.AioRpcError as e:
+        raise error_from_rpc(e) from None
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise errors.DeadlineExceeded("client deadline passed")
+    return left
+
+
+def _result(rid, handle, ids, text, pdone, gdone, ttft, total_ms, info) -> RemoteResult:
+    pt, dt = pdone.timings, gdone.timings
+    timings = {
+        "prefill_ms": pt.prefill_ms, "decode_ms": dt.decode_ms, "total_ms": total_ms,
+        "ttft_ms": ttft or 0.0, "kv_bytes": pt.kv_bytes, "transfer_ms": pt.transfer_ms,
+        "exposed_transfer_ms": pt.exposed_transfer_ms,
+        "decode_ms_per_token": dt.decode_ms_per_token, "ingest_ms": dt.ingest_ms,
+        "ingest_wait_ms": dt.ingest_wait_ms, "queue_ms": pt.queue_ms + dt.queue_ms,
+    }
+    if dt.modeled_device_ms_per_token:
+        timings["modeled_device_ms_per_token"] = dt.modeled_device_ms_per_token
+    dtype = {1: "float16", 2: "bfloat16", 3: "float32"}.get(info.dtype, "")
+    return RemoteResult(ids, text, gdone.finish_reason, handle.model, handle.weights_fingerprint,
+                        info.synthetic, timings, rid, gdone.backend, list(handle.prompt_ids),
+                        f"prefill {pdone.device}, decode {info.device}", dtype)
+
+
+async def health(target: str, service: str = "", timeout_s: float = 5.0) -> str:
+    """The grpc.health.v1 status name of `target` ("SERVING", "NOT_SERVING", ...)."""
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        try:
+            r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)

@@ -1,0 +1,88 @@
+"""`hybrid health` and `hybrid info`: ask a running service how it is."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+
+from protos import hybrid_pb2 as pb
+
+_TARGETS = {"prefill": "localhost:50051", "decode": "localhost:50052"}
+
+
+def _targets(prefill: str, decode: str, which: str) -> dict[str, str]:
+    t = {"prefill": prefill, "decode": decode}
+    return t if which == "both" else {which: t[which]}
+
+
+_which = click.option("--service", "which", type=click.Choice(["prefill", "decode", "both"]),
+                      default="both", show_default=True)
+_addrs = [click.option("--prefill", default=_TARGETS["prefill"], show_default=True),
+          click.option("--decode", default=_TARGETS["decode"], show_default=True)]
+
+
+def _with_addrs(f):
+    for o in reversed(_addrs):
+        f = o(f)
+    return _which(f)
+
+
+@click.command()
+@_with_addrs
+def health(prefill: str, decode: str, which: str) -> None:
+    """grpc.health.v1 status of each service; exits 1 unless all are SERVING."""
+    from client.api import health as check
+
+    bad = False
+    for name, target in _targets(prefill, decode, which).items():
+        try:
+            status = asyncio.run(check(target))
+        except Exception as e:
+            status = f"UNREACHABLE ({e})"
+        bad |= status != "SERVING"
+        click.echo(f"{name:8s} {target:22s} {status}")
+    if bad:
+        raise SystemExit(1)
+
+
+@click.command()
+@_with_addrs
+@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+def info(prefill: str, decode: str, which: str, as_json: bool) -> None:
+    """Model, weights fingerprint, device, backend, KV layout and counters of each service."""
+    from google.protobuf.json_format import MessageToDict
+
+    out = {}
+    for name, target in _targets(prefill, decode, which).items():
+        try:
+            msg, meta = asyncio.run(_info(name, target))
+        except Exception as e:
+            raise click.ClickException(f"{name} at {target}: {e}") from None
+        out[name] = MessageToDict(msg, preserving_proto_field_name=True) | {"counters": meta}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for name, d in out.items():
+        click.echo(f"[{name}]")
+        for k, v in d.items():
+            click.echo(f"  {k:22s} {v}")
+
+
+async def _info(name: str, target: str):
+    import grpc
+
+    from client.api import error_from_rpc
+    from protos import hybrid_pb2_grpc as pbg
+
+    async with grpc.aio.insecure_channel(target) as ch:
+        stub = (pbg.PrefillServiceStub if name == "prefill" else pbg.DecodeServiceStub)(ch)
+        call = stub.Info(pb.InfoRequest(), timeout=10.0)
+        try:
+            msg = await call
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+        meta = {k.removeprefix("x-hybrid-"): v for k, v in (await call.trailing_metadata() or ())
+                if k.startswith("x-hybrid-")}
+        return msg, meta

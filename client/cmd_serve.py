@@ -1,0 +1,52 @@
+"""`hybrid serve prefill|decode`: run one of the two services in the foreground.
+
+Every option also reads an environment variable (HYBRID_MODEL, HYBRID_PORT, ...), which
+is how docker-compose.yml configures the containers.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+def _opt(*names: str, env: str, **kw):
+    return click.option(*names, envvar=f"HYBRID_{env}", show_envvar=True, show_default=True, **kw)
+
+
+@click.command()
+@click.argument("role", type=click.Choice(["prefill", "decode"]))
+@_opt("--model", env="MODEL", default="synthetic:gpt2", help="HF dir, hub id or synthetic:<preset>[:seed]")
+@_opt("--host", env="HOST", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
+@_opt("--port", env="PORT", type=int, default=None, help="default 50051 prefill / 50052 decode")
+@_opt("--device", env="DEVICE", default="auto", help="auto | cpu | cuda | cuda:N")
+@_opt("--dtype", env="DTYPE", default="auto", help="auto | float16 | bfloat16 | float32")
+@_opt("--backend", env="BACKEND", default="gpu", help="decode backend: gpu | fpga-emu | fpga-xrt")
+@_opt("--prefill", "prefill_addr", env="PREFILL", default="localhost:50051",
+      help="decode: the prefill service (Release, FetchKv)")
+@_opt("--region-mb", env="REGION_MB", type=int, default=256, help="prefill: shared KV region size")
+@_opt("--max-slots", env="MAX_SLOTS", type=int, default=64, help="prefill: concurrent KV slots")
+@_opt("--lease-s", env="LEASE_S", type=float, default=30.0, help="prefill: slot lease")
+@_opt("--max-active", env="MAX_ACTIVE", type=int, default=None, help="requests run at once")
+@_opt("--max-queue", env="MAX_QUEUE", type=int, default=128, help="requests waiting; more -> RESOURCE_EXHAUSTED")
+@_opt("--grace-s", env="GRACE_S", type=float, default=10.0, help="drain time on SIGTERM")
+@_opt("--log-level", env="LOG_LEVEL", default="info",
+      type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+def serve(role: str, model: str, host: str, port: int | None, device: str, dtype: str,
+          backend: str, prefill_addr: str, region_mb: int, max_slots: int, lease_s: float,
+          max_active: int | None, max_queue: int, grace_s: float, log_level: str) -> None:
+    """Serve the prefill (GPU summarization) or decode (FPGA / GPU generation) stage."""
+    common = dict(model=model, host=host, device=device, dtype=dtype, max_queue=max_queue,
+                  grace_s=grace_s, log_level=log_level)
+    if role == "prefill":
+        from gpu_service.server import PrefillOptions
+        from gpu_service.server import serve as run
+
+        run(PrefillOptions(port=50051 if port is None else port, region_mb=region_mb,
+                           max_slots=max_slots, lease_s=lease_s, max_active=max_active or 4,
+                           **common))
+    else:
+        from fpga_service.server import DecodeOptions
+        from fpga_service.server import serve as run
+
+        run(DecodeOptions(port=50052 if port is None else port, backend=backend,
+                          prefill=prefill_addr, max_active=max_active or 16, **common))

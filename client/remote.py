@@ -1,0 +1,83 @@
+"""`hybrid generate` without --local: one request through the service pair, blocking.
+
+`generate_remote(opts, printer)` is the contract client/cmd_generate.py calls: it returns
+the same JSON keys as the local path plus the service timings, and feeds `printer`
+through a tokenizer stand-in whose stream decoder replays the text pieces the decode
+service produced (the client holds no model files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from engine.sampling import SamplingParams
+
+from .api import HybridClient, RemoteResult
+
+
+def run_remote(
+    prompt: str | None = None, *, prompt_ids: Iterable[int] | None = None,
+    max_new_tokens: int, params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen
+    prefill: str = "localhost:50051", decode: str = "localhost:50052",
+    kv_transport: str = "shm", stop_ids: Iterable[int] = (), ignore_eos: bool = False,
+    on_chunk: Callable[[list[int], str], None] | None = None, timeout_s: float = 120.0,
+) -> RemoteResult:
+    """Generate through the services; each (ids, text piece) goes to `on_chunk` as it
+    arrives. Raises the engine.errors class of the gRPC status (one clear message)."""
+
+    async def run() -> RemoteResult:
+        async with HybridClient(prefill, decode, timeout_s) as client:
+            return await client.generate(
+                prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, params=params,
+                stop_ids=stop_ids, ignore_eos=ignore_eos, kv_transport=kv_transport,
+                on_chunk=on_chunk)
+
+    return asyncio.run(run())
+
+
+def generate_remote(opts: Any, printer: Any) -> dict:
+    """client.cmd_generate's service path: GenerateOptions -> the --json dict."""
+    text = _ServerText()
+    printer.start(text)
+
+    def on_chunk(ids: list[int], piece: str) -> None:
+        text.arrived(ids, piece)
+        for i in ids:
+            printer.on_token(i)
+
+    res = run_remote(
+        opts.prompt, prompt_ids=opts.prompt_ids, max_new_tokens=opts.max_new_tokens,
+        params=opts.sampling(), prefill=opts.prefill, decode=opts.decode,
+        kv_transport=opts.kv_transport, on_chunk=on_chunk, timeout_s=opts.timeout)
+    out = res.to_json()
+    out["timings"] = {k: round(float(v), 3) for k, v in res.timings.items()}
+    out.update(synthetic_tokenizer=res.synthetic, path="remote")
+    return out
+
+
+class _ServerText:
+    """Tokenizer stand-in for TokenPrinter: `stream().push(id)` returns the text the
+    decode service sent for that token (it ran the real stream decoder)."""
+
+    def __init__(self) -> None:
+        self._pieces: deque[str] = deque()
+        self._tail = ""
+
+    def arrived(self, ids: list[int], piece: str) -> None:
+        if not ids:  # the decoder's final flush
+            self._tail += piece
+            return
+        self._pieces.extend([""] * (len(ids) - 1) + [piece])
+
+    def stream(self) -> _ServerText:
+        return self
+
+    def push(self, token_id: int) -> str:
+        return self._pieces.popleft() if self._pieces else ""
+
+    def flush(self) -> str:
+        tail, self._tail = self._tail, ""
+        return tail

@@ -1,0 +1,96 @@
+"""The `gpu` decode backend: the engine's decode loop on cuda (or cpu).
+
+With it the service pair is also plain GPU-to-GPU disaggregation, and the fast path on
+machines without an FPGA. KV arrives in the dense layout in the slot dtype, which must
+be this backend's compute dtype (the servicer checks).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from engine.generate import decode_tokens
+from engine.kv_cache import KVCache
+from engine.loader import load_model
+
+from .base import DecodeBackend, DecodeSession, DecodeSpec
+
+_DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+class GpuBackend(DecodeBackend):
+    name = "gpu"
+    kv_layout = "dense"
+
+    def __init__(self, model_spec: str, device: str = "cuda", dtype: str = "float16",
+                 **_: object) -> None:
+        self.lm = load_model(model_spec, device=device, dtype=dtype)
+        self.config, self.tokenizer = self.lm.config, self.lm.tokenizer
+        self.kv_dtype = _DTYPE_NAME[self.lm.dtype]
+        self.sessions_open = 0
+
+    def open_session(self, spec: DecodeSpec) -> DecodeSession:
+        return GpuSession(self, spec)
+
+    def info(self) -> dict[str, str]:
+        return {"device": str(self.lm.device), "model": self.lm.spec,
+                "fingerprint": self.lm.fingerprint, "dtype": self.kv_dtype,
+                "synthetic": str(self.lm.synthetic), "sessions_open": str(self.sessions_open)}
+
+    def close(self) -> None:
+        self.lm = None  # drop the weights; idempotent
+
+
+class GpuSession(DecodeSession):
+    def __init__(self, backend: GpuBackend, spec: DecodeSpec) -> None:
+        self.backend, self.spec = backend, spec
+        lm = backend.lm
+        try:
+            self.cache = KVCache(lm.config, 1, spec.n_prompt + spec.max_new_tokens,
+                                 lm.device, lm.dtype)
+        except torch.OutOfMemoryError as e:
+            from engine.errors import ResourceExhausted
+
+            raise ResourceExhausted(f"no device memory for the KV cache: {e}") from None
+        c = lm.config
+        self._shape = (c.n_kv_heads, spec.n_prompt, c.head_dim)  # K (and V) of one layer
+        self._decode_ms = 0.0
+        self._n = 0
+        self._closed = False
+        backend.sessions_open += 1
+
+    def ingest_layer(self, layer: int, data: memoryview) -> None:
+        with warnings.catch_warnings():  # the region mapping is read-only; we only read
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(data, dtype=self.backend.lm.dtype)
+        n = flat.numel() // 2
+        k = flat[:n].view(self._shape)  # [n_kv_heads, T, head_dim]
+        v = flat[n:].view(self._shape)
+        self.cache.write_layer(layer, k, v)  # host -> device copy, cast on write
+
+    def decode(self, first_token: int) -> Iterator[int]:
+        s = self.spec
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for tok in decode_tokens(
+                        self.backend.lm, self.cache, first_token, s.n_prompt, s.max_new_tokens,
+                        s.sampling, stop_ids=s.stop_ids, ignore_eos=s.ignore_eos):
+                    self._n += 1
+                    yield tok
+        finally:
+            self._decode_ms = (time.perf_counter() - t0) * 1e3
+
+    def timings(self) -> dict[str, float]:
+        return {"decode_ms": self._decode_ms,
+                "decode_ms_per_token": self._decode_ms / max(1, self._n)}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.cache = None
+            self.backend.sessions_open -= 1

@@ -1,0 +1,93 @@
+"""Where a request's KV comes from: the shared region (same host) or the FetchKv stream
+(another host). Both yield whole layers in order as prefill marks them ready, then the
+first token."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from typing import Any
+
+from protos import hybrid_pb2 as pb
+
+
+class IngestStats:
+    """What one request's ingest cost: bytes, time waiting on prefill."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.wait_ms = 0.0
+
+
+class ShmReaders:
+    """One read-only mapping per region name (a restarted prefill has a new name)."""
+
+    def __init__(self) -> None:
+        self._readers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Any:
+        from transport.reader import KvReader
+
+        with self._lock:
+            if name not in self._readers:
+                self._evict_gone()
+                self._readers[name] = KvReader.open(name)
+            return self._readers[name]
+
+    def _evict_gone(self) -> None:
+        """Unmap regions whose owner removed them (a restarted prefill has a new name):
+        a mapping of an unlinked segment would pin its memory for our lifetime."""
+        from transport.shm import segment_path
+
+        for name in [n for n in self._readers if not os.path.exists(segment_path(n))]:
+            self._readers.pop(name).close()
+
+    def close(self) -> None:
+        with self._lock:
+            for r in self._readers.values():
+                close = getattr(r, "close", None)
+                if close is not None:
+                    close()
+            self._readers.clear()
+
+
+async def shm_layers(readers: ShmReaders, desc: Any, timeout_s: float, pool: Executor,
+                     stats: IngestStats) -> AsyncIterator[tuple[int, Any]]:
+    """Yields (layer, bytes) from the mapped region; ends with (-1, first_token)."""
+    loop = asyncio.get_running_loop()
+    reader = await loop.run_in_executor(pool, readers.get, desc.region)
+    for layer in range(desc.n_layers):
+        t = time.perf_counter()
+        data = await loop.run_in_executor(pool, reader.read_layer, desc, layer, timeout_s)
+        stats.wait_ms += (time.perf_counter() - t) * 1e3
+        stats.bytes += len(data)
+        yield layer, data
+    first = await loop.run_in_executor(pool, reader.wait_first_token, desc, timeout_s)
+    yield -1, first
+
+
+async def grpc_layers(stub: Any, request_id: str, desc: Any, timeout_s: float,
+                      stats: IngestStats) -> AsyncIterator[tuple[int, Any]]:
+    """Same as shm_layers, over PrefillService.FetchKv; transport.fetch.FetchAssembler
+    refuses gaps, reordering and truncation (DataLoss)."""
+    from transport.fetch import FetchAssembler
+
+    asm = FetchAssembler(desc)
+    call = stub.FetchKv(pb.FetchKvRequest(request_id=request_id, kv=desc.to_proto()),
+                        timeout=timeout_s)
+    t = time.perf_counter()
+    try:
+        async for chunk in call:
+            for layer, data in asm.feed(chunk):
+                stats.wait_ms += (time.perf_counter() - t) * 1e3
+                stats.bytes += len(data)
+                yield layer, data
+                t = time.perf_counter()
+    finally:
+        call.cancel()
+    yield -1, asm.finish()

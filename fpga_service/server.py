@@ -1,0 +1,87 @@
+"""Decode server process: load a backend, serve until SIGTERM.
+
+`hybrid serve decode ...` (client/cmd_serve.py) lands in `serve(DecodeOptions(...))`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from engine.errors import Unavailable
+from protos import hybrid_pb2 as pb
+from protos import hybrid_pb2_grpc as pbg
+from transport import servekit as kit
+
+log = logging.getLogger("hybrid.decode")
+SERVICE = pb.DESCRIPTOR.services_by_name["DecodeService"].full_name
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    model: str = "synthetic:gpt2"
+    host: str = "127.0.0.1"
+    port: int = 50052
+    device: str = "auto"
+    dtype: str = "auto"
+    backend: str = "gpu"
+    prefill: str = "localhost:50051"   # where Release / FetchKv go
+    max_active: int = 16
+    max_queue: int = 128
+    wait_timeout_s: float = 60.0
+    grace_s: float = 10.0
+    log_level: str = "info"
+
+
+async def _serve(opts: DecodeOptions) -> None:
+    from .backends import make_backend
+    from .servicer import DecodeServicer
+
+    device, dtype = kit.resolve_device(opts.device, opts.dtype)
+    admission = kit.Admission(opts.max_active, opts.max_queue)
+    holder: dict = {}
+    server, health = kit.make_server(
+        lambda s: pbg.add_DecodeServiceServicer_to_server(
+            kit.late_servicer(pbg.DecodeServiceServicer, holder, ("Generate",), ("Info",)), s),
+        [SERVICE])
+    port = server.add_insecure_port(f"{opts.host}:{opts.port}")
+    await server.start()  # health answers NOT_SERVING while the backend loads
+    log.info("decode listening on %s:%d (backend %s, %s on %s/%s)", opts.host, port,
+             opts.backend, opts.model, device, dtype)
+    backend = servicer = None
+    try:
+        try:
+            backend = await asyncio.to_thread(
+                make_backend, opts.backend, model_spec=opts.model, device=device, dtype=dtype)
+        except Unavailable as e:  # e.g. fpga-xrt without pyxrt / xclbin / card
+            log.error("decode backend %s unavailable, health stays NOT_SERVING: %s",
+                      opts.backend, e)
+            await _until_signalled()
+            return
+        servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s)
+        holder["servicer"] = servicer
+        await kit.run_until_signalled(
+            server, health, [SERVICE], admission, opts.grace_s,
+            ready=lambda: log.info("decode SERVING backend=%s fingerprint=%s prefill=%s",
+                                   backend.name, servicer.fingerprint[:16], opts.prefill))
+    finally:
+        await server.stop(0)
+        if servicer is not None:
+            await servicer.close()
+        if backend is not None:
+            backend.close()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def serve(opts: DecodeOptions) -> None:
+    kit.setup_logging(opts.log_level)
+    asyncio.run(_serve(opts))

@@ -1,0 +1,238 @@
+"""DecodeService: handle -> checks -> session -> ingest layer by layer -> release the
+slot -> stream tokens -> timings. Device work runs in a thread pool, never on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from engine.errors import FailedPrecondition, InvalidArgument
+from engine.generate import is_stop
+from protos import hybrid_pb2 as pb
+from protos import hybrid_pb2_grpc as pbg
+from transport import servekit as kit
+
+from .backends.base import DecodeBackend, DecodeSpec
+from .ingest import IngestStats, ShmReaders, grpc_layers, shm_layers
+
+log = logging.getLogger("hybrid.decode")
+VERSION = "0.1.0"
+_END = object()
+
+
+class DecodeServicer(pbg.DecodeServiceServicer):
+    def __init__(self, backend: DecodeBackend, prefill_addr: str, admission: kit.Admission,
+                 wait_timeout_s: float = 60.0) -> None:
+        self.backend, self.admission = backend, admission
+        info = backend.info()
+        self.fingerprint, self.model = info["fingerprint"], info["model"]
+        self.config, self.tokenizer = backend.config, backend.tokenizer
+        eos = getattr(self.tokenizer, "eos_id", None)
+        self.eos = eos if eos is not None else self.config.eos_token_id
+        self.wait_timeout_s = wait_timeout_s
+        self.pool = ThreadPoolExecutor(admission.max_active * 2 + 2, "decode")
+        self.readers = ShmReaders()
+        self.channel = grpc.aio.insecure_channel(prefill_addr, options=[
+            ("grpc.max_receive_message_length", kit.MAX_MESSAGE_BYTES)])
+        self.prefill = pbg.PrefillServiceStub(self.channel)
+        # Reported as Info trailing metadata: how KV reached us (shm vs grpc), sessions.
+        self.stats: Counter = Counter()
+
+    async def close(self) -> None:
+        await self.channel.close()
+        self.readers.close()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- Generate ------------------------------------------------------------------
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id or request.handle.request_id or uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        fields: dict[str, Any] = {}
+        try:
+            spec, desc, transport = self._check(request, rid)
+            fields.update(n_prompt=spec.n_prompt, max_new=spec.max_new_tokens, kv=transport)
+            async with self.admission.slot() as queue_ms:
+                fields["queue_ms"] = round(queue_ms, 2)
+                async for msg in self._generate(request, spec, desc, transport, context, fields):
+                    yield msg
+            fields["status"] = "OK"
+        except asyncio.CancelledError:
+            fields["status"] = "CANCELLED"
+            self.stats["cancelled"] += 1
+            raise
+        except Exception as e:
+            code = kit.status_of(e)
+            fields["status"] = code.name
+            self.stats[f"status_{code.name.lower()}"] += 1
+            if not fields.get("released") and request.handle.HasField("kv"):
+                await self._release(request, rid)  # refused: nobody will consume the slot
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("internal error id=%s", rid)
+            await context.abort(code, str(e) or type(e).__name__)
+        finally:
+            fields["total_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+            log.info("generate id=%s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def _check(self, request: pb.GenerateRequest, rid: str) -> tuple[DecodeSpec, Any, str]:
+        from transport.descriptor import KvDescriptor
+
+        if not request.HasField("handle") or not request.handle.HasField("kv"):
+            raise InvalidArgument("missing handle (the KvHandle from Prefill)")
+        h, c = request.handle, self.config
+        if h.weights_fingerprint != self.fingerprint:
+            raise FailedPrecondition(
+                f"weights fingerprint mismatch: prefill {h.weights_fingerprint[:16]!r}, "
+                f"decode {self.fingerprint[:16]!r}")
+        if request.max_new_tokens < 1:
+            raise InvalidArgument("max_new_tokens must be >= 1")
+        kv = h.kv
+        want = kit.LAYOUTS[self.backend.kv_layout]
+        if kv.layout != want:
+            raise InvalidArgument(f"KV layout {pb.KvLayout.Name(kv.layout)} but backend "
+                                  f"{self.backend.name} wants {pb.KvLayout.Name(want)}")
+        if kv.dtype != kit.DTYPES[self.backend.kv_dtype]:
+            raise InvalidArgument(f"KV dtype {pb.DType.Name(kv.dtype)} but backend wants "
+                                  f"{self.backend.kv_dtype}")
+        if (kv.n_layers, kv.n_kv_heads, kv.head_dim) != (c.n_layers, c.n_kv_heads, c.head_dim):
+            raise InvalidArgument("KV shape (layers, kv heads, head dim) "
+                                  f"{(kv.n_layers, kv.n_kv_heads, kv.head_dim)} does not fit the model")
+        if kv.n_tokens < 1 or kv.n_tokens + request.max_new_tokens > c.max_positions:
+            raise InvalidArgument(f"prompt ({kv.n_tokens}) + max_new_tokens "
+                                  f"({request.max_new_tokens}) exceeds {c.max_positions} positions")
+        transport = {pb.KV_TRANSPORT_UNSPECIFIED: "shm", pb.KV_TRANSPORT_SHM: "shm",
+                     pb.KV_TRANSPORT_GRPC: "grpc"}.get(request.transport)
+        if transport is None:
+            raise InvalidArgument(f"unknown kv transport {request.transport}")
+        spec = DecodeSpec(rid, kv.n_tokens, request.max_new_tokens,
+                          kit.sampling_from_proto(request.sampling),
+                          tuple(request.stop_ids), request.ignore_eos)
+        return spec, KvDescriptor.from_proto(kv), transport
+
+    async def _generate(self, request, spec: DecodeSpec, desc: Any, transport: str,
+                        context, fields: dict):
+        loop = asyncio.get_running_loop()
+        timeout = self.wait_timeout_s
+        if context.time_remaining() is not None:
+            timeout = min(timeout, max(0.0, context.time_remaining()))
+        session = await loop.run_in_executor(self.pool, self.backend.open_session, spec)
+        stop = threading.Event()
+        released = False
+        try:
+            t_ingest = time.perf_counter()
+            first, ist = await self._ingest(request, session, desc, transport, timeout)
+            ingest_ms = (time.perf_counter() - t_ingest) * 1e3
+            released = await self._release(request, spec.request_id)
+            fields["released"] = True
+            fields.update(kv_bytes=ist.bytes, ingest_ms=round(ingest_ms, 2),
+                          ingest_wait_ms=round(ist.wait_ms, 2))
+            stream = self.tokenizer.stream()
+            yield _tokens([first], stream.push(first))
+            n, finish = 1, _finish(first, spec, self.eos)
+            if finish is None and spec.max_new_tokens > 1:
+                async for tok in self._decode(session, first, stop):
+                    n += 1
+                    yield _tokens([tok], stream.push(tok))
+                    finish = _finish(tok, spec, self.eos)
+            finish = finish or "length"
+            tail = stream.flush()  # bytes held back waiting for a complete character
+            if tail:
+                yield _tokens([], tail)
+            t = session.timings()
+            fields.update(n_tokens=n, decode_ms=round(t.get("decode_ms", 0.0), 2), finish=finish)
+            yield pb.GenerateResponse(done=pb.GenerateDone(
+                finish_reason=finish, backend=self.backend.name,
+                timings=pb.DecodeTimings(
+                    ingest_ms=ingest_ms, ingest_wait_ms=ist.wait_ms,
+                    decode_ms=t.get("decode_ms", 0.0),
+                    decode_ms_per_token=t.get("decode_ms_per_token", 0.0),
+                    modeled_device_ms_per_token=t.get("modeled_device_ms_per_token", 0.0),
+                    n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
+        finally:
+            stop.set()  # a cancelled client stops the decode thread at its next token
+            await loop.run_in_executor(self.pool, session.close)
+            if not released:
+                fields["released"] = True
+                await self._release(request, spec.request_id)
+
+    async def _ingest(self, request, session, desc, transport: str, timeout: float):
+        loop = asyncio.get_running_loop()
+        ist = IngestStats()
+        if transport == "shm":
+            layers = shm_layers(self.readers, desc, timeout, self.pool, ist)
+        else:
+            layers = grpc_layers(self.prefill, request.handle.request_id, desc, timeout, ist)
+        first = None
+        async for layer, data in layers:
+            if layer < 0:
+                first = data
+                break
+            await loop.run_in_executor(self.pool, session.ingest_layer, layer, memoryview(data))
+        self.stats[f"{transport}_kv_bytes"] += ist.bytes
+        self.stats[f"{transport}_requests"] += 1
+        return int(first), ist
+
+    async def _decode(self, session, first: int, stop: threading.Event):
+        """Runs session.decode in a pool thread; tokens cross to the loop via a queue."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def run() -> None:
+            try:
+                for tok in session.decode(first):
+                    loop.call_soon_threadsafe(q.put_nowait, tok)
+                    if stop.is_set():
+                        break
+                loop.call_soon_threadsafe(q.put_nowait, _END)
+            except BaseException as e:
+                loop.call_soon_threadsafe(q.put_nowait, e)
+
+        fut = loop.run_in_executor(self.pool, run)
+        try:
+            while (item := await q.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            await asyncio.wait([fut], timeout=self.wait_timeout_s)
+
+    async def _release(self, request, rid: str) -> bool:
+        """Give the slot back to prefill now that its bytes are in device memory."""
+        try:
+            await self.prefill.Release(pb.LeaseRequest(request_id=rid, kv=request.handle.kv),
+                                       timeout=5.0)
+            return True
+        except grpc.aio.AioRpcError as e:  # the lease reaper frees it anyway
+            log.warning("release id=%s failed: %s %s", rid, e.code().name, e.details())
+            return e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND)
+
+    # ---- Info ----------------------------------------------------------------------
+    async def Info(self, request, context):
+        c, b = self.config, self.backend
+        info = b.info()
+        metrics = dict(self.stats) | {"active": self.admission.active,
+                                      "waiting": self.admission.waiting,
+                                      "sessions_open": info.get("sessions_open", "")}
+        context.set_trailing_metadata(tuple(
+            (f"x-hybrid-{k.replace('_', '-')}", str(v)) for k, v in metrics.items()))
+        return pb.ServiceInfo(
+            model=self.model, weights_fingerprint=self.fingerprint, device=info.get("device", ""),
+            backend=b.name, kv_layout=kit.LAYOUTS[b.kv_layout], dtype=kit.DTYPES[b.kv_dtype],
+            max_positions=c.max_positions, synthetic=bool(getattr(self.tokenizer, "synthetic", False)),
+            n_layers=c.n_layers, version=VERSION)
+
+
+def _tokens(ids: list[int], text: str) -> pb.GenerateResponse:
+    return pb.GenerateResponse(tokens=pb.TokenChunk(ids=ids, text=text))
+
+
+def _finish(tok: int, spec: DecodeSpec, eos: int | None) -> str | None:
+    return is_stop(tok, eos, spec.stop_ids, spec.ignore_eos)

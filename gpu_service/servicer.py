@@ -1,0 +1,215 @@
+"""PrefillService: message -> checks -> slot -> runner (worker thread) -> messages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import grpc
+
+from engine.errors import FailedPrecondition, HybridError, InvalidArgument
+from protos import hybrid_pb2 as pb
+from protos import hybrid_pb2_grpc as pbg
+from transport import servekit as kit
+
+from .runner import PrefillRunner
+
+log = logging.getLogger("hybrid.prefill")
+VERSION = "0.1.0"
+
+
+class PrefillServicer(pbg.PrefillServiceServicer):
+    def __init__(self, runner: PrefillRunner, region: Any, admission: kit.Admission,
+                 lease_s: float, wait_timeout_s: float = 60.0, checksums: bool = True) -> None:
+        self.runner, self.region, self.admission = runner, region, admission
+        self.lm = runner.lm
+        self.lease_s, self.wait_timeout_s = lease_s, wait_timeout_s
+        self.checksums = checksums  # per-layer xxh3 in the slot header: DATA_LOSS on mismatch
+        # Counters reported as Info trailing metadata (x-hybrid-*): what tests and
+        # operators use to see slots in use and how KV left this process.
+        self.stats: Counter = Counter()
+
+    # ---- Prefill -------------------------------------------------------------------
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id or uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        fields: dict[str, Any] = {}
+        try:
+            layout, ids, params = self._check(request)
+            dtype = self._requested_dtype(context)
+            self.runner.layer_bytes(layout, 1, dtype)  # InvalidArgument for a bad layout/dtype pair
+            fields.update(layout=layout, dtype=self.runner.slot_dtype(layout, dtype), n_prompt=len(ids))
+            async with self.admission.slot() as queue_ms:
+                async for msg in self._prefill(rid, ids, layout, dtype, params, queue_ms, fields):
+                    yield msg
+            fields["status"] = "OK"
+        except asyncio.CancelledError:
+            fields["status"] = "CANCELLED"
+            raise
+        except Exception as e:
+            fields["status"] = kit.status_of(e).name
+            await self._abort(context, e)
+        finally:
+            fields["total_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
+            log.info("prefill id=%s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    def _check(self, request: pb.PrefillRequest):
+        if request.expected_fingerprint and request.expected_fingerprint != self.lm.fingerprint:
+            raise FailedPrecondition(
+                f"weights fingerprint mismatch: decoder has {request.expected_fingerprint[:16]}, "
+                f"prefill has {self.lm.fingerprint[:16]}")
+        layout = "dense" if request.layout == pb.KV_LAYOUT_UNSPECIFIED else kit.layout_name(request.layout)
+        ids = list(request.prompt_ids) or (
+            self.lm.tokenizer.encode(request.prompt) if request.prompt else [])
+        self.runner.check_prompt(ids, request.max_new_tokens)
+        return layout, ids, kit.sampling_from_proto(request.sampling)
+
+    @staticmethod
+    def _requested_dtype(context: grpc.aio.ServicerContext) -> str | None:
+        """The slot dtype the decoder wants, sent by the client as `x-hybrid-kv-dtype`
+        metadata (PrefillRequest has no dtype field yet; see docs/protocol.md)."""
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-hybrid-kv-dtype":
+                if value not in kit.DTYPES:
+                    raise InvalidArgument(f"x-hybrid-kv-dtype {value!r}: expected one of "
+                                          f"{', '.join(kit.DTYPES)}")
+                return value
+        return None
+
+    async def _prefill(self, rid: str, ids: list[int], layout: str, dtype: str | None,
+                       params: Any, queue_ms: float, fields: dict):
+        n_layers = self.runner.config.n_layers
+        layer_bytes = self.runner.layer_bytes(layout, len(ids), dtype)
+        desc = self.region.alloc(
+            layer_bytes * n_layers, n_layers, layout=layout, checksums=self.checksums,
+            dtype=self.runner.slot_dtype(layout, dtype), n_tokens=len(ids),
+            n_kv_heads=self.runner.config.n_kv_heads, head_dim=self.runner.config.head_dim)
+        self.stats["slots_allocated"] += 1
+        cancel = threading.Event()
+        done = False
+        try:
+            yield pb.PrefillResponse(handle=pb.KvHandle(
+                request_id=rid, kv=desc.to_proto(), weights_fingerprint=self.lm.fingerprint,
+                model=self.lm.spec, lease_ms=int(self.lease_s * 1e3), prompt_ids=ids))
+            loop = asyncio.get_running_loop()
+            fut = loop.run_in_executor(None, self.runner.run, ids, desc, layout, params, cancel)
+            try:
+                res = await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                cancel.set()  # stop at the next layer, then free the slot below
+                await asyncio.wait([fut], timeout=self.wait_timeout_s)
+                raise
+            self.region.renew(desc)  # the consumer's lease starts when the KV is complete
+            st = res.ship
+            fields.update(kv_bytes=st.kv_bytes, queue_ms=round(queue_ms, 2),
+                          prefill_ms=round(res.prefill_ms, 2),
+                          transfer_ms=round(st.transfer_ms, 3),
+                          exposed_ms=round(st.exposed_transfer_ms, 3))
+            done = True
+            self.stats["prefills_done"] += 1
+            yield pb.PrefillResponse(done=pb.PrefillDone(
+                first_token=res.first_token,
+                first_text=self.lm.tokenizer.decode([res.first_token]),
+                device=str(self.lm.device),
+                timings=pb.PrefillTimings(
+                    queue_ms=queue_ms, prefill_ms=res.prefill_ms, transfer_ms=st.transfer_ms,
+                    exposed_transfer_ms=st.exposed_transfer_ms, kv_bytes=st.kv_bytes)))
+        finally:
+            if not done:
+                self._fail_slot(desc, "prefill did not complete")
+
+    def _fail_slot(self, desc: Any, reason: str) -> None:
+        try:
+            self.region.mark_failed(desc, reason)
+            self.region.free(desc)
+            self.stats["slots_failed"] += 1
+        except HybridError as e:  # already freed (stale generation): nothing to undo
+            log.debug("fail_slot: %s", e)
+
+    # ---- leases --------------------------------------------------------------------
+    async def RenewLease(self, request: pb.LeaseRequest, context):
+        try:
+            self.region.renew(self._desc(request))
+        except Exception as e:
+            await self._abort(context, e)
+        return pb.LeaseReply(lease_ms=int(self.lease_s * 1e3))
+
+    async def Release(self, request: pb.LeaseRequest, context):
+        try:
+            self.region.free(self._desc(request))
+            self.stats["slots_released"] += 1
+        except Exception as e:
+            await self._abort(context, e)
+        log.debug("release id=%s", request.request_id)
+        return pb.LeaseReply(lease_ms=0)
+
+    def _desc(self, request: Any) -> Any:
+        from transport.descriptor import KvDescriptor
+
+        if not request.HasField("kv"):
+            raise InvalidArgument("missing kv descriptor")
+        desc = KvDescriptor.from_proto(request.kv)
+        if desc.region != self.region.name:
+            raise InvalidArgument(f"descriptor names region {desc.region!r}, not ours")
+        return desc
+
+    async def reap_leases(self, period_s: float) -> None:
+        """Free slots whose consumer stopped renewing (e.g. a decoder that died)."""
+        while True:
+            await asyncio.sleep(period_s)
+            try:
+                freed = self.region.reap_expired()
+                if freed:
+                    self.stats["slots_reaped"] += len(freed)
+                    log.info("lease reaper freed %d slot(s): %s", len(freed),
+                             ", ".join(str(d.slot) for d in freed))
+            except Exception:
+                log.exception("lease reaper")
+
+    # ---- FetchKv -------------------------------------------------------------------
+    async def FetchKv(self, request: pb.FetchKvRequest, context):
+        from transport.fetch import iter_chunks
+
+        try:
+            desc = self._desc(request)
+            it = iter_chunks(self.region, desc, request.chunk_bytes or (1 << 20),
+                             self.wait_timeout_s)
+            loop = asyncio.get_running_loop()
+            end = object()
+            while (chunk := await loop.run_in_executor(None, next, it, end)) is not end:
+                self.stats["fetch_bytes"] += len(chunk.data)
+                yield chunk
+            self.stats["fetch_streams"] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self._abort(context, e)
+
+    # ---- Info ----------------------------------------------------------------------
+    async def Info(self, request: pb.InfoRequest, context):
+        c = self.runner.config
+        context.set_trailing_metadata(tuple(
+            (f"x-hybrid-{k.replace('_', '-')}", str(v)) for k, v in self.metrics().items()))
+        return pb.ServiceInfo(
+            model=self.lm.spec, weights_fingerprint=self.lm.fingerprint,
+            device=str(self.lm.device), backend="prefill", kv_layout=pb.KV_LAYOUT_DENSE,
+            dtype=kit.DTYPES[self.runner.compute_dtype], region=self.region.name,
+            region_bytes=self.region.total_bytes, max_positions=c.max_positions,
+            synthetic=self.lm.synthetic, n_layers=c.n_layers, version=VERSION)
+
+    def metrics(self) -> dict[str, int]:
+        m = dict(self.stats)
+        m["slots_in_use"] = self.region.stats()["slots_used"]
+        m["active"], m["waiting"] = self.admission.active, self.admission.waiting
+        return m
+
+    async def _abort(self, context: grpc.aio.ServicerContext, e: Exception) -> None:
+        code = kit.status_of(e)
+        if code == grpc.StatusCode.INTERNAL:
+            log.exception("internal error")
+        await context.abort(code, str(e) or type(e).__name__)

@@ -1,0 +1,271 @@
+"""Fault table of the service pair: bad inputs get their specific status, cancellation and
+dead peers free slots, a dead prefill gives UNAVAILABLE within the deadline, SIGTERM
+drains. Real processes on loopback, synthetic tiny GPT-2 (256 positions), 1.5 s lease."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from client.api import HybridClient
+from client.launch import ServicePair, free_port, spawn, stop, wait_serving
+from client.remote import run_remote
+from engine import errors
+from engine.sampling import SamplingParams
+from protos import hybrid_pb2 as pb
+from protos import hybrid_pb2_grpc as pbg
+from tests.services_util import counters, slots_in_use, wait_until
+
+MODEL = "synthetic:tiny-gpt2"
+LEASE_S = 1.5
+C = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    logs = str(tmp_path_factory.mktemp("logs"))
+    with ServicePair(model=MODEL, device="cpu", log_dir=logs,
+                     prefill_args=["--lease-s", str(LEASE_S)]) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def stubs(pair):
+    pch, dch = grpc.insecure_channel(pair.prefill), grpc.insecure_channel(pair.decode)
+    yield pbg.PrefillServiceStub(pch), pbg.DecodeServiceStub(dch)
+    pch.close()
+    dch.close()
+
+
+def _prefill(stub, **kw) -> tuple[pb.KvHandle, pb.PrefillDone]:
+    msgs = list(stub.Prefill(pb.PrefillRequest(**kw), timeout=10))
+    return msgs[0].handle, msgs[-1].done
+
+
+def _code(fn) -> grpc.StatusCode:
+    try:
+        fn()
+    except grpc.RpcError as e:
+        return e.code()
+    return C.OK
+
+
+PREFILL_BAD = {
+    "empty prompt": (dict(), C.INVALID_ARGUMENT),
+    "id outside vocab": (dict(prompt_ids=[5, 10_000]), C.INVALID_ARGUMENT),
+    "too many tokens": (dict(prompt_ids=[1, 2], max_new_tokens=10_000), C.INVALID_ARGUMENT),
+    "unknown layout": (dict(prompt_ids=[1, 2], layout=9), C.INVALID_ARGUMENT),
+    "negative temperature": (dict(prompt_ids=[1], sampling=pb.SamplingParams(temperature=-1)),
+                             C.INVALID_ARGUMENT),
+    "top_p > 1": (dict(prompt_ids=[1], sampling=pb.SamplingParams(top_p=1.5)), C.INVALID_ARGUMENT),
+    "fingerprint mismatch": (dict(prompt_ids=[1], expected_fingerprint="00" * 16),
+                             C.FAILED_PRECONDITION),
+}
+
+
+@pytest.mark.parametrize("case", PREFILL_BAD)
+def test_prefill_bad_input(stubs, pair, case):
+    kw, want = PREFILL_BAD[case]
+    assert _code(lambda: _prefill(stubs[0], **kw)) == want
+    assert slots_in_use(pair.prefill) == 0
+
+
+def test_prefill_slot_dtype_follows_the_decoder(stubs, pair):
+    """The client passes the decoder's dtype as x-hybrid-kv-dtype metadata."""
+    def prefill(dtype):
+        msgs = list(stubs[0].Prefill(pb.PrefillRequest(prompt_ids=[1, 2, 3, 4]), timeout=10,
+                                     metadata=(("x-hybrid-kv-dtype", dtype),)))
+        stubs[0].Release(pb.LeaseRequest(kv=msgs[0].handle.kv), timeout=5)
+        return msgs[0].handle.kv
+
+    fp32, fp16 = prefill("float32"), prefill("float16")
+    assert (fp32.dtype, fp16.dtype) == (pb.DTYPE_FP32, pb.DTYPE_FP16)
+    assert sum(r.length for r in fp32.layers) == 2 * sum(r.length for r in fp16.layers)
+    assert _code(lambda: prefill("int8")) == C.INVALID_ARGUMENT
+
+
+def _edit(h: pb.KvHandle, **kv) -> pb.KvHandle:
+    h2 = pb.KvHandle()
+    h2.CopyFrom(h)
+    for k, v in kv.items():
+        if k == "fingerprint":
+            h2.weights_fingerprint = v
+        else:
+            setattr(h2.kv, k, v)
+    return h2
+
+
+GENERATE_BAD = {
+    "missing handle": (lambda h: dict(max_new_tokens=4), C.INVALID_ARGUMENT),
+    "zero max_new_tokens": (lambda h: dict(handle=h, max_new_tokens=0), C.INVALID_ARGUMENT),
+    "too many tokens": (lambda h: dict(handle=h, max_new_tokens=10_000), C.INVALID_ARGUMENT),
+    "fingerprint mismatch": (lambda h: dict(handle=_edit(h, fingerprint="ff" * 16),
+                                            max_new_tokens=4), C.FAILED_PRECONDITION),
+    "wrong layout": (lambda h: dict(handle=_edit(h, layout=pb.KV_LAYOUT_HBM), max_new_tokens=4),
+                     C.INVALID_ARGUMENT),
+    "wrong dtype": (lambda h: dict(handle=_edit(h, dtype=pb.DTYPE_FP16), max_new_tokens=4),
+                    C.INVALID_ARGUMENT),
+    "unknown transport": (lambda h: dict(handle=h, max_new_tokens=4, transport=7),
+                          C.INVALID_ARGUMENT),
+    "unknown region": (lambda h: dict(handle=_edit(h, region="/hybrid-kv-1-1"), max_new_tokens=4),
+                       C.NOT_FOUND),
+    "slot out of range": (lambda h: dict(handle=_edit(h, slot=10**6), max_new_tokens=4),
+                          C.INVALID_ARGUMENT),
+    "stale generation": (lambda h: dict(handle=_edit(h, generation=h.kv.generation + 5),
+                                        max_new_tokens=4), C.ABORTED),
+}
+
+
+@pytest.mark.parametrize("case", GENERATE_BAD)
+def test_generate_bad_input(stubs, pair, case):
+    make, want = GENERATE_BAD[case]
+    handle, _ = _prefill(stubs[0], prompt_ids=[3, 4, 5], max_new_tokens=4)
+    req = pb.GenerateRequest(**make(handle))
+    assert _code(lambda: list(stubs[1].Generate(req, timeout=10))) == want
+    # The refused request's slot is released (or reaped within the lease), never leaked.
+    assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
+
+
+def test_stale_handle_after_use(stubs, pair):
+    handle, _ = _prefill(stubs[0], prompt_ids=[3, 4, 5], max_new_tokens=4)
+    req = pb.GenerateRequest(handle=handle, max_new_tokens=4)
+    assert len(list(stubs[1].Generate(req, timeout=10))) >= 2
+    assert _code(lambda: list(stubs[1].Generate(req, timeout=10))) == C.ABORTED
+    lease = pb.LeaseRequest(kv=handle.kv)
+    assert _code(lambda: stubs[0].RenewLease(lease, timeout=5)) == C.ABORTED
+    assert _code(lambda: stubs[0].Release(pb.LeaseRequest(), timeout=5)) == C.INVALID_ARGUMENT
+
+
+def test_services_stay_healthy(pair, stubs):
+    """After every bad input above (this test runs after them): still SERVING, nothing
+    leaked, and a good request still works."""
+    from client.api import health
+
+    assert asyncio.run(health(pair.prefill)) == "SERVING"
+    assert asyncio.run(health(pair.decode)) == "SERVING"
+    res = run_remote(prompt_ids=[1, 2, 3], max_new_tokens=5, prefill=pair.prefill,
+                     decode=pair.decode)
+    assert len(res.token_ids) == 5
+    assert wait_until(lambda: slots_in_use(pair.prefill) == 0, 3)
+    assert counters(pair.decode, "decode")["sessions-open"] == 0
+
+
+def test_abandoned_handle_freed_within_lease(stubs, pair):
+    """A consumer that never comes (or died before releasing): the reaper frees it."""
+    before = counters(pair.prefill, "prefill")["slots-reaped"]
+    _prefill(stubs[0], prompt_ids=[9, 8, 7], max_new_tokens=4)
+    assert slots_in_use(pair.prefill) == 1
+    t0 = time.monotonic()
+    assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
+    assert time.monotonic() - t0 <= LEASE_S + 1.0
+    assert counters(pair.prefill, "prefill")["slots-reaped"] == before + 1
+
+
+def test_client_cancel_stops_decode(pair):
+    before = counters(pair.decode, "decode")["cancelled"]
+
+    async def go():
+        async with HybridClient(pair.prefill, pair.decode, timeout_s=30) as c:
+            agen = c.stream(prompt_ids=[1, 2, 3, 4], max_new_tokens=250, ignore_eos=True)
+            n = 0
+            async for _ in agen:
+                n += 1
+                if n == 3:
+                    break
+            await agen.aclose()
+            return n
+
+    assert asyncio.run(go()) == 3
+    assert wait_until(lambda: counters(pair.decode, "decode")["cancelled"] == before + 1, 5)
+    d = counters(pair.decode, "decode")
+    assert d["sessions-open"] == 0 and d["active"] == 0
+    assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
+
+
+def test_decode_killed_mid_request(pair, tmp_path):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = spawn(["serve", "decode", "--model", MODEL, "--device", "cpu", "--port", str(port),
+                  "--prefill", pair.prefill], log_path=str(tmp_path / "decode2.log"))
+    try:
+        wait_serving(target, proc, 60)
+
+        async def go():
+            async with HybridClient(pair.prefill, target, timeout_s=20) as c:
+                async for _ in c.stream(prompt_ids=[1, 2, 3], max_new_tokens=250, ignore_eos=True):
+                    os.kill(proc.pid, signal.SIGKILL)
+
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable):
+            asyncio.run(go())
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop(proc)
+    assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
+
+
+def test_sigterm_drains_in_flight_request(pair, tmp_path):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = spawn(["serve", "decode", "--model", MODEL, "--device", "cpu", "--port", str(port),
+                  "--prefill", pair.prefill, "--grace-s", "20"],
+                 log_path=str(tmp_path / "decode3.log"))
+    try:
+        wait_serving(target, proc, 60)
+
+        async def go():
+            async with HybridClient(pair.prefill, target, timeout_s=30) as c:
+                res = None
+                async for item in c.stream(prompt_ids=[1, 2, 3], max_new_tokens=200,
+                                           ignore_eos=True):
+                    if res is None:
+                        res = "signalled"
+                        proc.send_signal(signal.SIGTERM)
+                    else:
+                        res = item
+                return res
+
+        res = asyncio.run(go())
+        assert len(res.token_ids) == 200  # the in-flight request ran to the end
+        assert proc.wait(20) == 0
+    finally:
+        stop(proc)
+
+
+def test_dead_prefill_resource_limits_then_unavailable(pair, tmp_path):
+    """A prefill with 2 slots and no queue: full -> RESOURCE_EXHAUSTED; killed ->
+    the client gets UNAVAILABLE well within its deadline, never a hang."""
+    from transport.shm import sweep_stale
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = spawn(["serve", "prefill", "--model", MODEL, "--device", "cpu", "--port", str(port),
+                  "--max-slots", "2", "--max-active", "1", "--max-queue", "0"],
+                 log_path=str(tmp_path / "prefill2.log"))
+    try:
+        wait_serving(target, proc, 60)
+        with grpc.insecure_channel(target) as ch:
+            stub = pbg.PrefillServiceStub(ch)
+            held = [_prefill(stub, prompt_ids=[1, 2], max_new_tokens=2)[0] for _ in range(2)]
+            assert _code(lambda: _prefill(stub, prompt_ids=[1, 2])) == C.RESOURCE_EXHAUSTED
+            for h in held:
+                stub.Release(pb.LeaseRequest(kv=h.kv), timeout=5)
+            assert _code(lambda: _prefill(stub, prompt_ids=[1, 2])) == C.OK
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable):
+            run_remote(prompt_ids=[1, 2, 3], max_new_tokens=4, prefill=target,
+                       decode=pair.decode, params=SamplingParams(), timeout_s=5)
+        assert time.monotonic() - t0 < 5
+    finally:
+        stop(proc)
+        sweep_stale()  # SIGKILL left its region behind; a new owner would sweep it too
+    from client.api import health
+
+    assert asyncio.run(health(pair.decode)) == "SERVING"

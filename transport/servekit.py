@@ -1,0 +1,213 @@
+"""gRPC server plumbing shared by the prefill and decode services.
+
+Both services need the same lifecycle (health NOT_SERVING until ready, reflection,
+bounded admission, graceful drain on SIGTERM) and the same error mapping; they may not
+import each other, so it lives here beside the transport they share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.errors import HybridError, ResourceExhausted
+
+log = logging.getLogger("hybrid.server")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Largest message either side sends: KvChunk of FetchKv (default 1 MiB) with headroom.
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The gRPC status an exception maps to; bad input never becomes UNKNOWN."""
+    if isinstance(exc, HybridError):
+        return grpc.StatusCode[exc.status]
+    if isinstance(exc, grpc.aio.AioRpcError):  # an upstream call failed: keep its code
+        return exc.code()
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, ValueError | KeyError | IndexError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return grpc.StatusCode.INTERNAL
+
+
+class Admission:
+    """Bounded concurrency with a bounded wait queue.
+
+    At most `max_active` requests run; up to `max_queue` more wait; beyond that a
+    request is refused at once with RESOURCE_EXHAUSTED rather than piling up.
+    """
+
+    def __init__(self, max_active: int, max_queue: int) -> None:
+        self.max_active, self.max_queue = max_active, max_queue
+        self._sem = asyncio.Semaphore(max_active)
+        self.waiting = 0
+        self.active = 0
+        self.draining = False
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[float]:
+        """Yields the queue wait in ms."""
+        from engine.errors import Unavailable
+
+        if self.draining:
+            raise Unavailable("server is shutting down")
+        if self._sem.locked() and self.waiting >= self.max_queue:
+            raise ResourceExhausted(
+                f"queue full ({self.active} running, {self.waiting} waiting)")
+        t0 = time.perf_counter()
+        self.waiting += 1
+        try:
+            await self._sem.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        try:
+            yield (time.perf_counter() - t0) * 1e3
+        finally:
+            self.active -= 1
+            self._sem.release()
+
+
+def make_server(
+    add_servicers: Callable[[grpc.aio.Server], None], service_names: Iterable[str]
+) -> tuple[grpc.aio.Server, health.HealthServicer]:
+    """A grpc.aio server with health (NOT_SERVING for now) and reflection."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ])
+    add_servicers(server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names)
+    for name in ["", *names]:
+        health_servicer.set(name, NOT_SERVING)
+    reflection.enable_server_reflection(
+        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server)
+    return server, health_servicer
+
+
+def set_health(health_servicer: health.HealthServicer, names: Iterable[str], status) -> None:
+    for name in ["", *names]:
+        health_servicer.set(name, status)
+
+
+async def run_until_signalled(
+    server: grpc.aio.Server,
+    health_servicer: health.HealthServicer,
+    names: list[str],
+    admission: Admission,
+    grace_s: float,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then: health NOT_SERVING, refuse new work, let
+    in-flight requests finish for up to `grace_s`, stop. The caller closes resources."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    set_health(health_servicer, names, SERVING)
+    if ready is not None:
+        ready()
+    await stop.wait()
+    log.info("shutdown: draining %d active request(s), grace %.1fs", admission.active, grace_s)
+    set_health(health_servicer, names, NOT_SERVING)
+    admission.draining = True
+    await server.stop(grace_s)
+    log.info("shutdown: stopped")
+
+
+# Proto enums <-> the names engine/, kernels/ and the backends use.
+LAYOUTS = {"dense": 1, "hbm": 2}       # hybrid.v1.KvLayout
+DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3}  # hybrid.v1.DType
+
+
+def layout_name(value: int) -> str:
+    from engine.errors import InvalidArgument
+
+    for name, v in LAYOUTS.items():
+        if v == value:
+            return name
+    raise InvalidArgument(f"unknown KV layout {value} (known: dense=1, hbm=2)")
+
+
+def dtype_name(value: int) -> str:
+    from engine.errors import InvalidArgument
+
+    for name, v in DTYPES.items():
+        if v == value:
+            return name
+    raise InvalidArgument(f"unknown dtype {value} (known: fp16=1, bf16=2, fp32=3)")
+
+
+def sampling_from_proto(msg: object):
+    """hybrid.v1.SamplingParams -> engine.sampling.SamplingParams (validated)."""
+    from engine.errors import InvalidArgument
+    from engine.sampling import SamplingParams
+
+    # Proto floats are float32: 0.7 arrives as 0.699999988. Round back to the decimal
+    # the user typed so sampling matches `generate --local` bit for bit.
+    t, k, p = float(f"{msg.temperature:.7g}"), msg.top_k, float(f"{msg.top_p:.7g}")
+    if not t >= 0.0:  # also catches NaN
+        raise InvalidArgument(f"temperature must be >= 0, got {t}")
+    if not 0.0 <= p <= 1.0:
+        raise InvalidArgument(f"top_p must be in [0, 1], got {p}")
+    seed = msg.seed if msg.HasField("seed") else None
+    # A client that wants reproducible sampling sends the seed to both stages; without
+    # one each stage draws its own (still a valid random sample).
+    return SamplingParams(temperature=t, top_k=int(k), top_p=p or 1.0, seed=seed).with_seed()
+
+
+def late_servicer(base: type, holder: dict, streams: Iterable[str], unaries: Iterable[str]):
+    """A servicer registered before the weights load (so health answers at once) that
+    forwards each call to `holder["servicer"]` once it exists, UNAVAILABLE before."""
+
+    async def real(context):
+        svc = holder.get("servicer")
+        if svc is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "weights are still loading")
+        return svc
+
+    def stream(name: str):
+        async def method(self, request, context):
+            async for msg in getattr(await real(context), name)(request, context):
+                yield msg
+        return method
+
+    def unary(name: str):
+        async def method(self, request, context):
+            return await getattr(await real(context), name)(request, context)
+        return method
+
+    attrs = {n: stream(n) for n in streams} | {n: unary(n) for n in unaries}
+    return type(f"Late{base.__name__}", (base,), attrs)()
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, str]:
+    """'auto' -> cuda when present, else cpu; dtype 'auto' -> float16 on CUDA, float32 on CPU."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, dtype
