@@ -29,7 +29,9 @@ def spawn(args: list[str], env: dict[str, str] | None = None, log_path: str | No
           ) -> subprocess.Popen:
     """`python -m client.cli <args>` from the repo root, its output to `log_path`."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    full_env = os.environ | {"PYTHONPATH": root} | (env or {})
+    # keep the caller's PYTHONPATH (e.g. packages carried to a GPU box) behind the repo root
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    full_env = os.environ | {"PYTHONPATH": path} | (env or {})
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen([sys.executable, "-m", "client.cli", *args], cwd=root, env=full_env,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
