@@ -64,7 +64,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 async for msg in self._generate(request, spec, desc, transport, context, fields):
                     yield msg
             fields["status"] = "OK"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # client gone: task cancelled or stream closed
             fields["status"] = "CANCELLED"
             self.stats["cancelled"] += 1
             raise
@@ -124,7 +124,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             timeout = min(timeout, max(0.0, context.time_remaining()))
         session = await loop.run_in_executor(self.pool, self.backend.open_session, spec)
         stop = threading.Event()
-        released = False
+        released, tokens = False, None
         try:
             t_ingest = time.perf_counter()
             first, ist = await self._ingest(request, session, desc, transport, timeout)
@@ -137,7 +137,8 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             yield _tokens([first], stream.push(first))
             n, finish = 1, _finish(first, spec, self.eos)
             if finish is None and spec.max_new_tokens > 1:
-                async for tok in self._decode(session, first, stop):
+                tokens = self._decode(session, first, stop)
+                async for tok in tokens:
                     n += 1
                     yield _tokens([tok], stream.push(tok))
                     finish = _finish(tok, spec, self.eos)
@@ -157,6 +158,8 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                     n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
         finally:
             stop.set()  # a cancelled client stops the decode thread at its next token
+            if tokens is not None:
+                await tokens.aclose()  # returns once the decode thread has stopped
             await loop.run_in_executor(self.pool, session.close)
             if not released:
                 fields["released"] = True
@@ -170,11 +173,15 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         else:
             layers = grpc_layers(self.prefill, request.handle.request_id, desc, timeout, ist)
         first = None
-        async for layer, data in layers:
-            if layer < 0:
-                first = data
-                break
-            await loop.run_in_executor(self.pool, session.ingest_layer, layer, memoryview(data))
+        try:
+            async for layer, data in layers:
+                if layer < 0:
+                    first = data
+                    break
+                await loop.run_in_executor(self.pool, session.ingest_layer, layer,
+                                           memoryview(data))
+        finally:
+            await layers.aclose()  # ends a FetchKv stream at once
         self.stats[f"{transport}_kv_bytes"] += ist.bytes
         self.stats[f"{transport}_requests"] += 1
         return int(first), ist

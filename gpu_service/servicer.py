@@ -48,7 +48,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                 async for msg in self._prefill(rid, ids, layout, dtype, params, queue_ms, fields):
                     yield msg
             fields["status"] = "OK"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # client gone: task cancelled or stream closed
             fields["status"] = "CANCELLED"
             raise
         except Exception as e:
