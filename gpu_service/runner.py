@@ -3,6 +3,7 @@ first token. Runs in a worker thread (never on the event loop)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class PrefillRunner:
         self.copy_timeout_s = copy_timeout_s
         self.compute_dtype = _DTYPE_NAME[lm.dtype]
         self.shippers = ShipperPool(self.config, lm.device)
+        # Fault injection for tests (a prefill slow enough to be killed mid-request).
+        self.fault_layer_delay_s = float(os.environ.get("HYBRID_FAULT_LAYER_DELAY_MS", 0)) / 1e3
 
     def slot_dtype(self, layout: str, requested: str | None = None) -> str:
         """The decoder's element type when it named one (PrefillRequest metadata); else
@@ -81,6 +84,8 @@ class PrefillRunner:
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             if cancel.is_set():
                 raise Cancelled("prefill cancelled")
+            if self.fault_layer_delay_s:
+                time.sleep(self.fault_layer_delay_s)
             compute_end = None
             if on_cuda:  # after this layer's compute on the compute (current) stream
                 compute_end = torch.cuda.Event(enable_timing=True)

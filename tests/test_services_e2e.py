@@ -147,3 +147,13 @@ def test_cli_health_and_info(pair, lm):
     assert info["prefill"]["region"].startswith("/hybrid-kv")
     down = _cli("health", "--service", "decode", "--decode", "127.0.0.1:1")
     assert down.returncode == 1 and "UNREACHABLE" in down.stdout
+
+
+def test_cli_generate_remote_errors_are_one_line(pair):
+    down = _cli("generate", "hi", "--prefill", pair.prefill, "--decode", "127.0.0.1:1",
+                "--timeout", "5")
+    assert down.returncode == 1 and down.stderr.startswith("error: UNAVAILABLE")
+    assert len(down.stderr.strip().splitlines()) == 1
+    bad = _cli("generate", "--prompt-ids", "1,2", "--max-new-tokens", "500",
+               "--prefill", pair.prefill, "--decode", pair.decode)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "positions" in bad.stderr

@@ -269,3 +269,37 @@ def test_dead_prefill_resource_limits_then_unavailable(pair, tmp_path):
     from client.api import health
 
     assert asyncio.run(health(pair.decode)) == "SERVING"
+
+
+def test_prefill_killed_mid_request(pair, tmp_path):
+    """Prefill dies after the handle went out, while decode waits for layers that will
+    never be ready: the client gets UNAVAILABLE well within its deadline."""
+    from transport.shm import sweep_stale
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = spawn(["serve", "prefill", "--model", MODEL, "--device", "cpu", "--port", str(port)],
+                 env={"HYBRID_FAULT_LAYER_DELAY_MS": "1500"},
+                 log_path=str(tmp_path / "prefill3.log"))
+    try:
+        wait_serving(target, proc, 60)
+
+        async def go():
+            async with HybridClient(target, pair.decode, timeout_s=20) as c:
+                calls = c.stream(prompt_ids=[1, 2, 3], max_new_tokens=4)
+                killer = asyncio.get_running_loop().call_later(0.5, os.kill, proc.pid,
+                                                               signal.SIGKILL)
+                try:
+                    async for _ in calls:
+                        pass
+                finally:
+                    killer.cancel()
+
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable):
+            asyncio.run(go())
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop(proc)
+        sweep_stale()
+    assert wait_until(lambda: counters(pair.decode, "decode")["active"] == 0, 5)
