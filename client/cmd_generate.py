@@ -89,8 +89,11 @@ class TokenPrinter:
 def run_local(opts: GenerateOptions, printer: TokenPrinter) -> dict:
     from engine.generate import check_request
     from engine.generate import generate as engine_generate
-    from engine.loader import load_model
+    from engine.loader import load_model, peek_config
 
+    cfg = peek_config(opts.model)
+    if cfg is not None and opts.prompt_ids is not None:  # fail before a slow load
+        check_request(cfg, list(opts.prompt_ids), opts.max_new_tokens)
     show_progress = sys.stderr.isatty() and not opts.json
     lm = load_model(opts.model, opts.device, opts.dtype, progress=show_progress)
     ids = list(opts.prompt_ids) if opts.prompt_ids is not None else lm.tokenizer.encode(opts.prompt)

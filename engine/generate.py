@@ -83,7 +83,7 @@ def decode_tokens(
 def generate(
     lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int,
     params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] = (),  # noqa: B008 - frozen
-    on_token: Callable[[int], None] | None = None,
+    on_token: Callable[[int], None] | None = None, ignore_eos: bool = False,
 ) -> GenerationResult:
     check_request(lm.config, prompt_ids, max_new_tokens)
     params = params.with_seed()
@@ -97,13 +97,14 @@ def generate(
     out = [first]
     if on_token:
         on_token(first)
-    for tok in decode_tokens(lm, cache, first, n, max_new_tokens, params, stop_ids):
+    for tok in decode_tokens(lm, cache, first, n, max_new_tokens, params, stop_ids,
+                             ignore_eos=ignore_eos):
         out.append(tok)
         if on_token:
             on_token(tok)
     _sync(lm.device)
     t2 = time.perf_counter()
     eos = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else lm.config.eos_token_id
-    reason = is_stop(out[-1], eos, stop_ids, False) or "length"
+    reason = is_stop(out[-1], eos, stop_ids, ignore_eos) or "length"
     timings = {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "total_ms": (t2 - t0) * 1e3}
     return GenerationResult(out, lm.tokenizer.decode(out), reason, timings)

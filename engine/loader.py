@@ -141,6 +141,17 @@ def _checkpoint(spec: str, cast, report):
     return cfg, sd, fp, model_dir
 
 
+def peek_config(spec: str) -> ModelConfig | None:
+    """The config of a synthetic preset or local directory without loading weights
+    (None for a hub id), so requests can be checked before a slow load."""
+    if spec.startswith(SYNTHETIC):
+        return PRESETS[parse_synthetic(spec)[0]]
+    path = Path(spec).expanduser()
+    if (path / "config.json").is_file():
+        return _config_from_dir(path)
+    return None
+
+
 def build_model_meta(cfg: ModelConfig) -> nn.Module:
     """Shapes only: real tensors arrive through load_state_dict(assign=True), so a
     large model is never initialised twice."""

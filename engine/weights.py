@@ -143,6 +143,22 @@ def hf_to_ours(cfg: ModelConfig, source: dict[str, torch.Tensor]) -> tuple[dict,
     return ours, used
 
 
+def ours_to_hf(cfg: ModelConfig, ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of hf_to_ours: our names/orientation -> a transformers state dict
+    (for baselines and parity checks on synthetic weights)."""
+    from engine.gpt2 import CONV1D_SUFFIXES
+
+    prefix = "transformer." if cfg.family == "gpt2" else "model."
+    hf = {}
+    for key, t in ours.items():
+        if cfg.family == "gpt2" and key.endswith(CONV1D_SUFFIXES):
+            t = t.t().contiguous()
+        hf[key if key == "lm_head.weight" else prefix + key] = t
+    if cfg.tie_embeddings:
+        hf["lm_head.weight"] = hf[prefix + ("wte.weight" if cfg.family == "gpt2" else "embed_tokens.weight")]
+    return hf
+
+
 def check_names(expected: dict[str, torch.Size], got: dict[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))

@@ -78,7 +78,7 @@ def hf_model(path):
     """Load a saved tiny checkpoint back with transformers (fp32, eager reference)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path)).float().eval()
 
 
 def hf_logits_trace(hf, prompt: list[int], n_steps: int) -> tuple[list[torch.Tensor], list[int]]:
@@ -124,3 +124,29 @@ def make_tokenizer_json(model_dir, vocab_size: int = 300) -> Path:
     path = Path(model_dir) / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+def hf_twin(lm):
+    """A transformers model holding exactly `lm`'s weights (a LoadedModel, e.g. a
+    synthetic one), on its device and dtype: the baseline for parity and benchmarks."""
+    import transformers as tf
+
+    from engine.weights import ours_to_hf
+
+    c = lm.config
+    if c.family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_positions, n_embd=c.d_model,
+                            n_layer=c.n_layers, n_head=c.n_heads, n_inner=c.d_ff,
+                            layer_norm_epsilon=c.norm_eps, bos_token_id=c.bos_token_id,
+                            eos_token_id=c.eos_token_id)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        cfg = tf.LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff,
+                             num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                             num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_positions,
+                             rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+                             tie_word_embeddings=c.tie_embeddings, bos_token_id=c.bos_token_id,
+                             eos_token_id=c.eos_token_id)
+        model = tf.LlamaForCausalLM(cfg)
+    model.load_state_dict(ours_to_hf(c, lm.model.state_dict()), strict=True)
+    return model.to(lm.device, lm.dtype).eval()

@@ -99,3 +99,21 @@ def test_frequencies_follow_softmax_with_temperature():
     counts = torch.bincount(torch.cat([sample(x, p, s) for s in range(3000)]), minlength=4)
     want = torch.softmax(x[0] / 2.0, -1)
     assert torch.allclose(counts / 3000, want, atol=0.03)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(-20, 20), min_size=1, max_size=30), st.integers(0, 40),
+       st.floats(0.01, 1.0))
+def test_filter_keeps_a_nonempty_top_prefix(values, top_k, top_p):
+    x = torch.tensor([values])
+    kept = torch.isfinite(filter_logits(x, top_k, top_p))[0]
+    assert kept.any() and kept[x[0].argmax()]
+    # whatever is kept scores at least as high as whatever is dropped
+    if (~kept).any():
+        assert x[0][kept].min() >= x[0][~kept].max()
+    if top_k and top_p == 1.0:
+        assert int(kept.sum()) >= min(top_k, len(values))

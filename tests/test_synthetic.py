@@ -86,3 +86,14 @@ def test_cast_keeps_source_fingerprint():
     w = a.model.state_dict()["layers.0.mlp.up_proj.weight"]
     assert np.array_equal(w.to(torch.bfloat16).float().numpy(),
                           b.model.state_dict()["layers.0.mlp.up_proj.weight"].float().numpy())
+
+
+@pytest.mark.parametrize("spec", ["synthetic:tiny-gpt2:2", "synthetic:tiny-llama:2"])
+def test_synthetic_model_matches_transformers_on_same_weights(spec):
+    from tests.helpers import engine_logits_trace, hf_logits_trace, hf_twin
+
+    lm = load_model(spec)
+    prompt = list(b"synthetic parity")
+    want, fed = hf_logits_trace(hf_twin(lm), prompt, 5)
+    for g, w in zip(engine_logits_trace(lm, prompt, fed), want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0)

@@ -71,3 +71,24 @@ def test_load_tokenizer_picks_tokenizer_json(tmp_path):
     make_tokenizer_json(tmp_path)
     assert isinstance(load_tokenizer(tmp_path, 320, 0), HFTokenizer)
     assert isinstance(load_tokenizer(None, 320, None), ByteTokenizer)
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=40))
+def test_byte_stream_equals_whole_decode_for_any_bytes(data):
+    """Streaming arbitrary (also invalid) UTF-8 gives exactly what decoding it at once
+    gives, and no piece ever ends inside a character."""
+    s = ByteTokenizer(320).stream()
+    pieces = [s.push(b) for b in data] + [s.flush()]
+    assert "".join(pieces) == data.decode("utf-8", errors="replace")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=30))
+def test_byte_roundtrip_any_text(text):
+    tok = ByteTokenizer(320)
+    assert tok.decode(tok.encode(text)) == text

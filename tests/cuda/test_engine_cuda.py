@@ -28,7 +28,7 @@ def ckpt(request, tmp_path_factory):
 def test_fp16_greedy_matches_hf_fp16(ckpt):
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float16).cuda().eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt)).to("cuda", torch.float16).eval()
     lm = load_model(str(ckpt), device="cuda", dtype="float16")
     assert lm.dtype == torch.float16 and lm.device.type == "cuda"
     for prompt in PROMPTS:
@@ -88,3 +88,20 @@ def test_synthetic_on_cuda_matches_cpu_fingerprint():
     w = b.model.state_dict()["layers.1.self_attn.k_proj.weight"].half()
     assert torch.equal(a.model.state_dict()["layers.1.self_attn.k_proj.weight"].cpu(), w)
     assert generate(a, [1, 2, 3], 8).token_ids  # runs end to end
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cli_generate_on_cuda(dtype):
+    import json
+
+    from click.testing import CliRunner
+
+    from client.cli import main
+
+    r = CliRunner().invoke(main, ["generate", "hello", "--local", "--model", "synthetic:tiny-llama",
+                                  "--device", "cuda", "--dtype", dtype, "--max-new-tokens", "8",
+                                  "--json"])
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["device"].startswith("cuda") and out["dtype"] == dtype
+    assert 1 <= len(out["token_ids"]) <= 8
