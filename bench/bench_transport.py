@@ -7,7 +7,8 @@ GPU (when CUDA is present): a gpt2-medium 512-token fp16 KV (24 layers x K,V x 5
   - into pageable memory                                   = what registration avoids
   - into the region with the full protocol (event + mark_ready per layer)
 CPU (always): the reader's copy-out of ready layers vs a plain memcpy of the same bytes,
-with and without xxh3 checksums.
+with and without xxh3 checksums; cross-process latency from mark_ready to the reader
+seeing the flag (futex wake-up) vs a multiprocessing Pipe message.
 
     PYTHONPATH=. python bench/bench_transport.py [--iters 20]
 """
@@ -52,7 +53,8 @@ def measure_d2h(iters: int = 20) -> dict[str, float]:
     pageable = torch.empty(KV_BYTES, dtype=torch.uint8)
     split = lambda t: list(t.split(LAYER_BYTES))  # noqa: E731
     stream = torch.cuda.Stream()
-    with KvRegion.create(KV_BYTES + (16 << 20), 4, N_LAYERS, 30.0, cuda_register=True) as region:
+    # Room for two requests: the bandwidth slot stays while _protocol_pass allocs its own.
+    with KvRegion.create(2 * KV_BYTES + (16 << 20), 4, N_LAYERS, 30.0, cuda_register=True) as region:
         desc = region.alloc(KV_BYTES, N_LAYERS, n_tokens=N_TOKENS, n_kv_heads=N_HEADS,
                             head_dim=HEAD_DIM)
         views = [region.layer_view(desc, i) for i in range(N_LAYERS)]
@@ -126,6 +128,54 @@ def measure_cpu(iters: int = 10) -> dict[str, float]:
     return {k: _gbps(KV_BYTES, min(v)) for k, v in out.items()}
 
 
+def _latency_reader(name: str, raw_desc: bytes, conn) -> None:
+    """Child: note when each layer's ready flag is seen, then when each pipe message
+    arrives (the baseline notification)."""
+    from transport.descriptor import KvDescriptor
+    from transport.reader import KvReader
+    desc = KvDescriptor.from_bytes(raw_desc)
+    with KvReader.open(name) as reader:
+        conn.send("ready")
+        seen = []
+        for layer in range(desc.n_layers):
+            reader.wait_layer(desc, layer, 10.0)
+            seen.append(time.monotonic_ns())
+    conn.send(seen)
+    conn.send([(conn.recv(), time.monotonic_ns())[1] for _ in range(desc.n_layers)])
+
+
+def measure_ready_latency(n: int = 200, gap_s: float = 0.001) -> dict[str, float]:
+    """Cross-process latency (µs, median and p99) from mark_ready to the reader seeing
+    the flag, vs a multiprocessing Pipe message sent at the same cadence."""
+    import multiprocessing as mp
+
+    from transport.region import KvRegion
+    ctx = mp.get_context("spawn")
+    here, there = ctx.Pipe()
+    with KvRegion.create(n * 4096, 1, n, 30.0, cuda_register=False) as region:
+        desc = region.alloc(n * 4096, n)
+        child = ctx.Process(target=_latency_reader, args=(region.name, desc.to_bytes(), there))
+        child.start()
+        here.recv()
+        marked, sent = [], []
+        for layer in range(n):
+            time.sleep(gap_s)
+            marked.append(time.monotonic_ns())
+            region.mark_ready(desc, layer)
+        seen = here.recv()
+        for _ in range(n):
+            time.sleep(gap_s)
+            sent.append(time.monotonic_ns())
+            here.send(0)
+        got = here.recv()
+        child.join()
+    out = {}
+    for key, a, b in (("flag", marked, seen), ("pipe", sent, got)):
+        lat = sorted((y - x) / 1e3 for x, y in zip(a, b, strict=True))
+        out[key + "_p50"], out[key + "_p99"] = lat[len(lat) // 2], lat[int(len(lat) * 0.99)]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=20)
@@ -137,6 +187,9 @@ def main() -> None:
     print(f"CPU  reader read_layer      {cpu['read_layer']:7.2f} GB/s  "
           f"({cpu['read_layer'] / cpu['memcpy']:.0%} of memcpy)")
     print(f"CPU  reader + xxh3 checksum {cpu['read_layer+xxh3']:7.2f} GB/s")
+    lat = measure_ready_latency()
+    print(f"ready flag -> reader sees it    p50 {lat['flag_p50']:7.1f} us  p99 {lat['flag_p99']:7.1f} us")
+    print(f"baseline: pipe message latency  p50 {lat['pipe_p50']:7.1f} us  p99 {lat['pipe_p99']:7.1f} us")
     try:
         import torch
         has_cuda = torch.cuda.is_available()

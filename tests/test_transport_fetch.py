@@ -141,3 +141,11 @@ def test_assembler_yields_each_layer_once_complete(region):
     assert [len(g) for g in got] == [0, 0, 1, 0, 1]
     assert not asm.done or asm.finish() == 11
     assert asm.done and asm.first_token == 11
+
+
+def test_fetch_from_a_closed_region_is_unavailable():
+    r = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix="hkvtest-fetch", cuda_register=False)
+    desc = r.alloc(4096, 1)
+    r.close()
+    with pytest.raises(Unavailable, match="closed"):
+        next(iter_chunks(r, desc))

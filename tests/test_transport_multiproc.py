@@ -137,8 +137,10 @@ def test_10k_cycles_no_leak_and_bounded_rss():
     assert stats["bytes_free"] == stats["capacity"]
     growth = (report["rss1"] - report["rss0"]) / report["rss0"]
     assert growth < 0.05, f"owner RSS grew {growth:.1%} over 9000 cycles"
+    assert report["objects"] < 200, f"{report['objects']} Python objects accumulated"
     assert not os.path.exists(report["path"])
-    print(f"10k cycles in {time.monotonic() - t0:.1f} s, owner RSS growth {growth:.2%}")
+    print(f"10k cycles in {time.monotonic() - t0:.1f} s, owner RSS {report['rss0'] >> 10} -> "
+          f"{report['rss1'] >> 10} KiB ({growth:+.2%})")
 
 
 _OWNER = """
@@ -204,3 +206,69 @@ def test_reader_sees_region_closed(region):
     with pytest.raises(Unavailable, match="closed"):
         reader.read_layer(desc, 0, 0.1)
     reader.close()
+
+
+def test_concurrent_free_and_reuse_never_yields_torn_bytes():
+    """The seqlock: the owner frees and refills the one slot right after handing out
+    each descriptor while the reader copies 1 MiB layers. A read either returns exactly
+    its generation's bytes or fails with Aborted."""
+    n = 1 << 20
+    with KvRegion.create(2 * n, 1, 1, 30.0, name_prefix=_prefix(), cuda_register=False) as r:
+        here, there = CTX.Pipe()
+        child = CTX.Process(target=procs.seqlock_reader, args=(r.name, there))
+        child.start()
+        for i in range(600):
+            desc = r.alloc(n, 1)
+            r.write_layer(desc, 0, procs.pattern(0, n, salt=desc.generation))
+            r.mark_ready(desc, 0)
+            hold = i % 8 == 0  # sometimes keep the slot until it was read: some reads succeed
+            here.send((desc.to_bytes(), hold))
+            if hold:
+                assert _recv(here) == "read"
+            else:
+                time.sleep(0.0003 * (i % 3))  # let some reads start before the free
+            r.free(desc)
+        here.send(None)
+        counts = _recv(here)
+        child.join(10)
+    assert counts["torn"] == 0, counts
+    assert counts["ok"] >= 600 // 8, counts
+    assert counts["aborted"] + counts["aborted_mid_copy"] > 0, counts
+    print(counts)
+
+
+def test_sweep_stale_detects_a_recycled_pid():
+    """A live pid whose start time differs from the one in the header is a new process
+    that inherited the number: the segment is stale. The same start time: kept."""
+    from transport import layout as L
+    from transport.shm import process_start_ticks
+    prefix, pid = _prefix(), os.getppid()
+    start = process_start_ticks(pid)
+    if start is None:
+        pytest.skip("no /proc start time here")
+    for epoch, ticks in ((1, start), (2, start + 12345)):
+        words = [0] * 8
+        words[L.H_MAGIC] = int.from_bytes(L.MAGIC, "little")
+        words[L.H_OWNER_PID], words[L.H_OWNER_START] = pid, ticks
+        with open(os.path.join(SHM_DIR, f"{prefix}-{pid}-{epoch}"), "wb") as f:
+            f.write(b"".join(w.to_bytes(8, "little") for w in words))
+    try:
+        assert sweep_stale(prefix) == [f"/{prefix}-{pid}-2"]
+        assert _ours(prefix) == [f"{prefix}-{pid}-1"]
+    finally:
+        for entry in _ours(prefix):
+            os.unlink(os.path.join(SHM_DIR, entry))
+
+
+def test_owner_close_wakes_a_waiting_reader(region):
+    desc = region.alloc(2 * 4096, 2)
+    here, there = CTX.Pipe()
+    child = CTX.Process(target=procs.follow_layers, args=(region.name, desc.to_bytes(), there, 30.0))
+    child.start()
+    time.sleep(0.5)  # the child is (most likely) asleep waiting for layer 0
+    t0 = time.monotonic()
+    region.close()
+    kind, name, msg = _recv(here)
+    child.join(10)
+    assert (kind, name) == ("error", "Unavailable") and "closed" in msg
+    assert time.monotonic() - t0 < 5.0  # not the 30 s timeout

@@ -20,6 +20,7 @@ from engine.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from transport import futex
 from transport import layout as L
 from transport.reader import KvReader
 from transport.region import KvRegion
@@ -35,9 +36,11 @@ def region():
     r.close()
 
 
-@pytest.fixture
-def reader(region):
-    rd = KvReader.open(region.name)
+@pytest.fixture(params=[True, False], ids=["futex", "sleep"])
+def reader(region, request):
+    """Both wait strategies: futex wake-ups and the portable sleep/backoff fallback."""
+    rd = KvReader.open(region.name, use_futex=request.param)
+    assert bool(rd._addr) == (request.param and futex.available())
     yield rd
     rd.close()
 
@@ -293,3 +296,107 @@ def test_layer_view_is_a_zero_copy_tensor_over_the_slot(region, reader):
     assert not os.path.exists(region.path)
     view[0] = 7
     del view
+
+
+def test_producer_activity_keeps_the_lease_ahead(region):
+    d = region.alloc(2 * 4096, 2)
+    time.sleep(0.15)  # lease 0.2 s: 0.05 s left
+    region.write_layer(d, 0, bytes(4096))  # producing: at least one lease ahead again
+    region.mark_ready(d, 0)
+    t = time.monotonic()
+    assert region.reap_expired(now=t + 0.15) == []
+    assert region.reap_expired(now=t + 0.25) == [d]
+
+
+def test_reader_pool_reuses_and_drops_closed_regions():
+    from transport.reader import ReaderPool
+    pool = ReaderPool()
+    a = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    b = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    try:
+        ra = pool.get(a.name)
+        assert pool.get(a.name.lstrip("/")) is ra and pool.get(b.name) is not ra
+        a.close()
+        pool.get(b.name)  # sweeps the reader of the closed region
+        assert ra._mm.closed
+        with pytest.raises(NotFound):
+            pool.get(a.name)
+    finally:
+        pool.close()
+        a.close()
+        b.close()
+
+
+def test_cuda_registration_order_without_a_gpu(monkeypatch):
+    """The register/unregister calls (faked here; real ones in test_transport_cuda.py):
+    the whole mapping once at create, unregistered after a device sync and before the
+    mapping goes away."""
+    pytest.importorskip("torch")
+    from transport import cuda
+    calls = []
+    monkeypatch.setattr(cuda, "host_register", lambda ptr, n: calls.append(("reg", ptr, n)))
+    monkeypatch.setattr(cuda, "synchronize_quietly", lambda: calls.append(("sync",)))
+
+    def unregister(ptr):
+        calls.append(("unreg", ptr, r._mm.closed, os.path.exists(r.path)))
+        return 0
+
+    monkeypatch.setattr(cuda, "host_unregister", unregister)
+    r = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=True)
+    assert r.registered
+    ptr = r._tensor.data_ptr()
+    assert calls == [("reg", ptr, r.total_bytes)]
+    r.close()
+    assert calls[1:] == [("sync",), ("unreg", ptr, False, True)]
+    assert r._mm.closed and not r.registered
+
+
+def test_signal_cleanup_chains_to_previous_handler_and_undoes():
+    import signal
+
+    from transport.shm import install_signal_cleanup
+    seen = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
+    r = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    try:
+        undo = install_signal_cleanup(r, signals=(signal.SIGUSR1,))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert seen == [signal.SIGUSR1] and not os.path.exists(r.path)
+        undo()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.01)
+        assert seen == [signal.SIGUSR1] * 2  # the previous handler is back, alone
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        r.close()
+
+
+def test_only_the_creating_process_unlinks():
+    r = KvRegion.create(1 << 16, 1, 1, 1.0, name_prefix=PREFIX, cuda_register=False)
+    real_pid, r._owner_pid = r._owner_pid, -1  # as seen from a forked child
+    r.unlink()
+    assert os.path.exists(r.path)
+    r._owner_pid = real_pid
+    r.close()
+    assert not os.path.exists(r.path)
+
+
+@pytest.mark.parametrize("checksums", [False, True])
+def test_owner_calls_refuse_layers_the_slot_does_not_have(region, checksums):
+    d = region.alloc(2 * 4096, 2, checksums=checksums)
+    for bad in (-1, 2, 4, 1 << 40):
+        with pytest.raises(InvalidArgument, match="out of range"):
+            region.mark_ready(d, bad)
+        with pytest.raises(InvalidArgument, match="out of range"):
+            region.layer_buffer(d, bad)
+    g = region.geometry
+    flags = bytes(region._u8[g.ready_byte(d.slot, 0):g.ready_byte(d.slot, 0) + g.max_layers])
+    assert flags == bytes(g.max_layers)  # nothing was marked by the refused calls
+
+
+def test_inconsistent_header_is_data_loss(region):
+    with open(region.path, "r+b") as f, mmap.mmap(f.fileno(), 4096) as mm:
+        mm[8 * L.H_PAYLOAD_BYTES:8 * L.H_PAYLOAD_BYTES + 8] = (1 << 40).to_bytes(8, "little")
+    with pytest.raises(DataLoss, match="header says"):
+        KvReader.open(region.name)

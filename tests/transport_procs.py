@@ -3,6 +3,7 @@ importable). They import transport only, never torch, so each child starts fast.
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -80,11 +81,11 @@ def owner_cycles(n_cycles: int, warmup: int, conn: Connection) -> None:
     here, there = ctx.Pipe()
     reader = ctx.Process(target=cycle_reader, args=(region.name, there), daemon=True)
     reader.start()
-    rss0 = failures = 0
+    rss0 = objs0 = failures = 0
     try:
         for i in range(n_cycles):
             if i == warmup:
-                rss0 = rss_bytes()
+                rss0, objs0 = rss_bytes(), len(gc.get_objects())
             desc = region.alloc(2 * 4096 + 2 * (i % 7) * 256, 2, checksums=True)
             want = []
             for layer in range(2):
@@ -98,6 +99,7 @@ def owner_cycles(n_cycles: int, warmup: int, conn: Connection) -> None:
             region.free(desc)
         here.send(None)
         conn.send({"rss0": rss0, "rss1": rss_bytes(), "failures": failures,
+                   "objects": len(gc.get_objects()) - objs0,
                    "stats": region.stats(), "path": region.path})
     finally:
         reader.join(5)
@@ -130,3 +132,23 @@ def stream_owner(n_layers: int, layer_bytes: int, chunk_bytes: int, delay_s: flo
             conn.send((chunk.SerializeToString(), time.monotonic()))
         conn.send(None)
         producer.join()
+
+
+def seqlock_reader(name: str, conn: Connection) -> None:
+    """Read whatever descriptor arrives, however stale: every read must either return
+    exactly that generation's bytes or fail with Aborted; never torn or foreign data."""
+    from engine.errors import Aborted
+    counts = {"ok": 0, "aborted": 0, "aborted_mid_copy": 0, "torn": 0}
+    with KvReader.open(name) as reader:
+        while (msg := conn.recv()) is not None:
+            raw, hold = msg
+            desc = KvDescriptor.from_bytes(raw)
+            try:
+                data = reader.read_layer(desc, 0, 1.0)
+                ok = data == pattern(0, len(data), salt=desc.generation)
+                counts["ok" if ok else "torn"] += 1
+            except Aborted as e:
+                counts["aborted_mid_copy" if "while reading" in str(e) else "aborted"] += 1
+            if hold:
+                conn.send("read")
+    conn.send(counts)

@@ -7,6 +7,8 @@ torch is imported lazily: readers and CPU-only owners never need it.
 
 from __future__ import annotations
 
+import contextlib
+
 from engine.errors import Unavailable
 
 HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current one
@@ -36,3 +38,10 @@ def host_unregister(ptr: int) -> int:
         return int(torch.cuda.cudart().cudaHostUnregister(ptr))
     except Exception:  # CUDA already torn down at interpreter exit
         return -1
+
+
+def synchronize_quietly() -> None:
+    """Wait for all device work (copies into the region) before it is unregistered."""
+    import torch
+    with contextlib.suppress(Exception):  # CUDA already torn down at interpreter exit
+        torch.cuda.synchronize()

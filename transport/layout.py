@@ -10,7 +10,12 @@ that changes once (first_token) and a torn generation can only differ from the o
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
+
+# Pre-fault the page tables at map time (once per region per process) instead of on
+# the first copy of each page during a request.
+MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 MAGIC = b"HYBRIDKV"
 VERSION = 1
@@ -35,6 +40,7 @@ REGION_LIVE, REGION_CLOSED = 1, 2
 # Slot header: u64 word index relative to the slot header's first word.
 S_GENERATION, S_STATE, S_OFFSET, S_LENGTH = 0, 1, 2, 3
 S_N_LAYERS, S_FLAGS, S_FIRST_TOKEN, S_LEASE_DEADLINE, S_DIGEST = 4, 5, 6, 7, 8
+S_EVENTS_BYTE = 72          # u32 event counter: bumped on every change (futex word)
 S_REASON_BYTE = 96          # 64 bytes of UTF-8, NUL padded
 S_READY_BYTE = 160          # max_layers u8 flags, then (8-aligned) max_layers u64 checksums
 
@@ -95,13 +101,17 @@ class Geometry:
         base = self.slot_table_offset + slot * self.slot_bytes + S_READY_BYTE
         return (base + round_up(self.max_layers, 8)) // 8 + layer
 
+    def events_byte(self, slot: int) -> int:
+        return self.slot_table_offset + slot * self.slot_bytes + S_EVENTS_BYTE
+
     def reason_range(self, slot: int) -> tuple[int, int]:
         start = self.slot_table_offset + slot * self.slot_bytes + S_REASON_BYTE
         return start, start + REASON_BYTES
 
     def write_header(self, u64: memoryview, epoch: int, owner_pid: int, owner_start: int,
                      lease_ns: int) -> None:
-        """Everything but the magic and the state, which the creator sets last."""
+        """Everything but the magic and the state, which the creator sets last; slot
+        headers start at generation 1 with no first token."""
         fields = {
             H_VERSION: VERSION, H_HEADER_BYTES: REGION_HEADER_BYTES, H_EPOCH: epoch,
             H_OWNER_PID: owner_pid, H_OWNER_START: owner_start,
@@ -113,6 +123,9 @@ class Geometry:
         }
         for word, value in fields.items():
             u64[word] = value
+        for slot in range(self.max_slots):
+            u64[self.slot_word(slot) + S_GENERATION] = 1  # generation 0 is never valid
+            u64[self.slot_word(slot) + S_FIRST_TOKEN] = to_u64(FIRST_TOKEN_UNSET)
 
     @classmethod
     def read_header(cls, u64: memoryview) -> Geometry:

@@ -3,8 +3,9 @@
 Per layer (seqlock): read the slot generation (must equal the descriptor's), wait for
 the layer's ready flag, read its checksum, copy the bytes, read the generation again.
 A change means the owner freed (and maybe reused) the slot while we copied: Aborted.
-Waits poll with short sleeps that back off to `poll_max_s`, never a busy spin, and are
-always bounded by a timeout.
+Waits sleep on the slot's event word (futex: the owner wakes us on every change), or
+where futexes are unavailable poll with sleeps that back off to `poll_max_s`; never a
+busy spin, always bounded by a timeout.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import math
 import mmap
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,24 +29,28 @@ from engine.errors import (
     InvalidArgument,
     Unavailable,
 )
+from transport import futex
 from transport import layout as L
 from transport.descriptor import KvDescriptor
 from transport.shm import SHM_DIR, open_readonly, segment_path
 
+FUTEX_SLICE_S = 0.05  # longest single futex sleep: bounds how stale a liveness check gets
+
 
 class KvReader:
-    def __init__(self, name: str, mm: mmap.mmap, *, owns_map: bool,
-                 poll_min_s: float = 20e-6, poll_max_s: float = 500e-6) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, *, owns_map: bool, use_futex: bool = True,
+                 poll_min_s: float = 20e-6, poll_max_s: float = 200e-6) -> None:
         self.name, self._mm, self._owns_map = name, mm, owns_map
         self.poll_min_s, self.poll_max_s = poll_min_s, poll_max_s
         self._u8 = memoryview(mm).toreadonly()
-        self._u64 = self._u8.cast("Q")
+        self._u64, self._u32 = self._u8.cast("Q"), self._u8.cast("I")
+        self._addr = futex.address(mm) if use_futex and futex.available() else 0
         self.epoch = self._u64[L.H_EPOCH]
         self.geometry = L.Geometry.read_header(self._u64)
         self._digests: dict[KvDescriptor, int] = {}  # validated descriptors (static checks)
 
     @classmethod
-    def open(cls, name: str, *, shm_dir: str = SHM_DIR, **poll: float) -> KvReader:
+    def open(cls, name: str, *, shm_dir: str = SHM_DIR, **poll: Any) -> KvReader:
         """Map region `name` read-only and validate its header (magic, version,
         geometry against the file size). NotFound if it does not exist."""
         path = segment_path(name, shm_dir)
@@ -52,24 +58,31 @@ class KvReader:
         try:
             if size < L.REGION_HEADER_BYTES:
                 raise InvalidArgument(f"{path} ({size} bytes) is too small to be a KV region")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            # Validate a copy of the header before mapping: the name comes off the wire,
+            # and populating the page tables of some other large file is not free.
+            _check_header(os.pread(fd, L.REGION_HEADER_BYTES, 0), path, size)
+            mm = mmap.mmap(fd, size, L.MAP_FLAGS, mmap.PROT_READ)
         finally:
             os.close(fd)
         try:
-            _check_header(mm, path, size)
             return cls(name, mm, owns_map=True, **poll)
         except BaseException:
             mm.close()
             raise
 
     @classmethod
-    def attach(cls, region: Any, **poll: float) -> KvReader:
+    def attach(cls, region: Any, **poll: Any) -> KvReader:
         """A reader over an owner's own mapping (the gRPC fetch server runs there)."""
+        region._check_open()  # Unavailable once closed
         return cls(region.name, region._mm, owns_map=False, **poll)
 
+    @property
+    def closed_by_owner(self) -> bool:
+        return self._u64[L.H_STATE] != L.REGION_LIVE
+
     def close(self) -> None:
-        self._u64.release()
-        self._u8.release()
+        for view in (self._u64, self._u32, self._u8):
+            view.release()
         if self._owns_map:
             with contextlib.suppress(BufferError):  # a caller still holds a layer view
                 self._mm.close()
@@ -110,18 +123,21 @@ class KvReader:
 
     def _check_live(self, desc: KvDescriptor, digest: int) -> None:
         """Region open, slot still at the descriptor's generation, not failed, and the
-        descriptor exactly the one the owner published for it."""
+        descriptor exactly the one the owner published for it. Seqlock: the state and
+        digest read here belong to the descriptor's generation only if the generation
+        is unchanged after reading them (else a free + re-alloc slipped in between)."""
         u64, w = self._u64, self.geometry.slot_word(desc.slot)
         if u64[L.H_STATE] != L.REGION_LIVE:
             raise Unavailable(f"KV region {self.name} was closed by its owner")
         gen = u64[w + L.S_GENERATION]
-        state = u64[w + L.S_STATE]
-        if gen != desc.generation or state == L.SLOT_FREE:
+        state, stored = u64[w + L.S_STATE], u64[w + L.S_DIGEST]
+        reason = self._reason(desc.slot) if state == L.SLOT_FAILED else ""
+        if gen != desc.generation or state == L.SLOT_FREE or u64[w + L.S_GENERATION] != gen:
             raise Aborted(f"stale descriptor: slot {desc.slot} generation {desc.generation}, "
-                          f"now {gen} ({self._reason(desc.slot) or 'freed'})")
+                          f"now {u64[w + L.S_GENERATION]} ({self._reason(desc.slot) or 'freed'})")
         if state == L.SLOT_FAILED:
-            raise Unavailable(f"prefill failed: {self._reason(desc.slot)}")
-        if u64[w + L.S_DIGEST] != digest:
+            raise Unavailable(f"prefill failed: {reason}")
+        if stored != digest:
             raise InvalidArgument(f"descriptor fields do not match slot {desc.slot} "
                                   "(forged or corrupted descriptor)")
 
@@ -146,16 +162,18 @@ class KvReader:
             raise InvalidArgument(f"timeout_s={timeout_s!r}: every wait needs a finite bound")
         digest = self._validated_digest(desc)
         deadline = time.monotonic() + timeout_s
-        delay = self.poll_min_s
+        delay, ev = self.poll_min_s, self.geometry.events_byte(desc.slot)
         while True:
+            seen = self._u32[ev // 4]  # before the checks: a change after them wakes us
             self._check_live(desc, digest)
             if ready():
                 return
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"{what} of slot {desc.slot} not ready after {timeout_s} s")
-            time.sleep(min(delay, left))
-            delay = min(delay * 2, self.poll_max_s)
+            if not (self._addr and futex.wait(self._addr + ev, seen, min(left, FUTEX_SLICE_S))):
+                time.sleep(min(delay, left))  # no futex here: sleep with backoff
+                delay = min(delay * 2, self.poll_max_s)
 
     def wait_layer(self, desc: KvDescriptor, layer: int, timeout_s: float) -> None:
         """Block (bounded) until `layer` is marked ready."""
@@ -223,18 +241,44 @@ class KvReader:
                            f"(stored {want:#018x}, read {xxhash.xxh3_64_intdigest(data):#018x})")
 
 
-def _check_header(mm: mmap.mmap, path: str, size: int) -> None:
-    u64 = memoryview(mm).cast("Q")
-    try:
-        if bytes(mm[:8]) != L.MAGIC:
-            raise InvalidArgument(f"{path} is not a KV region (or not initialized yet)")
-        if u64[L.H_VERSION] != L.VERSION:
-            raise FailedPrecondition(f"{path} has region format version {u64[L.H_VERSION]}; "
-                                     f"this reader speaks version {L.VERSION}")
-        problems = L.Geometry.read_header(u64).problems(size)
-        if problems:
-            raise DataLoss(f"{path}: corrupt region header: {'; '.join(problems)}")
-        if u64[L.H_STATE] != L.REGION_LIVE:
-            raise Unavailable(f"KV region {path} was closed by its owner")
-    finally:
-        u64.release()
+def _check_header(head: bytes, path: str, size: int) -> None:
+    u64 = memoryview(head).cast("Q")
+    if head[:8] != L.MAGIC:
+        raise InvalidArgument(f"{path} is not a KV region (or not initialized yet)")
+    if u64[L.H_VERSION] != L.VERSION:
+        raise FailedPrecondition(f"{path} has region format version {u64[L.H_VERSION]}; "
+                                 f"this reader speaks version {L.VERSION}")
+    problems = L.Geometry.read_header(u64).problems(size)
+    if problems:
+        raise DataLoss(f"{path}: corrupt region header: {'; '.join(problems)}")
+    if u64[L.H_STATE] != L.REGION_LIVE:
+        raise Unavailable(f"KV region {path} was closed by its owner")
+
+
+class ReaderPool:
+    """One KvReader per region name for a long-lived consumer (the decode service):
+    opening maps the file, so do it once per region, not per request. A reader whose
+    region was closed by its owner (restart) is dropped and unmapped on the next get."""
+
+    def __init__(self, **poll: float) -> None:
+        self._poll = poll
+        self._readers: dict[str, KvReader] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> KvReader:
+        key = name.lstrip("/")
+        with self._lock:
+            for other, reader in list(self._readers.items()):
+                if reader.closed_by_owner:
+                    del self._readers[other]
+                    reader.close()
+            reader = self._readers.get(key)
+            if reader is None:
+                reader = self._readers[key] = KvReader.open(name, **self._poll)
+            return reader
+
+    def close(self) -> None:
+        with self._lock:
+            for reader in self._readers.values():
+                reader.close()
+            self._readers.clear()

@@ -1,11 +1,10 @@
 """KvRegion: the owner's (prefill service's) side of the shared KV region.
 
-The owner alone allocates, fills, marks ready and frees slots. Protocol per slot (see
-docs/transport.md): alloc publishes the slot header with state ACTIVE last; each layer's
-bytes (and checksum) are written before its ready flag; free bumps the generation
+The owner alone allocates, fills, marks ready and frees slots (docs/transport.md): alloc
+publishes the slot header with state ACTIVE last; a layer's bytes (and checksum) land
+before its ready flag, which waits for the copy's CUDA event; free bumps the generation
 *before* anything else, so a reader that copied across a free/reuse sees the change on
-its second generation read (seqlock). x86 keeps stores in program order; the flag is set
-only after the CUDA event of a device-to-host copy completed.
+its second generation read (seqlock; x86 keeps stores in program order).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any
 import xxhash
 
 from engine.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
-from transport import cuda, shm
+from transport import cuda, futex, shm
 from transport import layout as L
 from transport.alloc import FreeList
 from transport.descriptor import KvDescriptor, check_positive
@@ -32,6 +31,7 @@ from transport.descriptor import KvDescriptor, check_positive
 @dataclass
 class _Owned:
     desc: KvDescriptor
+    lease: float     # seconds a renewal (or producer activity) extends it by
     deadline: float  # time.monotonic() at which the lease expires
 
 
@@ -42,7 +42,8 @@ class KvRegion:
         self.lease_s = lease_s
         self._mm = mm
         self._u8 = memoryview(mm)
-        self._u64 = self._u8.cast("Q")
+        self._u64, self._u32 = self._u8.cast("Q"), self._u8.cast("I")
+        self._addr = futex.address(mm) if futex.available() else 0
         self._lock = threading.RLock()
         self._free = FreeList(geom.payload_offset, geom.payload_bytes, L.ALLOC_ALIGN)
         self._owned: list[_Owned | None] = [None] * geom.max_slots
@@ -51,7 +52,7 @@ class KvRegion:
         self._registered_ptr: int | None = None
         self._closed = self._unlinked = False
         ref, pid = weakref.ref(self), self._owner_pid  # no strong ref from atexit
-        self._atexit = lambda: _close_at_exit(ref, path, pid)
+        self._atexit = lambda: shm.close_at_exit(ref, path, pid)
         atexit.register(self._atexit)
 
     # -- lifecycle --------------------------------------------------------------
@@ -74,7 +75,7 @@ class KvRegion:
         path = shm.segment_path(name, shm_dir)
         fd = shm.create_segment(path, geom.total_bytes, mode, shm_dir)
         try:
-            mm = mmap.mmap(fd, geom.total_bytes, mmap.MAP_SHARED,
+            mm = mmap.mmap(fd, geom.total_bytes, L.MAP_FLAGS,
                            mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             shm.unlink_quietly(path)
@@ -95,10 +96,6 @@ class KvRegion:
         g, u64 = self.geometry, self._u64
         g.write_header(u64, self.epoch, self._owner_pid, shm.process_start_ticks(os.getpid()) or 0,
                        int(self.lease_s * 1e9))
-        for slot in range(g.max_slots):
-            w = g.slot_word(slot)
-            u64[w + L.S_GENERATION] = 1  # generation 0 is never valid
-            u64[w + L.S_FIRST_TOKEN] = L.to_u64(L.FIRST_TOKEN_UNSET)
         u64[L.H_STATE] = L.REGION_LIVE
         u64[L.H_MAGIC] = int.from_bytes(L.MAGIC, "little")  # last: the header is complete
 
@@ -110,16 +107,14 @@ class KvRegion:
     def _torch_base(self) -> Any:
         if self._tensor is None:
             import torch
-            # Through a memoryview we never release: torch keeps a reference to the
-            # object it was given but drops its buffer export, so a tensor over the
-            # mmap itself would not stop mmap.close() (dangling pointer). The view's
-            # export does: close() then leaves the mapping to the last tensor.
+            # Via a memoryview we never release: torch drops its buffer export at once,
+            # so a tensor over the mmap itself would not stop mmap.close() (dangling
+            # pointer); the memoryview's export does.
             self._tensor = torch.frombuffer(memoryview(self._mm), dtype=torch.uint8)
         return self._tensor
 
     @property
-    def registered(self) -> bool:
-        """True when the mapping is page-locked for CUDA."""
+    def registered(self) -> bool:  # page-locked for CUDA
         return self._registered_ptr is not None
 
     @property
@@ -134,9 +129,8 @@ class KvRegion:
             shm.unlink_quietly(self.path)
 
     def close(self) -> None:
-        """Mark the region closed for readers, unregister from CUDA, unmap, unlink.
-        If layer views are still referenced the mapping lives until they are dropped
-        (never a dangling pointer); the name is removed regardless."""
+        """Mark closed for readers, unregister from CUDA, unmap, unlink. Views still
+        referenced keep the mapping alive until dropped (never a dangling pointer)."""
         with self._lock:
             if self._closed:
                 return
@@ -144,12 +138,15 @@ class KvRegion:
             atexit.unregister(self._atexit)
             try:
                 self._u64[L.H_STATE] = L.REGION_CLOSED
-                if self._registered_ptr is not None:
+                if self._registered_ptr is not None:  # no DMA may still target it
+                    cuda.synchronize_quietly()
                     cuda.host_unregister(self._registered_ptr)
                     self._registered_ptr = None
+                for slot in range(self.geometry.max_slots):  # waiters see CLOSED now
+                    self._notify(slot)
                 self._tensor = None
-                self._u64.release()
-                self._u8.release()
+                for view in (self._u64, self._u32, self._u8):
+                    view.release()
                 with contextlib.suppress(BufferError):  # handed-out views still alive
                     self._mm.close()
             finally:
@@ -173,6 +170,8 @@ class KvRegion:
                             n_tokens=n_tokens, n_kv_heads=n_kv_heads, head_dim=head_dim,
                             checksums=checksums)
         lease = self.lease_s if lease_s is None else lease_s
+        if not lease > 0:
+            raise InvalidArgument(f"lease_s={lease_s!r}: expected > 0")
         with self._lock:
             self._check_open()
             slot, off = self._take(probe.length)
@@ -183,7 +182,7 @@ class KvRegion:
                 raise ResourceExhausted(self._full_message(probe.length, slot is None))
             w = self.geometry.slot_word(slot)
             desc = replace(probe, slot=slot, offset=off, generation=self._u64[w])
-            self._publish(desc, time.monotonic() + lease)
+            self._publish(desc, lease)
             return desc
 
     def _probe(self, n_bytes: int, n_layers: int, layer_bytes: list[int] | None,
@@ -221,14 +220,13 @@ class KvRegion:
                 f"block {s['largest_free']}, {s['slots_used']} slots in use)")
         return f"KV region {self.name} full: {what}; capacity {self.geometry.payload_bytes} bytes"
 
-    def _publish(self, desc: KvDescriptor, deadline: float) -> None:
+    def _publish(self, desc: KvDescriptor, lease: float) -> None:
         g, u64, w = self.geometry, self._u64, self.geometry.slot_word(desc.slot)
         u64[w + L.S_OFFSET] = desc.offset
         u64[w + L.S_LENGTH] = desc.length
         u64[w + L.S_N_LAYERS] = desc.n_layers
         u64[w + L.S_FLAGS] = L.FLAG_CHECKSUMS if desc.checksums else 0
         u64[w + L.S_FIRST_TOKEN] = L.to_u64(L.FIRST_TOKEN_UNSET)
-        u64[w + L.S_LEASE_DEADLINE] = self._deadline_ns(deadline)
         u64[w + L.S_DIGEST] = desc.digest()
         a, b = g.reason_range(desc.slot)
         self._u8[a:b] = bytes(b - a)
@@ -237,19 +235,29 @@ class KvRegion:
         c = g.checksum_word(desc.slot, 0)
         u64[c:c + g.max_layers] = memoryview(bytes(8 * g.max_layers)).cast("Q")
         u64[w + L.S_STATE] = L.SLOT_ACTIVE  # last: the header is complete
-        self._owned[desc.slot] = _Owned(desc, deadline)
+        self._owned[desc.slot] = rec = _Owned(desc, lease, 0.0)
+        self._extend(rec, lease)
 
-    @staticmethod
-    def _deadline_ns(deadline: float) -> int:
-        return max(0, time.monotonic_ns() + int((deadline - time.monotonic()) * 1e9))
+    def _extend(self, rec: _Owned, lease: float, at_least: bool = False) -> None:
+        """Deadline := now + lease (or the later of both); mirrored in the header."""
+        now, now_ns = time.monotonic(), time.monotonic_ns()
+        rec.deadline = max(rec.deadline, now + lease) if at_least else now + lease
+        w = self.geometry.slot_word(rec.desc.slot)
+        self._u64[w + L.S_LEASE_DEADLINE] = max(0, now_ns + int((rec.deadline - now) * 1e9))
+
+    def _notify(self, slot: int) -> None:
+        """Bump the slot's event word, then wake readers sleeping on it (transport.futex)."""
+        b = self.geometry.events_byte(slot)
+        self._u32[b // 4] = (self._u32[b // 4] + 1) & 0xFFFFFFFF
+        if self._addr:
+            futex.wake(self._addr + b)
 
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable(f"KV region {self.name} is closed")
 
     def _current(self, desc: KvDescriptor) -> _Owned:
-        """The owner record for `desc`; Aborted when it is stale, InvalidArgument when
-        it is not one of ours."""
+        """Owner record of `desc`: Aborted if stale, InvalidArgument if not ours."""
         self._check_open()
         if desc.region.lstrip("/") != self.name.lstrip("/") or desc.epoch != self.epoch:
             raise InvalidArgument(f"descriptor for region {desc.region} epoch {desc.epoch}, "
@@ -290,16 +298,14 @@ class KvRegion:
         self._u8[a:b] = L.encode_reason(reason)
         self._owned[slot] = None
         self._free.free(rec.desc.offset, rec.desc.length)
+        self._notify(slot)
 
     def renew(self, desc: KvDescriptor, lease_s: float | None = None) -> float:
-        """Extend the lease to now + lease_s (default: the region's); returns lease_s.
-        Aborted if the slot was already freed or reaped."""
-        lease = self.lease_s if lease_s is None else lease_s
+        """Lease := now + lease_s (default: the slot's). Aborted once freed or reaped."""
         with self._lock:
             rec = self._current(desc)
-            rec.deadline = time.monotonic() + lease
-            w = self.geometry.slot_word(desc.slot)
-            self._u64[w + L.S_LEASE_DEADLINE] = self._deadline_ns(rec.deadline)
+            lease = rec.lease if lease_s is None else lease_s
+            self._extend(rec, lease)
         return lease
 
     def reap_expired(self, now: float | None = None) -> list[KvDescriptor]:
@@ -323,12 +329,17 @@ class KvRegion:
     def owned(self) -> list[KvDescriptor]:
         with self._lock:
             return [o.desc for o in self._owned if o is not None]
-
     # -- filling ----------------------------------------------------------------
+    def _producing(self, desc: KvDescriptor) -> None:
+        """Producer activity keeps the lease at least one lease ahead: a slot must not
+        expire (and its bytes be reused) while copies into it may still be in flight."""
+        rec = self._current(desc)
+        self._extend(rec, rec.lease, at_least=True)
+
     def layer_buffer(self, desc: KvDescriptor, layer: int) -> memoryview:
         """Writable view of the slot's bytes for `layer` (CPU producers, tests)."""
         with self._lock:
-            self._current(desc)
+            self._producing(desc)
             a, n = desc.layer_span(layer)
             return self._u8[a:a + n]
 
@@ -343,30 +354,32 @@ class KvRegion:
         """torch.uint8 tensor over the slot's `layer` range, zero-copy (pinned when the
         region is registered): the destination of non_blocking device-to-host copies."""
         with self._lock:
-            self._current(desc)
+            self._producing(desc)
             a, n = desc.layer_span(layer)
             return self._torch_base()[a:a + n]
 
     def mark_ready(self, desc: KvDescriptor, layer: int, checksum: int | None = None,
                    event: Any = None) -> None:
-        """Publish `layer`: waits for `event` (the copy's CUDA event) first, stores the
-        checksum (computed here if the slot has checksums and none is given), then sets
-        the ready flag, strictly after the data."""
+        """Publish `layer`: waits for `event` (the copy's CUDA event), stores the checksum
+        (xxh3 computed here if the slot has checksums and none is given), then sets the
+        ready flag, strictly after the data."""
         if event is not None:
             event.synchronize()
+        if checksum is not None and not desc.checksums:
+            raise InvalidArgument("checksum given for a slot allocated without checksums")
+        if desc.checksums and checksum is None:  # outside the lock: ~0.1 ms per 2 MiB
+            with self.layer_buffer(desc, layer) as data:
+                checksum = xxhash.xxh3_64_intdigest(data)
         with self._lock:
-            self._current(desc)
-            a, n = desc.layer_span(layer)
+            self._producing(desc)  # still current: not freed while we hashed
+            desc.layer_span(layer)  # InvalidArgument for a layer the slot does not have
             g, slot = self.geometry, desc.slot
             if self._u8[g.ready_byte(slot, layer)]:
                 raise InvalidArgument(f"layer {layer} of slot {slot} is already marked ready")
-            if checksum is not None and not desc.checksums:
-                raise InvalidArgument("checksum given for a slot allocated without checksums")
-            if desc.checksums:
-                if checksum is None:
-                    checksum = xxhash.xxh3_64_intdigest(self._u8[a:a + n])
+            if checksum is not None:
                 self._u64[g.checksum_word(slot, layer)] = checksum & L.U64_MAX
             self._u8[g.ready_byte(slot, layer)] = 1
+            self._notify(slot)
 
     def set_first_token(self, desc: KvDescriptor, token: int) -> None:
         if type(token) is not int or not 0 <= token < 1 << 63:
@@ -374,20 +387,14 @@ class KvRegion:
         with self._lock:
             self._current(desc)
             self._u64[self.geometry.slot_word(desc.slot) + L.S_FIRST_TOKEN] = token
+            self._notify(desc.slot)
 
     def mark_failed(self, desc: KvDescriptor, reason: str) -> None:
-        """Tell readers prefill failed (they get Unavailable with `reason`); the slot
-        stays allocated until freed or reaped."""
+        """Readers get Unavailable(reason); the slot stays allocated until freed."""
         with self._lock:
             self._current(desc)
             a, b = self.geometry.reason_range(desc.slot)
             self._u8[a:b] = L.encode_reason(reason or "prefill failed")
             self._u64[self.geometry.slot_word(desc.slot) + L.S_STATE] = L.SLOT_FAILED
+            self._notify(desc.slot)
 
-
-def _close_at_exit(ref: weakref.ref, path: str, owner_pid: int) -> None:
-    region = ref()
-    if region is not None:
-        region.close()
-    elif os.getpid() == owner_pid:
-        shm.unlink_quietly(path)

@@ -192,3 +192,13 @@ def install_signal_cleanup(region: Any, signals: tuple[int, ...] = (signal.SIGTE
                 signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
 
     return undo
+
+
+def close_at_exit(ref: Callable[[], Any], path: str, owner_pid: int) -> None:
+    """atexit hook of a region: close it if still alive, else at least unlink its name
+    (only in the creating process: a forked child inherits atexit hooks)."""
+    region = ref()
+    if region is not None:
+        region.close()
+    elif os.getpid() == owner_pid:
+        unlink_quietly(path)
