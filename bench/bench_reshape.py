@@ -99,8 +99,18 @@ def bench_layer(model: str, n_tokens: int, iters: int) -> None:
     gbase = graph_us(copy, iters)
     row("baseline in a CUDA graph", gbase, nbytes)
     gb = gbase if isinstance(gbase, float) else None
-    row("reshape (pack_kv) in a CUDA graph", graph_us(pack, iters), nbytes, gb)
+    gpack = graph_us(pack, iters)
+    row("reshape (pack_kv) in a CUDA graph", gpack, nbytes, gb)
     row("reshape (pack_k + pack_v) in a CUDA graph", graph_us(pack_separate, iters), nbytes, gb)
+    # Eager timings of a 2 MiB op are bounded by Python launch cost; the graph rows show
+    # what the GPU does, so the target is judged on them when capture works.
+    if gb is not None and isinstance(gpack, float):
+        ratio, how = gb / gpack, "CUDA graph"
+    else:
+        ratio, how = base / time_us(pack, iters), "eager"
+    verdict = "meets" if ratio >= 0.5 else "misses"
+    print(f"  => reshape at {ratio * 100:.1f}% of the copy's bandwidth ({how}): {verdict} "
+          f"the >= 50% target")
 
 
 def bench_shipper(model: str, n_tokens: int, reps: int = 20) -> None:
@@ -154,6 +164,9 @@ def main() -> None:
         raise SystemExit("bench_reshape needs a CUDA GPU")
     bench_layer(args.model, args.tokens, args.iters)
     bench_shipper(args.model, args.tokens)
+    if reshape.cuda_kernel_error():
+        print(f"WARNING: CuPy kernels failed, figures are the torch path: "
+              f"{reshape.cuda_kernel_error()}")
 
 
 if __name__ == "__main__":

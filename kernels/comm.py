@@ -14,6 +14,17 @@ the copy synchronous). The returned handle's `.wait()` / `.query()` follow `done
 caller marks layer l ready in the slot header after `.wait()`. Device staging buffers
 and the K, V tensors stay referenced until their copy has finished. On CPU the reshape
 writes straight into `dest` and the handle is already done.
+
+Use in a prefill runner (names from docs/interfaces.md):
+
+    shipper = LayerShipper.for_model(cfg, "hbm", "float16", device="cuda", timing=True)
+    handles = []
+    def on_layer(l, k, v):                     # called by model.prefill after layer l
+        handles.append(shipper.ship(l, k, v, region.layer_view(desc, l)))
+    logits = model.prefill(ids, cache, on_layer=on_layer)
+    for l, h in enumerate(handles):
+        h.wait(timeout_s=5.0)
+        region.mark_ready(desc, l)
 """
 
 from __future__ import annotations
@@ -115,7 +126,6 @@ class LayerShipper:
         if self.device.type == "cuda":
             self.copy_stream = copy_stream or torch.cuda.Stream(self.device)
         self._inflight: list[tuple[torch.cuda.Event, torch.Tensor]] = []
-        self._pool: dict[int, list[torch.Tensor]] = {}
 
     @classmethod
     def for_model(cls, config: ModelConfig, kind: str, dtype: str,
@@ -180,18 +190,12 @@ class LayerShipper:
         return CudaShipment(done, (k, v, dest), start)
 
     def _staging(self, nbytes: int, device: torch.device) -> torch.Tensor:
-        """A device buffer for one packed layer, reusing ones whose copy has finished."""
-        still = []
-        for ev, buf in self._inflight:
-            if ev.query():
-                self._pool.setdefault(buf.numel(), []).append(buf)
-            else:
-                still.append((ev, buf))
-        self._inflight = still
-        free = self._pool.get(nbytes)
-        if free:
-            return free.pop()
-        with torch.cuda.stream(self.copy_stream):   # owned by the copy stream
+        """A device buffer for one packed layer. It is allocated on the copy stream and
+        referenced in `_inflight` until its copy's event has completed; then it goes back
+        to torch's caching allocator, which reuses it for the next layer (same stream,
+        so in order) without a cudaMalloc and without unbounded pooling here."""
+        self._inflight = [(ev, buf) for ev, buf in self._inflight if not ev.query()]
+        with torch.cuda.stream(self.copy_stream):
             return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
     @property
@@ -206,4 +210,3 @@ class LayerShipper:
     def close(self) -> None:
         self.synchronize()
         self._inflight.clear()
-        self._pool.clear()

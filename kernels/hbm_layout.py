@@ -18,6 +18,7 @@ earlier ones and the live prefix is one contiguous range.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from engine.config import ModelConfig
@@ -69,6 +70,9 @@ class HbmLayout:
     vec: int = VEC
 
     def __post_init__(self) -> None:
+        dims = (self.n_layers, self.n_kv_heads, self.head_dim, self.n_channels, self.vec)
+        if min(dims) < 1 or self.weights_bytes < 0:
+            raise InvalidArgument(f"HBM layout dimensions must be positive, got {self}")
         if self.dtype not in ELEM_BYTES:
             raise InvalidArgument(
                 f"HBM layout dtype must be one of {sorted(ELEM_BYTES)}, got {self.dtype!r}")
@@ -226,11 +230,13 @@ class HbmLayout:
 class KvAllocator:
     """First-fit allocator of request KV areas inside the channels' KV part.
 
-    Offsets are shared by all 32 channels. Not thread-safe: the owner serialises."""
+    Offsets are shared by all 32 channels. Thread-safe."""
 
     def __init__(self, layout: HbmLayout) -> None:
         self.layout = layout
         self._free: list[tuple[int, int]] = [(layout.kv_base, layout.channel_bytes)]
+        self._live: dict[int, KvArea] = {}
+        self._lock = threading.Lock()
 
     def alloc(self, n_tokens: int) -> KvArea:
         """Reserve an area for n_tokens (prompt + max new tokens); ResourceExhausted if full."""
@@ -239,31 +245,44 @@ class KvAllocator:
         lay = self.layout
         cap = lay.capacity_tokens(n_tokens)
         need = lay.kv_area_bytes(cap)
-        for i, (start, stop) in enumerate(self._free):
-            if stop - start >= need:
-                self._free[i] = (start + need, stop)
-                if start + need == stop:
-                    del self._free[i]
-                return KvArea(start, cap, need)
-        free = sum(b - a for a, b in self._free) // lay.bytes_per_block * lay.vec
+        with self._lock:
+            for i, (start, stop) in enumerate(self._free):
+                if stop - start >= need:
+                    self._free[i] = (start + need, stop)
+                    if start + need == stop:
+                        del self._free[i]
+                    area = self._live[start] = KvArea(start, cap, need)
+                    return area
+        free = self.free_tokens
         raise ResourceExhausted(
             f"HBM full: a request of {n_tokens} tokens needs {need} bytes per channel; "
             f"{free} of the limit of {lay.max_tokens} tokens per channel are free "
             f"({lay.channel_bytes >> 20} MiB channels, model {lay.model}, {lay.dtype})")
 
     def free(self, area: KvArea) -> None:
-        spans = sorted([*self._free, (area.offset, area.offset + area.nbytes)])
-        merged: list[tuple[int, int]] = []
-        for a, b in spans:
-            if merged and a < merged[-1][1]:
-                raise InvalidArgument(f"double free of KV area at {area.offset}")
-            if merged and a == merged[-1][1]:
-                merged[-1] = (merged[-1][0], b)
-            else:
-                merged.append((a, b))
-        self._free = merged
+        """Return an area; InvalidArgument if it is not live here (double free)."""
+        with self._lock:
+            if self._live.get(area.offset) != area:
+                raise InvalidArgument(f"KV area at {area.offset} is not allocated here "
+                                      f"(double free?)")
+            del self._live[area.offset]
+            spans = sorted([*self._free, (area.offset, area.offset + area.nbytes)])
+            merged: list[tuple[int, int]] = []
+            for a, b in spans:
+                if merged and a == merged[-1][1]:
+                    merged[-1] = (merged[-1][0], b)
+                else:
+                    merged.append((a, b))
+            self._free = merged
 
     @property
     def free_tokens(self) -> int:
+        """Tokens of capacity still allocatable (summed over free spans)."""
         lay = self.layout
-        return sum((b - a) // lay.bytes_per_block for a, b in self._free) * lay.vec
+        with self._lock:
+            return sum((b - a) // lay.bytes_per_block for a, b in self._free) * lay.vec
+
+    @property
+    def live(self) -> int:
+        """Number of allocated areas."""
+        return len(self._live)

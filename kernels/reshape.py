@@ -15,6 +15,7 @@ the last used one, so the full channels are one strided copy per K and V:
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 import torch
@@ -35,13 +36,32 @@ def cupy_available() -> bool:
     return True
 
 
+# Set when the CuPy kernels failed once (e.g. NVRTC cannot target this GPU): from then on
+# the torch path runs, which produces the same bytes. `cuda_kernel_error()` reports it.
+_CUPY_ERROR: list[str] = []
+
+
+def cuda_kernel_error() -> str | None:
+    """Why the CuPy kernels were disabled in this process, or None."""
+    return _CUPY_ERROR[0] if _CUPY_ERROR else None
+
+
 def _use_cuda_kernels(x: torch.Tensor, force_torch: bool) -> bool:
-    return x.is_cuda and not force_torch and cupy_available()
+    return x.is_cuda and not force_torch and not _CUPY_ERROR and cupy_available()
 
 
-def _out_buffer(out: torch.Tensor | None, nbytes: int, device: torch.device) -> torch.Tensor:
+def _cuda_failed(exc: Exception) -> None:
+    _CUPY_ERROR.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"CuPy reshape kernels disabled, using the torch path: {_CUPY_ERROR[0]}",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _out_buffer(out: torch.Tensor | None, nbytes: int, device: torch.device,
+                elem_bytes: int) -> torch.Tensor:
     if out is None:
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if out.data_ptr() % elem_bytes:
+        raise InvalidArgument(f"out must start on a {elem_bytes}-byte boundary (typed stores)")
     if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() != nbytes or not out.is_contiguous():
         raise InvalidArgument(
             f"out must be a contiguous uint8 tensor of {nbytes} bytes, got "
@@ -97,10 +117,15 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *,
     if k.dtype not in TORCH_DTYPES.values() or v.dtype != k.dtype:
         raise InvalidArgument(f"k, v must both be float16, bfloat16 or float32, got {k.dtype}, {v.dtype}")
     n_tokens = check_kv_shape(tuple(k.shape), layout, capacity_tokens)
-    dst = _out_buffer(out, layout.layer_bytes(n_tokens), k.device)
+    dst = _out_buffer(out, layout.layer_bytes(n_tokens), k.device, layout.elem_bytes)
     if _use_cuda_kernels(k, force_torch):
         from kernels import reshape_cuda
-        return reshape_cuda.pack_layer(k, v, layout, out=dst, stream=stream, fused=fused)
+        try:
+            return reshape_cuda.pack_layer(k, v, layout, out=dst, stream=stream, fused=fused)
+        except InvalidArgument:
+            raise
+        except Exception as exc:   # compile / launch failure: same bytes from torch
+            _cuda_failed(exc)
     if k.is_cuda and stream is not None:      # torch path on the GPU, still on `stream`
         with torch.cuda.stream(stream):
             return _pack_torch(k, v, layout, dst)
@@ -155,5 +180,13 @@ def unpack_layer(buf, layout: HbmLayout, n_tokens: int, *,
         data = data.contiguous()
     if _use_cuda_kernels(data, force_torch):
         from kernels import reshape_cuda
-        return reshape_cuda.unpack_layer(data, layout, n_tokens, stream=stream)
+        try:
+            return reshape_cuda.unpack_layer(data, layout, n_tokens, stream=stream)
+        except InvalidArgument:
+            raise
+        except Exception as exc:
+            _cuda_failed(exc)
+    if data.is_cuda and stream is not None:
+        with torch.cuda.stream(stream):
+            return _unpack_torch(data, layout, n_tokens)
     return _unpack_torch(data, layout, n_tokens)

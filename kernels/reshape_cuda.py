@@ -61,7 +61,7 @@ __device__ __forceinline__ Tile tile_of(int j, int b, int n_lanes, int L, int n_
 // contiguous 32-element row of the [token][dim] tile. Padding tokens are written as zero.
 __device__ __forceinline__ void pack_k_tile(const elem_t* __restrict__ src,
                                             elem_t* __restrict__ dst, KV_PARAMS) {
-    const int j = blockIdx.x, b = blockIdx.y;
+    const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
     const int h = t.e / head_dim, d = t.e - h * head_dim;
     for (int r = threadIdx.y; r < 32; r += blockDim.y) {
@@ -78,7 +78,7 @@ __device__ __forceinline__ void pack_k_tile(const elem_t* __restrict__ src,
 __device__ __forceinline__ void pack_v_tile(const elem_t* __restrict__ src,
                                             elem_t* __restrict__ dst, elem_t (*s)[33],
                                             KV_PARAMS) {
-    const int j = blockIdx.x, b = blockIdx.y;
+    const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
     const int h = t.e / head_dim, d = t.e - h * head_dim;
     for (int r = threadIdx.y; r < 32; r += blockDim.y) {
@@ -116,7 +116,7 @@ extern "C" __global__ void pack_kv(const elem_t* __restrict__ k_src,
 extern "C" __global__ void unpack_k(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
         long long stride_h, long long stride_t, int n_tokens, int head_dim,
         int n_lanes, int L, int n_blocks) {
-    const int j = blockIdx.x, b = blockIdx.y;
+    const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
     const int h = t.e / head_dim, d = t.e - h * head_dim;
     for (int r = threadIdx.y; r < 32; r += blockDim.y) {
@@ -129,7 +129,7 @@ extern "C" __global__ void unpack_v(const elem_t* __restrict__ src, elem_t* __re
         long long stride_h, long long stride_t, int n_tokens, int head_dim,
         int n_lanes, int L, int n_blocks) {
     __shared__ elem_t s[32][33];
-    const int j = blockIdx.x, b = blockIdx.y;
+    const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
     const int h = t.e / head_dim, d = t.e - h * head_dim;
     for (int dim = threadIdx.y; dim < 32; dim += blockDim.y)
@@ -156,13 +156,13 @@ def cuda_source(dtype: str) -> str:
 
 
 def kernel_geometry(layout: HbmLayout, n_tokens: int, engine_strides: tuple[int, int]):
-    """(grid, block, scalar args) of one launch: one CTA per (lane, token block) tile.
+    """(grid, block, scalar args) of one launch: one CTA per (token block, lane) tile.
     engine_strides: (head, token) strides of the engine-side tensor, in elements."""
     nb = layout.n_blocks(n_tokens)
     scalars = (np.int64(engine_strides[0]), np.int64(engine_strides[1]), np.int32(n_tokens),
                np.int32(layout.head_dim), np.int32(layout.n_lanes),
                np.int32(layout.lanes_per_channel), np.int32(nb))
-    return (layout.n_lanes, nb, 1), _BLOCK, scalars
+    return (nb, layout.n_lanes, 1), _BLOCK, scalars   # x: token blocks, y: lanes
 
 
 @functools.cache

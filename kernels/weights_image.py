@@ -57,25 +57,36 @@ def _hf_prefix(state_dict: Mapping[str, torch.Tensor], candidates: tuple[str, ..
 
 
 def hf_gpt2_names(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Source]:
-    """Hugging Face GPT-2 naming: Conv1D weights are [in, out] and q, k, v are fused."""
+    """GPT-2 naming of Hugging Face (`transformer.` prefix optional, Conv1D weights [in, out])
+    and of engine/gpt2.py (same names, nn.Linear weights [out, in]); q, k, v are fused in
+    `c_attn`. The orientation is read off c_attn's shape ([d, 3d] = Conv1D), once for the
+    whole state dict, because square matrices cannot tell."""
     pre = _hf_prefix(state_dict, ("transformer.",))
     d = config.d_model
+    c_attn = state_dict.get(pre + "h.0.attn.c_attn.weight")
+    conv1d = c_attn is None or tuple(c_attn.shape) == (d, 3 * d)
     names: dict[str, Source] = {"tok_emb": pre + "wte.weight", "pos_emb": pre + "wpe.weight",
                                 "ln_f.weight": pre + "ln_f.weight", "ln_f.bias": pre + "ln_f.bias"}
 
-    def part(key: str, i: int, bias: bool) -> Callable:
+    def oriented(key: str) -> Callable:
+        return (lambda sd: sd[key].t()) if conv1d else (lambda sd: sd[key])
+
+    def part(key: str, i: int) -> Callable:
         def get(sd: Mapping[str, torch.Tensor]) -> torch.Tensor:
-            return sd[key][i * d:(i + 1) * d] if bias else sd[key][:, i * d:(i + 1) * d].t()
+            w = sd[key]
+            if w.dim() == 1:
+                return w[i * d:(i + 1) * d]
+            return w[:, i * d:(i + 1) * d].t() if conv1d else w[i * d:(i + 1) * d]
         return get
 
     for layer in range(config.n_layers):
         h, p = f"{pre}h.{layer}.", f"layers.{layer}."
         for i, n in enumerate("qkv"):
-            names[p + f"attn.{n}.weight"] = part(h + "attn.c_attn.weight", i, False)
-            names[p + f"attn.{n}.bias"] = part(h + "attn.c_attn.bias", i, True)
+            names[p + f"attn.{n}.weight"] = part(h + "attn.c_attn.weight", i)
+            names[p + f"attn.{n}.bias"] = part(h + "attn.c_attn.bias", i)
         for ours, theirs in (("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
                              ("mlp.down", "mlp.c_proj")):
-            names[p + ours + ".weight"] = lambda sd, key=h + theirs + ".weight": sd[key].t()
+            names[p + ours + ".weight"] = oriented(h + theirs + ".weight")
             names[p + ours + ".bias"] = h + theirs + ".bias"
         for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
             names[p + ours + ".weight"] = h + theirs + ".weight"
@@ -84,7 +95,8 @@ def hf_gpt2_names(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -
 
 
 def hf_llama_names(config: ModelConfig, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Source]:
-    """Hugging Face Llama naming (already [out, in])."""
+    """Llama naming of Hugging Face (`model.` prefix) and engine/llama.py (no prefix);
+    weights are [out, in] in both."""
     pre = _hf_prefix(state_dict, ("model.",))
     names: dict[str, Source] = {"tok_emb": pre + "embed_tokens.weight",
                                 "norm.weight": pre + "norm.weight", "lm_head.weight": "lm_head.weight"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.config import preset
 from engine.errors import InvalidArgument, ResourceExhausted
@@ -112,5 +114,31 @@ def test_allocator_limits_and_reuse(medium: HbmLayout) -> None:
     alloc.free(b)
     with pytest.raises(InvalidArgument, match="double free"):
         alloc.free(b)
+    with pytest.raises(InvalidArgument, match="not allocated here"):   # a forged area
+        alloc.free(KvArea(medium.kv_base + 98_304, 32, 98_304))
+    assert alloc.live == 1
     with pytest.raises(ResourceExhausted, match="167296 tokens"):
         medium.check_area(CHANNEL_BYTES - 4096, 32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=st.lists(st.tuples(st.booleans(), st.integers(1, 3000)), max_size=40))
+def test_allocator_never_overlaps(ops) -> None:
+    lay = HbmLayout("t", 2, 2, 16, "float16", weights_bytes=10_000, channel_bytes=1 << 20)
+    alloc, live = KvAllocator(lay), []
+    for do_alloc, n in ops:
+        if do_alloc or not live:
+            try:
+                live.append(alloc.alloc(n))
+            except ResourceExhausted as exc:      # full or fragmented
+                assert f"limit of {lay.max_tokens} tokens" in str(exc)
+        else:
+            alloc.free(live.pop(n % len(live)))
+        spans = sorted((a.offset, a.offset + a.nbytes) for a in live)
+        assert all(lay.kv_base <= s < e <= lay.channel_bytes for s, e in spans)
+        assert all(e1 <= s2 for (_, e1), (s2, _) in zip(spans, spans[1:], strict=False))
+        used = sum(a.capacity_tokens for a in live)
+        assert used + alloc.free_tokens == lay.max_tokens
+    for a in live:
+        alloc.free(a)
+    assert alloc.free_tokens == lay.max_tokens and alloc.live == 0

@@ -44,14 +44,23 @@ def _expect(x: torch.Tensor, dtype: str) -> torch.Tensor:
     return x.to(TORCH[dtype])
 
 
+def _gqa_config(n_kv_heads: int, head_dim: int, group: int) -> ModelConfig:
+    n_heads = n_kv_heads * group             # group query heads share one KV head
+    return ModelConfig("h", "llama", 64, 2, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       d_model=n_heads * head_dim, d_ff=64, max_positions=1024,
+                       tie_embeddings=False)
+
+
 @settings(max_examples=60, deadline=None)
-@given(shape=kv_shapes(), n_tokens=st.one_of(st.sampled_from(TOKENS), st.integers(1, 600)),
+@given(shape=kv_shapes(), group=st.sampled_from([1, 2, 4]),
+       n_tokens=st.one_of(st.sampled_from(TOKENS), st.integers(1, 600)),
        src=st.sampled_from(["float32", "float16", "bfloat16"]),
        dst=st.sampled_from(["float16", "float32"]),
        scale=st.sampled_from([1.0, 1e-6, 3e4]), seed=st.integers(0, 2**16))
-def test_reference_equals_torch_and_roundtrips(shape, n_tokens, src, dst, scale, seed):
+def test_reference_equals_torch_and_roundtrips(shape, group, n_tokens, src, dst, scale, seed):
     n_kv_heads, head_dim = shape
-    layout = HbmLayout.kv_only(2, n_kv_heads, head_dim, dst)
+    layout = HbmLayout.for_model(_gqa_config(n_kv_heads, head_dim, group), dst)
+    assert layout.kv_dim == n_kv_heads * head_dim
     k, v = _kv(n_kv_heads, n_tokens, head_dim, src, scale, seed)
     ref = reshape_ref.pack_layer(_np(k), _np(v), layout)
     got = reshape.pack_layer(k, v, layout)
@@ -161,6 +170,8 @@ def test_bad_input_errors() -> None:
         reshape_ref.pack_layer(k[:, :0].numpy(), k[:, :0].numpy(), layout)
     with pytest.raises(InvalidArgument, match="contiguous uint8 tensor of"):
         reshape.pack_layer(k, k, layout, out=torch.empty(3, dtype=torch.uint8))
+    with pytest.raises(InvalidArgument, match="2-byte boundary"):
+        reshape.pack_layer(k, k, layout, out=torch.empty(8193, dtype=torch.uint8)[1:])
     with pytest.raises(InvalidArgument, match="expected 8192"):
         reshape.unpack_layer(b"\0" * 10, layout, 8)
     with pytest.raises(InvalidArgument, match="expected 8192"):

@@ -58,6 +58,20 @@ def test_gpt2_image_matches_hf_tensors() -> None:
     assert all(np.array_equal(img.channel_view("layers.0.ln2.bias", c), ln) for c in range(32))
 
 
+def test_gpt2_engine_naming_gives_the_same_image() -> None:
+    """engine/gpt2.py keeps HF names without `transformer.` and stores nn.Linear [out, in]."""
+    cfg = preset("tiny-gpt2")
+    sd = _hf_gpt2(cfg)
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    engine_sd = {k.removeprefix("transformer."): (v.t().contiguous() if k.endswith(conv1d) else v)
+                 for k, v in sd.items() if k.startswith("transformer.")}
+    layout = HbmLayout.for_model(cfg, "float32")
+    a, b = pack_weights(cfg, sd, layout), pack_weights(cfg, engine_sd, layout)
+    assert all(np.array_equal(x, y) for x, y in zip(a.channels, b.channels, strict=True))
+    assert np.array_equal(b.tensor("layers.0.attn.o.weight"),
+                          engine_sd["h.0.attn.c_proj.weight"].numpy())   # square: not transposed
+
+
 def test_llama_image_fp16_and_byte_placement() -> None:
     cfg = preset("tiny-llama")
     sd = _hf_llama(cfg)
@@ -74,6 +88,9 @@ def test_llama_image_fp16_and_byte_placement() -> None:
     start = e.offset + 8 * 64 * 2
     raw = img.channels[1][start:start + 128].view(np.float16)
     assert np.array_equal(raw, sd["model.layers.0.mlp.up_proj.weight"][40].half().numpy())
+    # engine/llama.py: the same names without `model.`
+    engine = pack_weights(cfg, {k.removeprefix("model."): v for k, v in sd.items()}, layout)
+    assert all(np.array_equal(x, y) for x, y in zip(img.channels, engine.channels, strict=True))
 
 
 def test_name_mapping_errors_and_overflow() -> None:

@@ -30,6 +30,13 @@ def cupy():
     return cp
 
 
+@pytest.fixture(autouse=True)
+def _kernels_really_ran():
+    yield
+    # reshape.py falls back to the torch path if a CuPy kernel fails: here that is a bug
+    assert reshape.cuda_kernel_error() is None, reshape.cuda_kernel_error()
+
+
 def _layer(name: str, n_tokens: int, src: str, seed: int = 0, max_len: int | None = None):
     """k, v as the engine hands them over: views [H, T, hd] of a [H, max_len, hd] cache."""
     cfg = preset(name)
@@ -84,6 +91,14 @@ def test_odd_channel_split_gpt2_xl(cupy) -> None:
     assert np.array_equal(reshape.pack_layer(k, v, layout).cpu().numpy(), _ref(k, v, layout))
 
 
+def test_layer_shipper_converts_bf16_to_fp16(cupy) -> None:
+    cfg, k, v = _layer("llama-7b", 100, "bfloat16", seed=4, max_len=256)
+    shipper = LayerShipper.for_model(cfg, "hbm", "float16", device="cuda")
+    dest = torch.empty(shipper.layer_bytes(100), dtype=torch.uint8).pin_memory()
+    shipper.ship(0, k, v, dest).wait(timeout_s=30.0)
+    assert np.array_equal(dest.numpy(), _ref(k, v, shipper.layout))
+
+
 @pytest.mark.parametrize("kind", ["hbm", "dense"])
 def test_layer_shipper_overlaps_and_orders_after_compute(cupy, kind) -> None:
     cfg = preset("gpt2-medium")
@@ -96,11 +111,15 @@ def test_layer_shipper_overlaps_and_orders_after_compute(cupy, kind) -> None:
                         dtype=torch.float16, device="cuda")
     handles = []
     for i in range(n_layers):
-        torch.cuda._sleep(2_000_000)        # "compute" of layer i on the compute stream ...
+        # "compute" of layer i on the compute stream (layer 0: long enough to observe
+        # that ship() returns while its copy still waits) ...
+        torch.cuda._sleep(50_000_000 if i == 0 else 2_000_000)
         cache[i, 0, :, :n_tokens].copy_(src[i][0])     # ... which then writes K and V
         cache[i, 1, :, :n_tokens].copy_(src[i][1])
         k, v = cache[i, 0, :, :n_tokens], cache[i, 1, :, :n_tokens]
         handles.append(shipper.ship(i, k, v, slot[i * per:(i + 1) * per]))
+        if i == 0:
+            assert not handles[0].query()   # asynchronous: queued behind the compute
     assert all(isinstance(h, CudaShipment) for h in handles)
     for i, h in enumerate(handles):
         h.wait(timeout_s=30.0)
