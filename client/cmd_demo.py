@@ -46,6 +46,8 @@ def demo(model: str, device: str, backend: str, prompt: str, max_new_tokens: int
     click.echo(f"{'stage':28s} {'ms':>10s}")
     for key, name in _STAGES:
         click.echo(f"{name:28s} {res.timings.get(key, 0.0):10.2f}")
+    if "modeled_device_ms_per_token" in res.timings:  # FPGA backends: U55C bandwidth model
+        click.echo(f"{'modeled U55C per token':28s} {res.timings['modeled_device_ms_per_token']:10.3f}")
     click.echo(f"{'KV bytes handed over':28s} {int(res.timings.get('kv_bytes', 0)):10d}")
     # The prefill names its region /hybrid-kv-<pid>-<epoch>: look for ours only.
     leftovers = glob.glob(f"/dev/shm/hybrid-kv-{pair.procs['prefill'].pid}-*")
