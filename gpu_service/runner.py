@@ -86,23 +86,23 @@ class PrefillRunner:
                 raise Cancelled("prefill cancelled")
             if self.fault_layer_delay_s:
                 time.sleep(self.fault_layer_delay_s)
-            compute_end = None
-            if on_cuda:  # after this layer's compute on the compute (current) stream
-                compute_end = torch.cuda.Event(enable_timing=True)
-                compute_end.record()
             dst = self.region.layer_view(desc, layer)
-            marker.submit(layer, shipper.ship(layer, k, v, dst), compute_end, dst.numel())
+            marker.submit(layer, shipper.ship(layer, k, v, dst), dst.numel())
 
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 x = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
                 logits = self.lm.model.prefill(x, cache, on_layer=on_layer)
+                compute_done = None
+                if on_cuda:  # on the compute (current) stream, after the last layer's work
+                    compute_done = torch.cuda.Event(enable_timing=True)
+                    compute_done.record()
                 first = int(sample(logits, params, 0)[0])  # syncs the compute stream
         except BaseException:
             marker.close()
             raise
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        stats = marker.finish(self.copy_timeout_s)
+        stats = marker.finish(compute_done, self.copy_timeout_s)
         self.region.set_first_token(desc, first)
         return PrefillResult(first, prefill_ms, stats)
