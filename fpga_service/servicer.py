@@ -142,20 +142,10 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                     n += 1
                     yield _tokens([tok], stream.push(tok))
                     finish = _finish(tok, spec, self.eos)
-            finish = finish or "length"
             tail = stream.flush()  # bytes held back waiting for a complete character
             if tail:
                 yield _tokens([], tail)
-            t = session.timings()
-            fields.update(n_tokens=n, decode_ms=round(t.get("decode_ms", 0.0), 2), finish=finish)
-            yield pb.GenerateResponse(done=pb.GenerateDone(
-                finish_reason=finish, backend=self.backend.name,
-                timings=pb.DecodeTimings(
-                    ingest_ms=ingest_ms, ingest_wait_ms=ist.wait_ms,
-                    decode_ms=t.get("decode_ms", 0.0),
-                    decode_ms_per_token=t.get("decode_ms_per_token", 0.0),
-                    modeled_device_ms_per_token=t.get("modeled_device_ms_per_token", 0.0),
-                    n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
+            yield self._done(session, finish or "length", n, ingest_ms, ist, fields)
         finally:
             stop.set()  # a cancelled client stops the decode thread at its next token
             if tokens is not None:
@@ -164,6 +154,19 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             if not released:
                 fields["released"] = True
                 await self._release(request, spec.request_id)
+
+    def _done(self, session, finish: str, n: int, ingest_ms: float, ist: IngestStats,
+              fields: dict) -> pb.GenerateResponse:
+        t = session.timings()
+        fields.update(n_tokens=n, decode_ms=round(t.get("decode_ms", 0.0), 2), finish=finish)
+        return pb.GenerateResponse(done=pb.GenerateDone(
+            finish_reason=finish, backend=self.backend.name,
+            timings=pb.DecodeTimings(
+                ingest_ms=ingest_ms, ingest_wait_ms=ist.wait_ms,
+                decode_ms=t.get("decode_ms", 0.0),
+                decode_ms_per_token=t.get("decode_ms_per_token", 0.0),
+                modeled_device_ms_per_token=t.get("modeled_device_ms_per_token", 0.0),
+                n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
 
     async def _ingest(self, request, session, desc, transport: str, timeout: float):
         loop = asyncio.get_running_loop()

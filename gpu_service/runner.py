@@ -104,5 +104,8 @@ class PrefillRunner:
             raise
         prefill_ms = (time.perf_counter() - t0) * 1e3
         stats = marker.finish(compute_done, self.copy_timeout_s)
+        # The consumer's lease runs from here: it may release the slot as soon as the
+        # first token is published, so nothing may touch the slot after that.
+        self.region.renew(desc)
         self.region.set_first_token(desc, first)
         return PrefillResult(first, prefill_ms, stats)

@@ -104,7 +104,6 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                 cancel.set()  # stop at the next layer, then free the slot below
                 await asyncio.wait([fut], timeout=self.wait_timeout_s)
                 raise
-            self.region.renew(desc)  # the consumer's lease starts when the KV is complete
             st = res.ship
             fields.update(kv_bytes=st.kv_bytes, queue_ms=round(queue_ms, 2),
                           prefill_ms=round(res.prefill_ms, 2),
