@@ -141,6 +141,23 @@ def test_stale_handle_after_use(stubs, pair):
     assert _code(lambda: stubs[0].Release(pb.LeaseRequest(), timeout=5)) == C.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("transport", [pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_GRPC])
+def test_corrupted_slot_is_data_loss(stubs, pair, transport):
+    """Flip bytes of layer 0 in /dev/shm after prefill wrote it: the decoder (or FetchKv)
+    reads exactly those bytes, so the per-layer checksum refuses them with DATA_LOSS.
+    Also proves the KV really travels through the shared region."""
+    handle, _ = _prefill(stubs[0], prompt_ids=[3, 4, 5, 6], max_new_tokens=4)
+    kv = handle.kv
+    with open(f"/dev/shm{kv.region}", "r+b") as f:
+        f.seek(kv.offset + kv.layers[0].offset)
+        data = f.read(16)
+        f.seek(kv.offset + kv.layers[0].offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+    req = pb.GenerateRequest(handle=handle, max_new_tokens=4, transport=transport)
+    assert _code(lambda: list(stubs[1].Generate(req, timeout=10))) == C.DATA_LOSS
+    assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
+
+
 def test_services_stay_healthy(pair, stubs):
     """After every bad input above (this test runs after them): still SERVING, nothing
     leaked, and a good request still works."""
