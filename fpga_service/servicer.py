@@ -127,7 +127,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         released, tokens = False, None
         try:
             t_ingest = time.perf_counter()
-            first, ist = await self._ingest(request, session, desc, transport, timeout)
+            first, ist = await self._ingest(request, session, desc, transport, timeout, stop)
             ingest_ms = (time.perf_counter() - t_ingest) * 1e3
             released = await self._release(request, spec.request_id)
             fields["released"] = True
@@ -168,11 +168,12 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 modeled_device_ms_per_token=t.get("modeled_device_ms_per_token", 0.0),
                 n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
 
-    async def _ingest(self, request, session, desc, transport: str, timeout: float):
+    async def _ingest(self, request, session, desc, transport: str, timeout: float,
+                      stop: threading.Event):
         loop = asyncio.get_running_loop()
         ist = IngestStats()
         if transport == "shm":
-            layers = shm_layers(self.readers, desc, timeout, self.pool, ist)
+            layers = shm_layers(self.readers, desc, timeout, self.pool, ist, stop)
         else:
             layers = grpc_layers(self.prefill, request.handle.request_id, desc, timeout, ist)
         first = None
