@@ -174,20 +174,27 @@ class PrefillServicer(pbg.PrefillServiceServicer):
     async def FetchKv(self, request: pb.FetchKvRequest, context):
         from transport.fetch import iter_chunks
 
+        t0, n, status = time.perf_counter(), 0, "OK"
         try:
             desc = self._desc(request)
-            it = iter_chunks(self.region, desc, request.chunk_bytes or (1 << 20),
-                             self.wait_timeout_s)
+            timeout = min(self.wait_timeout_s, context.time_remaining() or self.wait_timeout_s)
+            it = iter_chunks(self.region, desc, request.chunk_bytes or (1 << 20), timeout)
             loop = asyncio.get_running_loop()
             end = object()
             while (chunk := await loop.run_in_executor(None, next, it, end)) is not end:
+                n += len(chunk.data)
                 self.stats["fetch_bytes"] += len(chunk.data)
                 yield chunk
             self.stats["fetch_streams"] += 1
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "CANCELLED"
             raise
         except Exception as e:
+            status = kit.status_of(e).name
             await self._abort(context, e)
+        finally:
+            log.info("fetch id=%s bytes=%d status=%s total_ms=%.2f", request.request_id, n,
+                     status, (time.perf_counter() - t0) * 1e3)
 
     # ---- Info ----------------------------------------------------------------------
     async def Info(self, request: pb.InfoRequest, context):
