@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -33,6 +34,9 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         # Counters reported as Info trailing metadata (x-hybrid-*): what tests and
         # operators use to see slots in use and how KV left this process.
         self.stats: Counter = Counter()
+        # Compute threads of their own (admission bounds them): FetchKv's blocking
+        # readiness waits on the default executor can never starve a prefill.
+        self.pool = ThreadPoolExecutor(admission.max_active, "prefill")
 
     # ---- Prefill -------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext):
@@ -97,7 +101,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                 request_id=rid, kv=desc.to_proto(), weights_fingerprint=self.lm.fingerprint,
                 model=self.lm.spec, lease_ms=int(self.lease_s * 1e3), prompt_ids=ids))
             loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(None, self.runner.run, ids, desc, layout, params, cancel)
+            fut = loop.run_in_executor(self.pool, self.runner.run, ids, desc, layout, params, cancel)
             try:
                 res = await asyncio.shield(fut)
             except asyncio.CancelledError:
