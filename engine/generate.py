@@ -3,6 +3,8 @@ decode backend (`decode_tokens`)."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -10,10 +12,13 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import ModelConfig
+from engine.cuda_graph import GraphDecoder, GraphPool
 from engine.errors import InvalidArgument
 from engine.kv_cache import KVCache
 from engine.loader import LoadedModel
 from engine.sampling import SamplingParams, sample
+
+_POOLS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -54,9 +59,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def graph_pool(lm: LoadedModel) -> GraphPool | None:
+    """The model's pool of captured decode graphs (CUDA only; HYBRID_CUDA_GRAPHS=0 turns
+    the fast path off)."""
+    if lm.device.type != "cuda" or os.environ.get("HYBRID_CUDA_GRAPHS", "1") == "0":
+        return None
+    with _POOLS_LOCK:  # kept on the model so the pool lives and dies with its weights
+        pool = getattr(lm.model, "_graph_pool", None)
+        if pool is None:
+            pool = GraphPool(lm.model, lm.config, lm.device, lm.dtype)
+            lm.model._graph_pool = pool
+        return pool
+
+
+def new_cache(lm: LoadedModel, n_tokens: int, greedy: bool) -> tuple[KVCache, GraphDecoder | None]:
+    """A KV cache for one request of n_tokens: a captured decoder's own cache when the
+    fast path applies (greedy on CUDA and a graph is free), else a fresh cache. Return
+    the decoder to `graph_pool(lm).release` when the request ends."""
+    pool = graph_pool(lm) if greedy else None
+    dec = pool.acquire(n_tokens) if pool is not None else None
+    if dec is not None:
+        return dec.cache, dec
+    return KVCache(lm.config, 1, n_tokens, lm.device, lm.dtype), None
+
+
+def _graph_tokens(dec: GraphDecoder, first_token: int, n_prompt: int, max_new_tokens: int,
+                  eos: int | None, stop_ids: frozenset[int], ignore_eos: bool) -> Iterator[int]:
+    for token in dec.run(first_token, n_prompt, max_new_tokens - 1):
+        yield token
+        if is_stop(token, eos, stop_ids, ignore_eos):
+            return
+
+
 def decode_tokens(
     lm: LoadedModel, cache: KVCache, first_token: int, n_prompt: int, max_new_tokens: int,
     params: SamplingParams, stop_ids: Iterable[int] = (), row: int = 0, ignore_eos: bool = False,
+    graph: GraphDecoder | None = None,
 ) -> Iterator[int]:
     """Yield generated tokens 1..max_new_tokens-1 given cache row `row` filled for
     positions [0, n_prompt) and prefill's `first_token` (index 0). Stops after EOS
@@ -65,6 +103,10 @@ def decode_tokens(
     stop_ids = frozenset(stop_ids)
     eos = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else lm.config.eos_token_id
     if is_stop(first_token, eos, stop_ids, ignore_eos):
+        return
+    if graph is not None and params.greedy and graph.cache is cache:
+        yield from _graph_tokens(graph, first_token, n_prompt, max_new_tokens, eos, stop_ids,
+                                 ignore_eos)
         return
     view = cache.rows(row, 1) if row or cache.batch != 1 else cache
     tokens = torch.tensor([first_token], dtype=torch.long, device=lm.device)
@@ -89,21 +131,25 @@ def generate(
     params = params.with_seed()
     stop_ids = frozenset(stop_ids)
     n = len(prompt_ids)
-    cache = KVCache(lm.config, 1, n + max_new_tokens, lm.device, lm.dtype)
-    t0 = time.perf_counter()
-    ids = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
-    first = int(sample(lm.model.prefill(ids, cache), params, 0)[0])
-    t1 = time.perf_counter()
-    out = [first]
-    if on_token:
-        on_token(first)
-    for tok in decode_tokens(lm, cache, first, n, max_new_tokens, params, stop_ids,
-                             ignore_eos=ignore_eos):
-        out.append(tok)
+    cache, graph = new_cache(lm, n + max_new_tokens, params.greedy)
+    try:
+        t0 = time.perf_counter()
+        ids = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
+        first = int(sample(lm.model.prefill(ids, cache), params, 0)[0])
+        t1 = time.perf_counter()
+        out = [first]
         if on_token:
-            on_token(tok)
-    _sync(lm.device)
-    t2 = time.perf_counter()
+            on_token(first)
+        for tok in decode_tokens(lm, cache, first, n, max_new_tokens, params, stop_ids,
+                                 ignore_eos=ignore_eos, graph=graph):
+            out.append(tok)
+            if on_token:
+                on_token(tok)
+        _sync(lm.device)
+        t2 = time.perf_counter()
+    finally:
+        if graph is not None:
+            graph_pool(lm).release(graph)
     eos = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else lm.config.eos_token_id
     reason = is_stop(out[-1], eos, stop_ids, ignore_eos) or "length"
     timings = {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "total_ms": (t2 - t0) * 1e3}

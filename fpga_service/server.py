@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from dataclasses import dataclass
 
+from engine.errors import Unavailable
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
@@ -50,8 +52,14 @@ async def _serve(opts: DecodeOptions) -> None:
              opts.backend, opts.model, device, dtype)
     backend = servicer = None
     try:
-        backend = await asyncio.to_thread(
-            make_backend, opts.backend, model_spec=opts.model, device=device, dtype=dtype)
+        try:
+            backend = await asyncio.to_thread(
+                make_backend, opts.backend, model_spec=opts.model, device=device, dtype=dtype)
+        except Unavailable as e:  # e.g. fpga-xrt without pyxrt / xclbin / card
+            log.error("decode backend %s unavailable, health stays NOT_SERVING: %s",
+                      opts.backend, e)
+            await _until_signalled()
+            return
         servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s)
         holder["servicer"] = servicer
         await kit.run_until_signalled(
@@ -64,6 +72,14 @@ async def _serve(opts: DecodeOptions) -> None:
             await servicer.close()
         if backend is not None:
             backend.close()
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
 
 
 def serve(opts: DecodeOptions) -> None:

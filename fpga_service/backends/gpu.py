@@ -13,8 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from engine.generate import decode_tokens
-from engine.kv_cache import KVCache
+from engine.generate import decode_tokens, graph_pool, new_cache
 from engine.loader import load_model
 
 from .base import DecodeBackend, DecodeSession, DecodeSpec
@@ -50,8 +49,9 @@ class GpuSession(DecodeSession):
         self.backend, self.spec = backend, spec
         lm = backend.lm
         try:
-            self.cache = KVCache(lm.config, 1, spec.n_prompt + spec.max_new_tokens,
-                                 lm.device, lm.dtype)
+            # greedy on CUDA: a captured decode graph's own cache (engine.cuda_graph)
+            self.cache, self.graph = new_cache(lm, spec.n_prompt + spec.max_new_tokens,
+                                               spec.sampling.greedy)
         except torch.OutOfMemoryError as e:
             from engine.errors import ResourceExhausted
 
@@ -79,7 +79,8 @@ class GpuSession(DecodeSession):
             with torch.inference_mode():
                 for tok in decode_tokens(
                         self.backend.lm, self.cache, first_token, s.n_prompt, s.max_new_tokens,
-                        s.sampling, stop_ids=s.stop_ids, ignore_eos=s.ignore_eos):
+                        s.sampling, stop_ids=s.stop_ids, ignore_eos=s.ignore_eos,
+                        graph=self.graph):
                     self._n += 1
                     yield tok
         finally:
@@ -93,4 +94,7 @@ class GpuSession(DecodeSession):
         if not self._closed:
             self._closed = True
             self.cache = None
+            if self.graph is not None:
+                graph_pool(self.backend.lm).release(self.graph)
+                self.graph = None
             self.backend.sessions_open -= 1

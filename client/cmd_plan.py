@@ -1,0 +1,60 @@
+"""`hybrid plan`: predict GPU-only / FPGA-only / hybrid latency for an input:output shape."""
+
+from __future__ import annotations
+
+import click
+
+from engine.errors import HybridError
+
+
+def _pairs(text: str | None, default):
+    """Parse "64:7.6,256:10.3" into ((64, 7.6), (256, 10.3))."""
+    if not text:
+        return default
+    try:
+        return tuple(tuple(float(v) for v in item.split(":")) for item in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected TOKENS:MS[,TOKENS:MS...], got {text!r}") from None
+
+
+@click.command()
+@click.option("--input", "n_input", type=int, required=True, help="prompt tokens")
+@click.option("--output", "n_output", type=int, required=True, help="generated tokens")
+@click.option("--gpu-prefill", help="measured GPU prefill, TOKENS:MS,... (default: the source's)")
+@click.option("--fpga-prefill", help="measured FPGA prefill, TOKENS:MS,...")
+@click.option("--gpu-decode-ms", type=float, help="GPU decode ms per token (source: 5.0)")
+@click.option("--fpga-decode-ms", type=float, help="FPGA decode ms per token (source: 3.4)")
+@click.option("--fpga-model", help="take FPGA decode ms/token from the U55C bandwidth model "
+              "of this preset (e.g. gpt2-medium) instead")
+@click.option("--transfer-ms", type=float, help="fixed KV transfer ms (source: 150-215; 180)")
+@click.option("--transfer-ms-per-token", type=float, default=0.0, show_default=True)
+def plan(n_input, n_output, gpu_prefill, fpga_prefill, gpu_decode_ms, fpga_decode_ms,
+         fpga_model, transfer_ms, transfer_ms_per_token) -> None:
+    """Predict the three latencies from stage-time models (the source's eqs. 4 and 5)."""
+    from fpga_service import placement as P
+
+    try:
+        if fpga_model:
+            fpga_decode_ms = P.modeled_fpga_decode_ms(fpga_model, n_input, n_output)
+            click.echo(f"FPGA decode from the U55C model of {fpga_model}: "
+                       f"{fpga_decode_ms:.3f} ms/token")
+        model = P.StageModel(
+            gpu_prefill=_pairs(gpu_prefill, P.SOURCE_GPU_PREFILL),
+            fpga_prefill=_pairs(fpga_prefill, P.SOURCE_FPGA_PREFILL),
+            gpu_decode_ms=P.SOURCE_GPU_DECODE_MS if gpu_decode_ms is None else gpu_decode_ms,
+            fpga_decode_ms=P.SOURCE_FPGA_DECODE_MS if fpga_decode_ms is None else fpga_decode_ms,
+            transfer_ms=P.SOURCE_TRANSFER_MS if transfer_ms is None else transfer_ms,
+            transfer_ms_per_token=transfer_ms_per_token,
+        )
+        result = P.plan(n_input, n_output, model)
+    except HybridError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"input:output  {n_input}:{n_output}")
+    for name, ms in result.latency_ms.items():
+        mark = "  <- choice" if name == result.choice else ""
+        click.echo(f"{name:<10}  {ms:10.1f} ms{mark}")
+    click.echo(f"eq.4 hybrid beats gpu-only:  {result.eq4_hybrid_beats_gpu}  "
+               f"(GPU decode - FPGA decode > transfer)")
+    click.echo(f"eq.5 hybrid beats fpga-only: {result.eq5_hybrid_beats_fpga}  "
+               f"(FPGA prefill - GPU prefill > transfer)")
+    click.echo(f"choice: {result.choice}")
