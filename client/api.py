@@ -129,45 +129,70 @@ class HybridClient:
             layout=info.kv_layout, sampling=sampling_proto(params),
             max_new_tokens=max_new_tokens, expected_fingerprint=info.weights_fingerprint),
             timeout=_left(deadline), metadata=_dtype_metadata(info.dtype))
-        gcall = None
+        gcall = pdone_task = None
+        acc = _Tokens(t0)
         try:
-            first = await _call(pcall.read())
-            if first is grpc.aio.EOF or not first.HasField("handle"):
-                raise errors.Unavailable("prefill stream ended before its KV handle")
-            handle = first.handle
+            handle = await _first_handle(pcall)
             gcall = self.decode.Generate(pb.GenerateRequest(
                 request_id=rid, handle=handle, sampling=sampling_proto(params),
                 max_new_tokens=max_new_tokens, stop_ids=list(stop_ids),
                 transport=TRANSPORTS[kv_transport], ignore_eos=ignore_eos),
                 timeout=_left(deadline))
-            pdone_task = asyncio.create_task(_prefill_done(pcall))
-            # If prefill dies, decode would only notice at its readiness timeout: cut it short.
-            pdone_task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or gcall.cancel())
-            ids, texts, gdone, ttft = [], [], None, None
-            try:
-                async for msg in gcall:
-                    if msg.HasField("tokens"):
-                        ttft = ttft if ttft is not None else (time.perf_counter() - t0) * 1e3
-                        ids.extend(msg.tokens.ids)
-                        texts.append(msg.tokens.text)
-                        yield list(msg.tokens.ids), msg.tokens.text
-                    else:
-                        gdone = msg.done
-            except grpc.aio.AioRpcError as e:
-                raise error_from_rpc(e) from None
-            except asyncio.CancelledError:
-                if pdone_task.done() and not pdone_task.cancelled() and pdone_task.exception():
-                    raise pdone_task.exception() from None
-                raise
+            pdone_task = _watch_prefill(pcall, gcall)
+            async for piece in acc.consume(gcall, pdone_task):
+                yield piece
             pdone = await pdone_task
         finally:  # however we leave (error, consumer gone): hang up both calls
             pcall.cancel()
             if gcall is not None:
                 gcall.cancel()
-        if gdone is None:
+            if pdone_task is not None and not pdone_task.done():
+                pdone_task.cancel()
+        yield _result(rid, handle, acc, pdone, (time.perf_counter() - t0) * 1e3, info)
+
+
+class _Tokens:
+    """Collects one Generate stream: ids, text, the final GenerateDone, time to first token."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0, self.ids, self.texts = t0, [], []
+        self.done: pb.GenerateDone | None = None
+        self.ttft_ms: float | None = None
+
+    async def consume(self, gcall, pdone_task: asyncio.Task):
+        try:
+            async for msg in gcall:
+                if msg.HasField("tokens"):
+                    if self.ttft_ms is None:
+                        self.ttft_ms = (time.perf_counter() - self.t0) * 1e3
+                    self.ids.extend(msg.tokens.ids)
+                    self.texts.append(msg.tokens.text)
+                    yield list(msg.tokens.ids), msg.tokens.text
+                else:
+                    self.done = msg.done
+        except grpc.aio.AioRpcError as e:
+            raise error_from_rpc(e) from None
+        except asyncio.CancelledError:  # _watch_prefill cut decode short: prefill's error
+            if pdone_task.done() and not pdone_task.cancelled() and pdone_task.exception():
+                raise pdone_task.exception() from None
+            raise
+        if self.done is None:
             raise errors.Unavailable("decode stream ended without its timings")
-        yield _result(rid, handle, ids, "".join(texts), pdone, gdone, ttft,
-                      (time.perf_counter() - t0) * 1e3, info)
+
+
+async def _first_handle(pcall) -> pb.KvHandle:
+    first = await _call(pcall.read())
+    if first is grpc.aio.EOF or not first.HasField("handle"):
+        raise errors.Unavailable("prefill stream ended before its KV handle")
+    return first.handle
+
+
+def _watch_prefill(pcall, gcall) -> asyncio.Task:
+    """Reads the rest of the Prefill stream; if prefill fails, decode would only notice
+    at its readiness timeout, so cancel Generate at once (the error surfaces instead)."""
+    task = asyncio.create_task(_prefill_done(pcall))
+    task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or gcall.cancel())
+    return task
 
 
 def _dtype_metadata(dtype: int) -> tuple[tuple[str, str], ...]:
@@ -197,11 +222,11 @@ def _left(deadline: float) -> float:
     return left
 
 
-def _result(rid, handle, ids, text, pdone, gdone, ttft, total_ms, info) -> RemoteResult:
-    pt, dt = pdone.timings, gdone.timings
+def _result(rid, handle, acc: _Tokens, pdone, total_ms, info) -> RemoteResult:
+    pt, dt = pdone.timings, acc.done.timings
     timings = {
         "prefill_ms": pt.prefill_ms, "decode_ms": dt.decode_ms, "total_ms": total_ms,
-        "ttft_ms": ttft or 0.0, "kv_bytes": pt.kv_bytes, "transfer_ms": pt.transfer_ms,
+        "ttft_ms": acc.ttft_ms or 0.0, "kv_bytes": pt.kv_bytes, "transfer_ms": pt.transfer_ms,
         "exposed_transfer_ms": pt.exposed_transfer_ms,
         "decode_ms_per_token": dt.decode_ms_per_token, "ingest_ms": dt.ingest_ms,
         "ingest_wait_ms": dt.ingest_wait_ms, "queue_ms": pt.queue_ms + dt.queue_ms,
@@ -209,8 +234,9 @@ def _result(rid, handle, ids, text, pdone, gdone, ttft, total_ms, info) -> Remot
     if dt.modeled_device_ms_per_token:
         timings["modeled_device_ms_per_token"] = dt.modeled_device_ms_per_token
     dtype = {1: "float16", 2: "bfloat16", 3: "float32"}.get(info.dtype, "")
-    return RemoteResult(ids, text, gdone.finish_reason, handle.model, handle.weights_fingerprint,
-                        info.synthetic, timings, rid, gdone.backend, list(handle.prompt_ids),
+    return RemoteResult(acc.ids, "".join(acc.texts), acc.done.finish_reason, handle.model,
+                        handle.weights_fingerprint, info.synthetic, timings, rid,
+                        acc.done.backend, list(handle.prompt_ids),
                         f"prefill {pdone.device}, decode {info.device}", dtype)
 
 

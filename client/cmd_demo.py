@@ -30,7 +30,6 @@ def demo(model: str, device: str, backend: str, prompt: str, max_new_tokens: int
     from client.launch import ServicePair
     from client.remote import run_remote
 
-    shm_before = set(glob.glob("/dev/shm/hybrid-kv*"))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as logs:
         pair = ServicePair(model=model, device=device, backend=backend, log_dir=logs)
@@ -47,8 +46,11 @@ def demo(model: str, device: str, backend: str, prompt: str, max_new_tokens: int
     click.echo(f"{'stage':28s} {'ms':>10s}")
     for key, name in _STAGES:
         click.echo(f"{name:28s} {res.timings.get(key, 0.0):10.2f}")
+    if "modeled_device_ms_per_token" in res.timings:  # FPGA backends: U55C bandwidth model
+        click.echo(f"{'modeled U55C per token':28s} {res.timings['modeled_device_ms_per_token']:10.3f}")
     click.echo(f"{'KV bytes handed over':28s} {int(res.timings.get('kv_bytes', 0)):10d}")
-    leftovers = set(glob.glob("/dev/shm/hybrid-kv*")) - shm_before
+    # The prefill names its region /hybrid-kv-<pid>-<epoch>: look for ours only.
+    leftovers = glob.glob(f"/dev/shm/hybrid-kv-{pair.procs['prefill'].pid}-*")
     click.echo(f"\nshutdown: exit codes {codes}; /dev/shm leftovers: {sorted(leftovers) or 'none'}"
                f"; {time.perf_counter() - t0:.1f}s in all")
     if leftovers or any(codes.values()):

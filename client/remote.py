@@ -9,6 +9,7 @@ service produced (the client holds no model files).
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -52,6 +53,8 @@ def generate_remote(opts: Any, printer: Any) -> dict:
         opts.prompt, prompt_ids=opts.prompt_ids, max_new_tokens=opts.max_new_tokens,
         params=opts.sampling(), prefill=opts.prefill, decode=opts.decode,
         kv_transport=opts.kv_transport, on_chunk=on_chunk, timeout_s=opts.timeout)
+    if res.synthetic:  # as the local path does: never mistake synthetic output for a model's
+        print(f"note: {res.model}: synthetic weights or byte tokenizer (served)", file=sys.stderr)
     out = res.to_json()
     out["timings"] = {k: round(float(v), 3) for k, v in res.timings.items()}
     out.update(synthetic_tokenizer=res.synthetic, path="remote")

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
 
+from engine.errors import DeadlineExceeded
 from protos import hybrid_pb2 as pb
 
 
@@ -57,18 +58,41 @@ class ShmReaders:
 
 
 async def shm_layers(readers: ShmReaders, desc: Any, timeout_s: float, pool: Executor,
-                     stats: IngestStats) -> AsyncIterator[tuple[int, Any]]:
-    """Yields (layer, bytes) from the mapped region; ends with (-1, first_token)."""
+                     stats: IngestStats, stop: threading.Event
+                     ) -> AsyncIterator[tuple[int, Any]]:
+    """Yields (layer, bytes) from the mapped region; ends with (-1, first_token).
+    `stop` (the request was cancelled) ends a wait within WAIT_SLICE_S."""
     loop = asyncio.get_running_loop()
     reader = await loop.run_in_executor(pool, readers.get, desc.region)
     for layer in range(desc.n_layers):
         t = time.perf_counter()
-        data = await loop.run_in_executor(pool, reader.read_layer, desc, layer, timeout_s)
+        data = await loop.run_in_executor(pool, _sliced, reader.read_layer, desc, layer,
+                                          timeout_s, stop)
         stats.wait_ms += (time.perf_counter() - t) * 1e3
         stats.bytes += len(data)
         yield layer, data
-    first = await loop.run_in_executor(pool, reader.wait_first_token, desc, timeout_s)
+    first = await loop.run_in_executor(pool, _sliced, _first_token, reader, desc, timeout_s, stop)
     yield -1, first
+
+
+WAIT_SLICE_S = 0.25
+
+
+def _first_token(reader: Any, desc: Any, timeout_s: float) -> int:
+    return reader.wait_first_token(desc, timeout_s)
+
+
+def _sliced(wait: Any, a: Any, b: Any, timeout_s: float, stop: threading.Event) -> Any:
+    """`wait(a, b, timeout)` in slices, so a pool thread blocked on a prefill that will
+    never finish (killed, or the client gave up) is freed soon after `stop` is set."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            return wait(a, b, max(0.0, min(WAIT_SLICE_S, left)))
+        except DeadlineExceeded:
+            if stop.is_set() or time.monotonic() >= deadline:
+                raise
 
 
 async def grpc_layers(stub: Any, request_id: str, desc: Any, timeout_s: float,

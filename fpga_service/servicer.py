@@ -64,7 +64,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 async for msg in self._generate(request, spec, desc, transport, context, fields):
                     yield msg
             fields["status"] = "OK"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # client gone: task cancelled or stream closed
             fields["status"] = "CANCELLED"
             self.stats["cancelled"] += 1
             raise
@@ -124,10 +124,10 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             timeout = min(timeout, max(0.0, context.time_remaining()))
         session = await loop.run_in_executor(self.pool, self.backend.open_session, spec)
         stop = threading.Event()
-        released = False
+        released, tokens = False, None
         try:
             t_ingest = time.perf_counter()
-            first, ist = await self._ingest(request, session, desc, transport, timeout)
+            first, ist = await self._ingest(request, session, desc, transport, timeout, stop)
             ingest_ms = (time.perf_counter() - t_ingest) * 1e3
             released = await self._release(request, spec.request_id)
             fields["released"] = True
@@ -137,44 +137,55 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             yield _tokens([first], stream.push(first))
             n, finish = 1, _finish(first, spec, self.eos)
             if finish is None and spec.max_new_tokens > 1:
-                async for tok in self._decode(session, first, stop):
+                tokens = self._decode(session, first, stop)
+                async for tok in tokens:
                     n += 1
                     yield _tokens([tok], stream.push(tok))
                     finish = _finish(tok, spec, self.eos)
-            finish = finish or "length"
             tail = stream.flush()  # bytes held back waiting for a complete character
             if tail:
                 yield _tokens([], tail)
-            t = session.timings()
-            fields.update(n_tokens=n, decode_ms=round(t.get("decode_ms", 0.0), 2), finish=finish)
-            yield pb.GenerateResponse(done=pb.GenerateDone(
-                finish_reason=finish, backend=self.backend.name,
-                timings=pb.DecodeTimings(
-                    ingest_ms=ingest_ms, ingest_wait_ms=ist.wait_ms,
-                    decode_ms=t.get("decode_ms", 0.0),
-                    decode_ms_per_token=t.get("decode_ms_per_token", 0.0),
-                    modeled_device_ms_per_token=t.get("modeled_device_ms_per_token", 0.0),
-                    n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
+            yield self._done(session, finish or "length", n, ingest_ms, ist, fields)
         finally:
             stop.set()  # a cancelled client stops the decode thread at its next token
+            if tokens is not None:
+                await tokens.aclose()  # returns once the decode thread has stopped
             await loop.run_in_executor(self.pool, session.close)
             if not released:
                 fields["released"] = True
                 await self._release(request, spec.request_id)
 
-    async def _ingest(self, request, session, desc, transport: str, timeout: float):
+    def _done(self, session, finish: str, n: int, ingest_ms: float, ist: IngestStats,
+              fields: dict) -> pb.GenerateResponse:
+        t = session.timings()
+        fields.update(n_tokens=n, decode_ms=round(t.get("decode_ms", 0.0), 2), finish=finish)
+        return pb.GenerateResponse(done=pb.GenerateDone(
+            finish_reason=finish, backend=self.backend.name,
+            timings=pb.DecodeTimings(
+                ingest_ms=ingest_ms, ingest_wait_ms=ist.wait_ms,
+                decode_ms=t.get("decode_ms", 0.0),
+                decode_ms_per_token=t.get("decode_ms_per_token", 0.0),
+                modeled_device_ms_per_token=t.get("modeled_device_ms_per_token", 0.0),
+                n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
+
+    async def _ingest(self, request, session, desc, transport: str, timeout: float,
+                      stop: threading.Event):
         loop = asyncio.get_running_loop()
         ist = IngestStats()
         if transport == "shm":
-            layers = shm_layers(self.readers, desc, timeout, self.pool, ist)
+            layers = shm_layers(self.readers, desc, timeout, self.pool, ist, stop)
         else:
             layers = grpc_layers(self.prefill, request.handle.request_id, desc, timeout, ist)
         first = None
-        async for layer, data in layers:
-            if layer < 0:
-                first = data
-                break
-            await loop.run_in_executor(self.pool, session.ingest_layer, layer, memoryview(data))
+        try:
+            async for layer, data in layers:
+                if layer < 0:
+                    first = data
+                    break
+                await loop.run_in_executor(self.pool, session.ingest_layer, layer,
+                                           memoryview(data))
+        finally:
+            await layers.aclose()  # ends a FetchKv stream at once
         self.stats[f"{transport}_kv_bytes"] += ist.bytes
         self.stats[f"{transport}_requests"] += 1
         return int(first), ist

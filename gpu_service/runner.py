@@ -3,6 +3,7 @@ first token. Runs in a worker thread (never on the event loop)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class PrefillRunner:
         self.copy_timeout_s = copy_timeout_s
         self.compute_dtype = _DTYPE_NAME[lm.dtype]
         self.shippers = ShipperPool(self.config, lm.device)
+        # Fault injection for tests (a prefill slow enough to be killed mid-request).
+        self.fault_layer_delay_s = float(os.environ.get("HYBRID_FAULT_LAYER_DELAY_MS", 0)) / 1e3
 
     def slot_dtype(self, layout: str, requested: str | None = None) -> str:
         """The decoder's element type when it named one (PrefillRequest metadata); else
@@ -81,23 +84,28 @@ class PrefillRunner:
         def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             if cancel.is_set():
                 raise Cancelled("prefill cancelled")
-            compute_end = None
-            if on_cuda:  # after this layer's compute on the compute (current) stream
-                compute_end = torch.cuda.Event(enable_timing=True)
-                compute_end.record()
+            if self.fault_layer_delay_s:
+                time.sleep(self.fault_layer_delay_s)
             dst = self.region.layer_view(desc, layer)
-            marker.submit(layer, shipper.ship(layer, k, v, dst), compute_end, dst.numel())
+            marker.submit(layer, shipper.ship(layer, k, v, dst), dst.numel())
 
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 x = torch.tensor(ids, dtype=torch.long, device=self.lm.device)
                 logits = self.lm.model.prefill(x, cache, on_layer=on_layer)
+                compute_done = None
+                if on_cuda:  # on the compute (current) stream, after the last layer's work
+                    compute_done = torch.cuda.Event(enable_timing=True)
+                    compute_done.record()
                 first = int(sample(logits, params, 0)[0])  # syncs the compute stream
         except BaseException:
             marker.close()
             raise
         prefill_ms = (time.perf_counter() - t0) * 1e3
-        stats = marker.finish(self.copy_timeout_s)
+        stats = marker.finish(compute_done, self.copy_timeout_s)
+        # The consumer's lease runs from here: it may release the slot as soon as the
+        # first token is published, so nothing may touch the slot after that.
+        self.region.renew(desc)
         self.region.set_first_token(desc, first)
         return PrefillResult(first, prefill_ms, stats)

@@ -1,7 +1,6 @@
 """Prefill server process: load weights, create the KV region, serve until SIGTERM.
 
-`hybrid serve prefill ...` (client/cmd_serve.py) and `python -m gpu_service` both land
-in `serve(PrefillOptions(...))`.
+`hybrid serve prefill ...` (client/cmd_serve.py) lands in `serve(PrefillOptions(...))`.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ class PrefillOptions:
     region_mb: int = 256
     max_slots: int = 64
     lease_s: float = 30.0
+    checksums: bool = True
     max_active: int = 4
     max_queue: int = 64
     grace_s: float = 10.0
@@ -36,9 +36,8 @@ class PrefillOptions:
 
 
 async def _serve(opts: PrefillOptions) -> None:
-    from transport.region import KvRegion
-
     from engine.loader import load_model
+    from transport.region import KvRegion
 
     from .runner import PrefillRunner
     from .servicer import PrefillServicer
@@ -58,7 +57,8 @@ async def _serve(opts: PrefillOptions) -> None:
         lm = await asyncio.to_thread(load_model, opts.model, device, dtype)
         region = KvRegion.create(opts.region_mb << 20, opts.max_slots, lm.config.n_layers,
                                  opts.lease_s)
-        servicer = PrefillServicer(PrefillRunner(lm, region), region, admission, opts.lease_s)
+        servicer = PrefillServicer(PrefillRunner(lm, region), region, admission, opts.lease_s,
+                                   checksums=opts.checksums)
         holder["servicer"] = servicer
         reaper = asyncio.create_task(servicer.reap_leases(max(0.1, opts.lease_s / 4)))
         await kit.run_until_signalled(

@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -33,6 +34,9 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         # Counters reported as Info trailing metadata (x-hybrid-*): what tests and
         # operators use to see slots in use and how KV left this process.
         self.stats: Counter = Counter()
+        # Compute threads of their own (admission bounds them): FetchKv's blocking
+        # readiness waits on the default executor can never starve a prefill.
+        self.pool = ThreadPoolExecutor(admission.max_active, "prefill")
 
     # ---- Prefill -------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext):
@@ -48,7 +52,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                 async for msg in self._prefill(rid, ids, layout, dtype, params, queue_ms, fields):
                     yield msg
             fields["status"] = "OK"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # client gone: task cancelled or stream closed
             fields["status"] = "CANCELLED"
             raise
         except Exception as e:
@@ -97,14 +101,13 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                 request_id=rid, kv=desc.to_proto(), weights_fingerprint=self.lm.fingerprint,
                 model=self.lm.spec, lease_ms=int(self.lease_s * 1e3), prompt_ids=ids))
             loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(None, self.runner.run, ids, desc, layout, params, cancel)
+            fut = loop.run_in_executor(self.pool, self.runner.run, ids, desc, layout, params, cancel)
             try:
                 res = await asyncio.shield(fut)
             except asyncio.CancelledError:
                 cancel.set()  # stop at the next layer, then free the slot below
                 await asyncio.wait([fut], timeout=self.wait_timeout_s)
                 raise
-            self.region.renew(desc)  # the consumer's lease starts when the KV is complete
             st = res.ship
             fields.update(kv_bytes=st.kv_bytes, queue_ms=round(queue_ms, 2),
                           prefill_ms=round(res.prefill_ms, 2),
@@ -175,20 +178,27 @@ class PrefillServicer(pbg.PrefillServiceServicer):
     async def FetchKv(self, request: pb.FetchKvRequest, context):
         from transport.fetch import iter_chunks
 
+        t0, n, status = time.perf_counter(), 0, "OK"
         try:
             desc = self._desc(request)
-            it = iter_chunks(self.region, desc, request.chunk_bytes or (1 << 20),
-                             self.wait_timeout_s)
+            timeout = min(self.wait_timeout_s, context.time_remaining() or self.wait_timeout_s)
+            it = iter_chunks(self.region, desc, request.chunk_bytes or (1 << 20), timeout)
             loop = asyncio.get_running_loop()
             end = object()
             while (chunk := await loop.run_in_executor(None, next, it, end)) is not end:
+                n += len(chunk.data)
                 self.stats["fetch_bytes"] += len(chunk.data)
                 yield chunk
             self.stats["fetch_streams"] += 1
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            status = "CANCELLED"
             raise
         except Exception as e:
+            status = kit.status_of(e).name
             await self._abort(context, e)
+        finally:
+            log.info("fetch id=%s bytes=%d status=%s total_ms=%.2f", request.request_id, n,
+                     status, (time.perf_counter() - t0) * 1e3)
 
     # ---- Info ----------------------------------------------------------------------
     async def Info(self, request: pb.InfoRequest, context):

@@ -58,9 +58,10 @@ class ReadyMarker:
     them in order so the compute thread never blocks on the copy stream.
 
     Latency hiding is measured on the device's own clock: raw = sum of each layer's
-    copy-stream time; exposed = from an event recorded on the compute stream right after
-    the last layer's compute to that layer's copy-done event. On CPU the copies run
-    inline between layers, nothing overlaps, and exposed = raw.
+    copy-stream time; exposed = from an event recorded on the compute stream when the
+    whole prefill compute is done to the last layer's copy-done event (the copy time the
+    request still waits for). On CPU the copies run inline between layers, nothing
+    overlaps, and exposed = raw.
     """
 
     def __init__(self, region: Any, desc: Any) -> None:
@@ -69,14 +70,13 @@ class ReadyMarker:
         self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._last: tuple[Any, Any] | None = None  # (compute-end marker, handle) of the last layer
+        self._last: Any = None  # the last layer's copy handle
 
-    def submit(self, layer: int, handle: Any, compute_end: Any, n_bytes: int) -> None:
-        """`handle`: what LayerShipper.ship returned; `compute_end`: a CUDA event recorded
-        on the compute stream before shipping (None on CPU)."""
+    def submit(self, layer: int, handle: Any, n_bytes: int) -> None:
+        """`handle`: what LayerShipper.ship returned (already done on CPU)."""
         self.stats.kv_bytes += n_bytes
-        self._last = (compute_end, handle)
-        if handle is None or (compute_end is None and handle.query()):
+        self._last = handle
+        if handle is None or handle.query():
             self._done(layer, handle)
             return
         if self._thread is None:
@@ -107,8 +107,10 @@ class ReadyMarker:
         if self._thread is not None:
             self._q.put(None)
 
-    def finish(self, timeout_s: float) -> ShipStats:
-        """Wait for every copy; returns the figures. Raises the helper's error."""
+    def finish(self, compute_done: Any, timeout_s: float) -> ShipStats:
+        """Wait for every copy; returns the figures. `compute_done`: a CUDA event recorded
+        on the compute stream after the whole prefill (None on CPU). Raises the helper's
+        error."""
         if self._thread is not None:
             self._q.put(None)
             self._thread.join(timeout_s)
@@ -117,9 +119,9 @@ class ReadyMarker:
         if self._error is not None:
             raise self._error if isinstance(self._error, HybridError) else HybridError(
                 f"KV copy failed: {self._error}")
-        compute_end, handle = self._last or (None, None)
-        if compute_end is not None:
-            self.stats.exposed_transfer_ms = max(0.0, compute_end.elapsed_time(handle.event))
+        if compute_done is not None and self._last is not None:
+            self.stats.exposed_transfer_ms = max(
+                0.0, compute_done.elapsed_time(self._last.event))
         else:  # CPU: each copy ran inline in the compute thread, so none of it was hidden
             self.stats.exposed_transfer_ms = self.stats.transfer_ms
         return self.stats

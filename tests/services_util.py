@@ -55,12 +55,3 @@ def local_tokens(lm, prompt_ids: list[int], max_new: int, params) -> list[int]:
 
 def shm_segments() -> set[str]:
     return set(glob.glob("/dev/shm/hybrid-kv*"))
-
-
-def status_of(fn) -> grpc.StatusCode | None:
-    """Run fn(); the gRPC status it failed with, None when it succeeded."""
-    try:
-        fn()
-    except grpc.RpcError as e:
-        return e.code()
-    return None

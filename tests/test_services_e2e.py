@@ -147,3 +147,30 @@ def test_cli_health_and_info(pair, lm):
     assert info["prefill"]["region"].startswith("/hybrid-kv")
     down = _cli("health", "--service", "decode", "--decode", "127.0.0.1:1")
     assert down.returncode == 1 and "UNREACHABLE" in down.stdout
+
+
+def test_cli_generate_remote_errors_are_one_line(pair):
+    down = _cli("generate", "hi", "--prefill", pair.prefill, "--decode", "127.0.0.1:1",
+                "--timeout", "5")
+    assert down.returncode == 1 and down.stderr.startswith("error: UNAVAILABLE")
+    assert len(down.stderr.strip().splitlines()) == 1
+    bad = _cli("generate", "--prompt-ids", "1,2", "--max-new-tokens", "500",
+               "--prefill", pair.prefill, "--decode", pair.decode)
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "positions" in bad.stderr
+
+
+def test_llama_gqa_pair_equals_local(tmp_path_factory):
+    """Llama family (RoPE, grouped-query attention: 2 KV heads for 4 query heads)."""
+    from tests.helpers import make_tiny_llama
+
+    ckpt = str(make_tiny_llama(tmp_path_factory.mktemp("llama")))
+    lm = load_model(ckpt, "cpu", "float32")
+    ids = [7, 21, 3, 99, 150, 4]
+    with ServicePair(model=ckpt, device="cpu", log_dir=str(tmp_path_factory.mktemp("llogs"))) as p:
+        for params, transport in ((SamplingParams(), "shm"),
+                                  (SamplingParams(temperature=0.9, top_p=0.8, seed=5), "grpc")):
+            res = run_remote(prompt_ids=ids, max_new_tokens=12, params=params, prefill=p.prefill,
+                             decode=p.decode, kv_transport=transport)
+            assert res.token_ids == local_tokens(lm, ids, 12, params)
+            c = lm.config
+            assert res.timings["kv_bytes"] == c.n_layers * 2 * c.n_kv_heads * c.head_dim * len(ids) * 4

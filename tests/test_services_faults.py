@@ -141,6 +141,23 @@ def test_stale_handle_after_use(stubs, pair):
     assert _code(lambda: stubs[0].Release(pb.LeaseRequest(), timeout=5)) == C.INVALID_ARGUMENT
 
 
+@pytest.mark.parametrize("transport", [pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_GRPC])
+def test_corrupted_slot_is_data_loss(stubs, pair, transport):
+    """Flip bytes of layer 0 in /dev/shm after prefill wrote it: the decoder (or FetchKv)
+    reads exactly those bytes, so the per-layer checksum refuses them with DATA_LOSS.
+    Also proves the KV really travels through the shared region."""
+    handle, _ = _prefill(stubs[0], prompt_ids=[3, 4, 5, 6], max_new_tokens=4)
+    kv = handle.kv
+    with open(f"/dev/shm{kv.region}", "r+b") as f:
+        f.seek(kv.offset + kv.layers[0].offset)
+        data = f.read(16)
+        f.seek(kv.offset + kv.layers[0].offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+    req = pb.GenerateRequest(handle=handle, max_new_tokens=4, transport=transport)
+    assert _code(lambda: list(stubs[1].Generate(req, timeout=10))) == C.DATA_LOSS
+    assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
+
+
 def test_services_stay_healthy(pair, stubs):
     """After every bad input above (this test runs after them): still SERVING, nothing
     leaked, and a good request still works."""
@@ -187,26 +204,40 @@ def test_client_cancel_stops_decode(pair):
     assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
 
 
-def test_decode_killed_mid_request(pair, tmp_path):
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    proc = spawn(["serve", "decode", "--model", MODEL, "--device", "cpu", "--port", str(port),
-                  "--prefill", pair.prefill], log_path=str(tmp_path / "decode2.log"))
+def test_decode_killed_mid_request(tmp_path):
+    """Decode dies mid-ingest (prefill is slowed to 0.8 s a layer so the kill lands
+    there): the client gets UNAVAILABLE at once and the slot is freed within the lease."""
+    pport, dport = free_port(), free_port()
+    prefill, decode = f"127.0.0.1:{pport}", f"127.0.0.1:{dport}"
+    procs = [spawn(["serve", "prefill", "--model", MODEL, "--device", "cpu", "--port", str(pport),
+                    "--lease-s", str(LEASE_S)], env={"HYBRID_FAULT_LAYER_DELAY_MS": "800"},
+                   log_path=str(tmp_path / "prefill.log")),
+             spawn(["serve", "decode", "--model", MODEL, "--device", "cpu", "--port", str(dport),
+                    "--prefill", prefill], log_path=str(tmp_path / "decode.log"))]
     try:
-        wait_serving(target, proc, 60)
+        wait_serving(prefill, procs[0], 60)
+        wait_serving(decode, procs[1], 60)
 
         async def go():
-            async with HybridClient(pair.prefill, target, timeout_s=20) as c:
-                async for _ in c.stream(prompt_ids=[1, 2, 3], max_new_tokens=250, ignore_eos=True):
-                    os.kill(proc.pid, signal.SIGKILL)
+            async with HybridClient(prefill, decode, timeout_s=20) as c:
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.4, os.kill, procs[1].pid, signal.SIGKILL)
+                async for _ in c.stream(prompt_ids=[1, 2, 3], max_new_tokens=8):
+                    pass
 
         t0 = time.monotonic()
         with pytest.raises(errors.Unavailable):
             asyncio.run(go())
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 5
+        # The client hung up its Prefill call too, so prefill stops at the next layer and
+        # frees the slot itself; a consumer dying after prefill completed is the
+        # reaper's case (test_abandoned_handle_freed_within_lease).
+        assert wait_until(lambda: slots_in_use(prefill) == 0, LEASE_S)
+        c = counters(prefill, "prefill")
+        assert c["slots-failed"] + c["slots-reaped"] == 1
     finally:
-        stop(proc)
-    assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
+        for p in reversed(procs):
+            stop(p)
 
 
 def test_sigterm_drains_in_flight_request(pair, tmp_path):
@@ -269,3 +300,37 @@ def test_dead_prefill_resource_limits_then_unavailable(pair, tmp_path):
     from client.api import health
 
     assert asyncio.run(health(pair.decode)) == "SERVING"
+
+
+def test_prefill_killed_mid_request(pair, tmp_path):
+    """Prefill dies after the handle went out, while decode waits for layers that will
+    never be ready: the client gets UNAVAILABLE well within its deadline."""
+    from transport.shm import sweep_stale
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    proc = spawn(["serve", "prefill", "--model", MODEL, "--device", "cpu", "--port", str(port)],
+                 env={"HYBRID_FAULT_LAYER_DELAY_MS": "1500"},
+                 log_path=str(tmp_path / "prefill3.log"))
+    try:
+        wait_serving(target, proc, 60)
+
+        async def go():
+            async with HybridClient(target, pair.decode, timeout_s=20) as c:
+                calls = c.stream(prompt_ids=[1, 2, 3], max_new_tokens=4)
+                killer = asyncio.get_running_loop().call_later(0.5, os.kill, proc.pid,
+                                                               signal.SIGKILL)
+                try:
+                    async for _ in calls:
+                        pass
+                finally:
+                    killer.cancel()
+
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable):
+            asyncio.run(go())
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop(proc)
+        sweep_stale()
+    assert wait_until(lambda: counters(pair.decode, "decode")["active"] == 0, 5)

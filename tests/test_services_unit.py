@@ -153,3 +153,38 @@ def test_server_text_replays_pieces():
     t.arrived([], "!")
     s = t.stream()
     assert [s.push(1), s.push(2), s.flush()] == ["", "ab", "!"]
+
+
+def test_health_not_serving_and_unavailable_until_ready():
+    """The server answers from the moment it binds: NOT_SERVING and UNAVAILABLE while
+    the weights load; SERVING once the servicer is in place."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos import hybrid_pb2_grpc as pbg
+
+    class Ready(pbg.DecodeServiceServicer):
+        async def Info(self, request, context):
+            return pb.ServiceInfo(model="m")
+
+    async def go():
+        holder: dict = {}
+        name = "hybrid.v1.DecodeService"
+        server, health = kit.make_server(lambda s: pbg.add_DecodeServiceServicer_to_server(
+            kit.late_servicer(pbg.DecodeServiceServicer, holder, ("Generate",), ("Info",)), s),
+            [name])
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            hc, stub = health_pb2_grpc.HealthStub(ch), pbg.DecodeServiceStub(ch)
+            check = health_pb2.HealthCheckRequest(service=name)
+            assert (await hc.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Info(pb.InfoRequest())
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            holder["servicer"] = Ready()
+            kit.set_health(health, [name], kit.SERVING)
+            assert (await hc.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
+            assert (await stub.Info(pb.InfoRequest())).model == "m"
+        await server.stop(0)
+
+    asyncio.run(go())

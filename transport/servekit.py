@@ -131,8 +131,14 @@ async def run_until_signalled(
     await stop.wait()
     log.info("shutdown: draining %d active request(s), grace %.1fs", admission.active, grace_s)
     set_health(health_servicer, names, NOT_SERVING)
-    admission.draining = True
-    await server.stop(grace_s)
+    admission.draining = True  # new requests: UNAVAILABLE from here on
+    deadline = loop.time() + grace_s
+    while (admission.active or admission.waiting) and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    # server.stop() tears connections down once handlers return, which can cut off the
+    # last responses still being written: give them a moment to leave first.
+    await asyncio.sleep(0.2)
+    await server.stop(max(0.5, deadline - loop.time()))
     log.info("shutdown: stopped")
 
 
