@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.attention import decode_attention, prefill_attention, store_prefill_kv
+from engine.attention import DecodeIndex, decode_attention, prefill_attention, store_prefill_kv
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 
@@ -39,9 +39,9 @@ class Attention(nn.Module):
         y = prefill_attention(q, k, v, 1)  # [1, H, T, D]
         return self.c_proj(y.transpose(1, 2).reshape(x.shape))
 
-    def decode(self, x, positions: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+    def decode(self, x, idx: DecodeIndex, cache: KVCache, layer: int) -> torch.Tensor:
         q, k, v = self._qkv(x[:, None, :])  # x [B, d] -> [B, H, 1, D]
-        y = decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], positions, cache, layer)
+        y = decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], idx, cache, layer)
         return self.c_proj(y)
 
 
@@ -67,8 +67,8 @@ class Block(nn.Module):
         x = x + self.attn.prefill(self.ln_1(x), cache, layer, row, on_layer)
         return x + self.mlp(self.ln_2(x))
 
-    def decode(self, x, positions, cache, layer):
-        x = x + self.attn.decode(self.ln_1(x), positions, cache, layer)
+    def decode(self, x, idx, cache, layer):
+        x = x + self.attn.decode(self.ln_1(x), idx, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -97,6 +97,7 @@ class GPT2(nn.Module):
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, positions LongTensor[B] -> logits [B, vocab] fp32."""
         x = self.wte(tokens) + self.wpe(positions)  # [B, d]
+        idx = DecodeIndex.build(positions, cache)
         for i, block in enumerate(self.h):
-            x = block.decode(x, positions, cache, i)
+            x = block.decode(x, idx, cache, i)
         return self._logits(x)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.attention import decode_attention, prefill_attention, store_prefill_kv
+from engine.attention import DecodeIndex, decode_attention, prefill_attention, store_prefill_kv
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 
@@ -68,9 +68,9 @@ class Attention(nn.Module):
         y = prefill_attention(q, k, v, self.cfg.n_heads // self.cfg.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
-    def decode(self, x, cos, sin, positions, cache: KVCache, layer: int):
+    def decode(self, x, cos, sin, idx: DecodeIndex, cache: KVCache, layer: int):
         q, k, v = self._qkv(x[:, None, :], cos, sin)  # cos/sin [B, 1, 1, D]
-        return self.o_proj(decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], positions, cache, layer))
+        return self.o_proj(decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], idx, cache, layer))
 
 
 class MLP(nn.Module):
@@ -96,8 +96,8 @@ class Block(nn.Module):
         x = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, cache, layer, row, on_layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def decode(self, x, cos, sin, positions, cache, layer):
-        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, positions, cache, layer)
+    def decode(self, x, cos, sin, idx, cache, layer):
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, idx, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -133,6 +133,7 @@ class Llama(nn.Module):
         x = self.embed_tokens(tokens)  # [B, d]
         cos, sin = self._rope(positions, x.dtype)  # [B, D]
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # broadcast over heads, T=1
+        idx = DecodeIndex.build(positions, cache)
         for i, block in enumerate(self.layers):
-            x = block.decode(x, cos, sin, positions, cache, i)
+            x = block.decode(x, cos, sin, idx, cache, i)
         return self._logits(x)
