@@ -71,6 +71,7 @@ class GraphDecoder:
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
         with torch.cuda.stream(side):
             for _ in range(2):
+                self.positions.zero_()  # every warm-up step writes position 0 only
                 self._step()
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
