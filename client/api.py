@@ -127,8 +127,9 @@ class HybridClient:
         pcall = self.prefill.Prefill(pb.PrefillRequest(
             request_id=rid, prompt=prompt or "", prompt_ids=list(prompt_ids or ()),
             layout=info.kv_layout, sampling=sampling_proto(params),
-            max_new_tokens=max_new_tokens, expected_fingerprint=info.weights_fingerprint),
-            timeout=_left(deadline), metadata=_dtype_metadata(info.dtype))
+            max_new_tokens=max_new_tokens, expected_fingerprint=info.weights_fingerprint,
+            kv_dtype=info.dtype),  # the decoder's slot dtype; UNSPECIFIED = prefill's default
+            timeout=_left(deadline))
         gcall = pdone_task = None
         acc = _Tokens(t0)
         try:
@@ -193,12 +194,6 @@ def _watch_prefill(pcall, gcall) -> asyncio.Task:
     task = asyncio.create_task(_prefill_done(pcall))
     task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or gcall.cancel())
     return task
-
-
-def _dtype_metadata(dtype: int) -> tuple[tuple[str, str], ...]:
-    """The decoder's KV dtype for the prefill side (until PrefillRequest has the field)."""
-    name = {pb.DTYPE_FP16: "float16", pb.DTYPE_BF16: "bfloat16", pb.DTYPE_FP32: "float32"}.get(dtype)
-    return (("x-hybrid-kv-dtype", name),) if name else ()
 
 
 async def _prefill_done(pcall) -> pb.PrefillDone:

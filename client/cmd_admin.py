@@ -57,10 +57,12 @@ def info(prefill: str, decode: str, which: str, as_json: bool) -> None:
     out = {}
     for name, target in _targets(prefill, decode, which).items():
         try:
-            msg, meta = asyncio.run(_info(name, target))
+            msg = asyncio.run(_info(name, target))
         except Exception as e:
             raise click.ClickException(f"{name} at {target}: {e}") from None
-        out[name] = MessageToDict(msg, preserving_proto_field_name=True) | {"counters": meta}
+        # MessageToDict writes uint64 as strings: keep the counters as numbers, sorted.
+        out[name] = MessageToDict(msg, preserving_proto_field_name=True) | {
+            "counters": dict(sorted(msg.counters.items()))}
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -78,11 +80,7 @@ async def _info(name: str, target: str):
 
     async with grpc.aio.insecure_channel(target) as ch:
         stub = (pbg.PrefillServiceStub if name == "prefill" else pbg.DecodeServiceStub)(ch)
-        call = stub.Info(pb.InfoRequest(), timeout=10.0)
         try:
-            msg = await call
+            return await stub.Info(pb.InfoRequest(), timeout=10.0)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None
-        meta = {k.removeprefix("x-hybrid-"): v for k, v in (await call.trailing_metadata() or ())
-                if k.startswith("x-hybrid-")}
-        return msg, meta

@@ -1,5 +1,7 @@
 """`hybrid demo`: both services on this machine with a synthetic model, one prompt,
-the text and the stage timings, then a clean shutdown."""
+the text and the stage timings, then a clean shutdown. Decode runs on the FPGA backend
+by default: the software U55C (`fpga-emu`) stands in where no card is, and the demo
+prints its modeled U55C time per token; `--backend gpu` decodes with the engine."""
 
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ _STAGES = [("ttft_ms", "time to first token"), ("queue_ms", "queue (both service
 @click.command()
 @click.option("--model", default="synthetic:gpt2", show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto = cuda if present")
-@click.option("--backend", default="gpu", show_default=True, help="decode backend")
+@click.option("--backend", default="fpga-emu", show_default=True,
+              help="decode backend: fpga-emu (software U55C), fpga-xrt (a real U55C) or gpu")
 @click.option("--prompt", default="The GPU reads the prompt; the FPGA writes the answer:",
               show_default=True)
 @click.option("--max-new-tokens", default=24, show_default=True)

@@ -232,13 +232,11 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         metrics = dict(self.stats) | {"active": self.admission.active,
                                       "waiting": self.admission.waiting,
                                       "sessions_open": info.get("sessions_open", "")}
-        context.set_trailing_metadata(tuple(
-            (f"x-hybrid-{k.replace('_', '-')}", str(v)) for k, v in metrics.items()))
         return pb.ServiceInfo(
             model=self.model, weights_fingerprint=self.fingerprint, device=info.get("device", ""),
             backend=b.name, kv_layout=kit.LAYOUTS[b.kv_layout], dtype=kit.DTYPES[b.kv_dtype],
             max_positions=c.max_positions, synthetic=bool(getattr(self.tokenizer, "synthetic", False)),
-            n_layers=c.n_layers, version=VERSION)
+            n_layers=c.n_layers, version=VERSION, counters=kit.counters_proto(metrics))
 
 
 def _tokens(ids: list[int], text: str) -> pb.GenerateResponse:

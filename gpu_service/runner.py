@@ -45,7 +45,7 @@ class PrefillRunner:
         self.fault_layer_delay_s = float(os.environ.get("HYBRID_FAULT_LAYER_DELAY_MS", 0)) / 1e3
 
     def slot_dtype(self, layout: str, requested: str | None = None) -> str:
-        """The decoder's element type when it named one (PrefillRequest metadata); else
+        """The decoder's element type when it named one (PrefillRequest.kv_dtype); else
         float16 for the HBM image (docs/hbm-layout.md) and our compute dtype for dense."""
         if requested:
             return requested

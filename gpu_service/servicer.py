@@ -31,7 +31,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         self.lm = runner.lm
         self.lease_s, self.wait_timeout_s = lease_s, wait_timeout_s
         self.checksums = checksums  # per-layer xxh3 in the slot header: DATA_LOSS on mismatch
-        # Counters reported as Info trailing metadata (x-hybrid-*): what tests and
+        # Counters reported in ServiceInfo.counters: what tests and
         # operators use to see slots in use and how KV left this process.
         self.stats: Counter = Counter()
         # Compute threads of their own (admission bounds them): FetchKv's blocking
@@ -45,7 +45,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         fields: dict[str, Any] = {}
         try:
             layout, ids, params = self._check(request)
-            dtype = self._requested_dtype(context)
+            dtype = self._requested_dtype(request)
             self.runner.layer_bytes(layout, 1, dtype)  # InvalidArgument for a bad layout/dtype pair
             fields.update(layout=layout, dtype=self.runner.slot_dtype(layout, dtype), n_prompt=len(ids))
             async with self.admission.slot() as queue_ms:
@@ -74,16 +74,15 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         return layout, ids, kit.sampling_from_proto(request.sampling)
 
     @staticmethod
-    def _requested_dtype(context: grpc.aio.ServicerContext) -> str | None:
-        """The slot dtype the decoder wants, sent by the client as `x-hybrid-kv-dtype`
-        metadata (PrefillRequest has no dtype field yet; see docs/protocol.md)."""
-        for key, value in context.invocation_metadata() or ():
-            if key == "x-hybrid-kv-dtype":
-                if value not in kit.DTYPES:
-                    raise InvalidArgument(f"x-hybrid-kv-dtype {value!r}: expected one of "
-                                          f"{', '.join(kit.DTYPES)}")
-                return value
-        return None
+    def _requested_dtype(request: pb.PrefillRequest) -> str | None:
+        """The slot dtype the decoder wants (`PrefillRequest.kv_dtype`, forwarded by the
+        client from Decode.Info); None = DTYPE_UNSPECIFIED, the runner's default."""
+        if request.kv_dtype == pb.DTYPE_UNSPECIFIED:
+            return None
+        try:
+            return kit.dtype_name(request.kv_dtype)
+        except InvalidArgument as e:
+            raise InvalidArgument(f"PrefillRequest.kv_dtype: {e}") from None
 
     async def _prefill(self, rid: str, ids: list[int], layout: str, dtype: str | None,
                        params: Any, queue_ms: float, fields: dict):
@@ -203,14 +202,13 @@ class PrefillServicer(pbg.PrefillServiceServicer):
     # ---- Info ----------------------------------------------------------------------
     async def Info(self, request: pb.InfoRequest, context):
         c = self.runner.config
-        context.set_trailing_metadata(tuple(
-            (f"x-hybrid-{k.replace('_', '-')}", str(v)) for k, v in self.metrics().items()))
         return pb.ServiceInfo(
             model=self.lm.spec, weights_fingerprint=self.lm.fingerprint,
             device=str(self.lm.device), backend="prefill", kv_layout=pb.KV_LAYOUT_DENSE,
             dtype=kit.DTYPES[self.runner.compute_dtype], region=self.region.name,
             region_bytes=self.region.total_bytes, max_positions=c.max_positions,
-            synthetic=self.lm.synthetic, n_layers=c.n_layers, version=VERSION)
+            synthetic=self.lm.synthetic, n_layers=c.n_layers, version=VERSION,
+            counters=kit.counters_proto(self.metrics()))
 
     def metrics(self) -> dict[str, int]:
         m = dict(self.stats)

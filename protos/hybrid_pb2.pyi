@@ -105,7 +105,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "prompt_ids", "layout", "sampling", "max_new_tokens", "expected_fingerprint")
+    __slots__ = ("request_id", "prompt", "prompt_ids", "layout", "sampling", "max_new_tokens", "expected_fingerprint", "kv_dtype")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,7 @@ class PrefillRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -120,7 +121,8 @@ class PrefillRequest(_message.Message):
     sampling: SamplingParams
     max_new_tokens: int
     expected_fingerprint: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., expected_fingerprint: _Optional[str] = ...) -> None: ...
+    kv_dtype: DType
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., expected_fingerprint: _Optional[str] = ..., kv_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class PrefillTimings(_message.Message):
     __slots__ = ("queue_ms", "prefill_ms", "transfer_ms", "exposed_transfer_ms", "kv_bytes")
@@ -199,7 +201,14 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("model", "weights_fingerprint", "device", "backend", "kv_layout", "dtype", "region", "region_bytes", "max_positions", "synthetic", "n_layers", "version")
+    __slots__ = ("model", "weights_fingerprint", "device", "backend", "kv_layout", "dtype", "region", "region_bytes", "max_positions", "synthetic", "n_layers", "version", "counters")
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +221,7 @@ class ServiceInfo(_message.Message):
     SYNTHETIC_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights_fingerprint: str
     device: str
@@ -224,7 +234,8 @@ class ServiceInfo(_message.Message):
     synthetic: bool
     n_layers: int
     version: str
-    def __init__(self, model: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., region: _Optional[str] = ..., region_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., synthetic: _Optional[bool] = ..., n_layers: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, model: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., region: _Optional[str] = ..., region_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., synthetic: _Optional[bool] = ..., n_layers: _Optional[int] = ..., version: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "handle", "sampling", "max_new_tokens", "stop_ids", "transport", "ignore_eos")

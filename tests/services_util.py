@@ -1,4 +1,4 @@
-"""Helpers shared by tests/test_services_*.py: counters from Info trailing metadata,
+"""Helpers shared by tests/test_services_*.py: counters from ServiceInfo.counters,
 raw stubs, local reference generation."""
 
 from __future__ import annotations
@@ -13,20 +13,15 @@ from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 
 
-async def _info(target: str, stub_cls) -> tuple[pb.ServiceInfo, dict[str, str]]:
+async def _info(target: str, stub_cls) -> pb.ServiceInfo:
     async with grpc.aio.insecure_channel(target) as ch:
-        call = stub_cls(ch).Info(pb.InfoRequest(), timeout=10)
-        msg = await call
-        meta = {k.removeprefix("x-hybrid-"): v for k, v in (await call.trailing_metadata())
-                if k.startswith("x-hybrid-")}
-        return msg, meta
+        return await stub_cls(ch).Info(pb.InfoRequest(), timeout=10)
 
 
 def counters(target: str, role: str) -> dict[str, int]:
-    """The x-hybrid-* counters of a service's Info (0 for ones not yet reported)."""
+    """ServiceInfo.counters of a service (0 for ones not yet reported)."""
     stub = pbg.PrefillServiceStub if role == "prefill" else pbg.DecodeServiceStub
-    _, meta = asyncio.run(_info(target, stub))
-    return CounterDict({k: int(v) for k, v in meta.items() if v.lstrip("-").isdigit()})
+    return CounterDict(asyncio.run(_info(target, stub)).counters)
 
 
 class CounterDict(dict):

@@ -97,11 +97,17 @@ def test_compose_services_run_locally(compose, tmp_path):
     assert not [s for s in shm_segments() if f"hybrid-kv-{pid}-" in s]  # SIGTERM removed it
 
 
-def test_demo_runs_and_cleans_up():
+@pytest.mark.parametrize("backend", [None, "gpu"])
+def test_demo_runs_and_cleans_up(backend):
+    """Default backend: the software U55C, with its modeled per-token time; gpu on request."""
+    extra = ["--backend", backend] if backend else []
     r = subprocess.run([sys.executable, "-m", "client.cli", "demo", "--model", MODEL,
-                        "--device", "cpu", "--max-new-tokens", "8"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60, env=os.environ | {"PYTHONPATH": ROOT})
+                        "--device", "cpu", "--max-new-tokens", "8", *extra], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60,
+                       env=os.environ | {"PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "leftovers: none" in r.stdout and "exit codes {'decode': 0, 'prefill': 0}" in r.stdout
     for stage in ("time to first token", "KV copy, raw", "KV copy, not hidden", "decode per token"):
         assert stage in r.stdout
+    assert f"backend {backend or 'fpga-emu'}," in r.stdout
+    assert ("modeled U55C per token" in r.stdout) == (backend is None)

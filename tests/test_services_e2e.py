@@ -145,6 +145,10 @@ def test_cli_health_and_info(pair, lm):
         == lm.fingerprint
     assert info["decode"]["backend"] == "gpu" and info["decode"]["kv_layout"] == "KV_LAYOUT_DENSE"
     assert info["prefill"]["region"].startswith("/hybrid-kv")
+    for role in ("prefill", "decode"):  # ServiceInfo.counters, as numbers
+        c = info[role]["counters"]
+        assert {"active", "waiting"} <= c.keys() and all(isinstance(v, int) for v in c.values())
+    assert "slots-in-use" in info["prefill"]["counters"]
     down = _cli("health", "--service", "decode", "--decode", "127.0.0.1:1")
     assert down.returncode == 1 and "UNREACHABLE" in down.stdout
 

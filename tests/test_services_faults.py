@@ -76,17 +76,20 @@ def test_prefill_bad_input(stubs, pair, case):
 
 
 def test_prefill_slot_dtype_follows_the_decoder(stubs, pair):
-    """The client passes the decoder's dtype as x-hybrid-kv-dtype metadata."""
+    """The client passes the decoder's dtype in PrefillRequest.kv_dtype."""
     def prefill(dtype):
-        msgs = list(stubs[0].Prefill(pb.PrefillRequest(prompt_ids=[1, 2, 3, 4]), timeout=10,
-                                     metadata=(("x-hybrid-kv-dtype", dtype),)))
+        msgs = list(stubs[0].Prefill(pb.PrefillRequest(prompt_ids=[1, 2, 3, 4], kv_dtype=dtype),
+                                     timeout=10))
         stubs[0].Release(pb.LeaseRequest(kv=msgs[0].handle.kv), timeout=5)
         return msgs[0].handle.kv
 
-    fp32, fp16 = prefill("float32"), prefill("float16")
+    fp32, fp16 = prefill(pb.DTYPE_FP32), prefill(pb.DTYPE_FP16)
     assert (fp32.dtype, fp16.dtype) == (pb.DTYPE_FP32, pb.DTYPE_FP16)
     assert sum(r.length for r in fp32.layers) == 2 * sum(r.length for r in fp16.layers)
-    assert _code(lambda: prefill("int8")) == C.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as e:
+        prefill(9)
+    assert e.value.code() == C.INVALID_ARGUMENT and "kv_dtype" in e.value.details()
+    assert slots_in_use(pair.prefill) == 0
 
 
 def _edit(h: pb.KvHandle, **kv) -> pb.KvHandle:

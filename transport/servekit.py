@@ -165,6 +165,18 @@ def dtype_name(value: int) -> str:
     raise InvalidArgument(f"unknown dtype {value} (known: fp16=1, bf16=2, fp32=3)")
 
 
+def counters_proto(metrics: dict) -> dict[str, int]:
+    """Service counters for ServiceInfo.counters: names with '-' for '_' ("slots-in-use"),
+    only non-negative integer values (a backend that has no such count leaves it out)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            out[k.replace("_", "-")] = v
+    return out
+
+
 def sampling_from_proto(msg: object):
     """hybrid.v1.SamplingParams -> engine.sampling.SamplingParams (validated)."""
     from engine.errors import InvalidArgument
