@@ -133,8 +133,15 @@ class GraphPool:
             if self._made.get(length, 0) >= self.per_bucket:
                 return None
             self._made[length] = self._made.get(length, 0) + 1
-        cache = KVCache(self.config, 1, length, self.device, self.dtype)
-        return GraphDecoder(self.model, cache)
+        try:
+            cache = KVCache(self.config, 1, length, self.device, self.dtype)
+            return GraphDecoder(self.model, cache)
+        except (RuntimeError, torch.OutOfMemoryError):
+            # Capture can fail (memory, an op that cannot be captured): the request
+            # still runs, eagerly; the slot in this bucket is given back.
+            with self._lock:
+                self._made[length] -= 1
+            return None
 
     def release(self, dec: GraphDecoder) -> None:
         with self._lock:
