@@ -193,7 +193,7 @@ class BatchScheduler:
         with self._cond:
             for r, tok in zip(rows, tokens, strict=True):
                 if r.closed:  # closed during the step: drop its token, free the row now
-                    self._active.pop(r.index, None)
+                    self._retire(r, DONE)  # ends an iterator still waiting on the queue
                     self._free_row(r)
                     continue
                 if isinstance(tok, BaseException):
