@@ -171,3 +171,34 @@ def test_max_batch_one_has_no_scheduler(tmp_path):
     b = GpuBackend(str(make_tiny_gpt2(tmp_path)), device="cpu", dtype="float32")
     assert b.scheduler is None and b.info()["max_batch"] == "1"
     b.close()
+
+
+def test_service_pair_with_max_batch_equals_local(tmp_path):
+    """8 concurrent requests through the services with `--max-batch 4`: tokens equal
+    `--local`, and the decode counters show steps shared by several rows."""
+    import asyncio
+
+    from client.api import HybridClient
+    from client.launch import ServicePair
+    from engine.loader import load_model
+    from tests.services_util import counters, slots_in_use
+
+    ckpt = str(make_tiny_gpt2(tmp_path, init_std=0.1))
+    lm = load_model(ckpt, "cpu", "float32")
+    reqs = [_request(i % 6) for i in range(8)]
+    reqs = [(p, min(n, 20), s) for p, n, s in reqs]
+    want = [_want(lm, *r) for r in reqs]
+
+    async def run_all(pair):
+        async with HybridClient(pair.prefill, pair.decode, timeout_s=60) as c:
+            return await asyncio.gather(*[
+                c.generate(prompt_ids=p, max_new_tokens=n, params=s) for p, n, s in reqs])
+
+    with ServicePair(model=ckpt, device="cpu", log_dir=str(tmp_path),
+                     prefill_args=["--max-active", "8"],
+                     decode_args=["--max-batch", "4"]) as pair:
+        assert [r.token_ids for r in asyncio.run(run_all(pair))] == want
+        d = counters(pair.decode, "decode")
+        assert 0 < d["batch-steps"] < d["batch-tokens"]
+        assert d["batch-rows-busy"] == 0 and d["sessions-open"] == 0
+        assert wait_until(lambda: slots_in_use(pair.prefill) == 0, 5)

@@ -73,7 +73,8 @@ class BatchScheduler:
         self._active: dict[int, BatchRow] = {}
         self._cond = threading.Condition()
         self._stopping = False
-        self.steps = 0
+        self.steps = 0  # decode steps run, and
+        self.tokens = 0  # tokens they produced: tokens / steps = mean rows per step
         self._thread = threading.Thread(target=self._loop, name="decode-batch", daemon=True)
         self._thread.start()
 
@@ -200,6 +201,7 @@ class BatchScheduler:
                     self._retire(r, tok)
                     continue
                 r.out.put(tok)
+                self.tokens += 1
                 s = r.spec
                 r.token, r.position, r.step = tok, r.position + 1, r.step + 1
                 if (r.step >= s.max_new_tokens

@@ -57,7 +57,9 @@ class GpuBackend(DecodeBackend):
                 "synthetic": str(self.lm.synthetic), "sessions_open": str(self.sessions_open),
                 "max_batch": str(self.max_batch)}
         if self.scheduler is not None:
-            info["batch_rows_busy"] = str(self.scheduler.rows_busy())
+            sch = self.scheduler
+            info.update(batch_rows_busy=str(sch.rows_busy()), batch_steps=str(sch.steps),
+                        batch_tokens=str(sch.tokens))
         return info
 
     def close(self) -> None:
