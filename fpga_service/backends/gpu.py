@@ -43,7 +43,16 @@ class GpuBackend(DecodeBackend):
         self.sessions_open = 0
         self.max_batch = max_batch
         # no scheduler (and no thread) at max_batch 1: exactly the unbatched service
-        self.scheduler = BatchScheduler(self.lm, max_batch) if max_batch > 1 else None
+        self.scheduler = self._scheduler(max_batch) if max_batch > 1 else None
+
+    def _scheduler(self, max_batch: int) -> BatchScheduler:
+        try:  # the batch cache is max_batch x max_positions tokens, allocated up front
+            return BatchScheduler(self.lm, max_batch)
+        except torch.OutOfMemoryError as e:
+            from engine.errors import ResourceExhausted
+
+            raise ResourceExhausted(f"no device memory for a batch cache of {max_batch} rows "
+                                    f"x {self.config.max_positions} positions: {e}") from None
 
     def open_session(self, spec: DecodeSpec) -> DecodeSession:
         row = self.scheduler.acquire() if self.scheduler is not None else None
