@@ -23,6 +23,9 @@ def _opt(*names: str, env: str, **kw):
 @_opt("--backend", env="BACKEND", default="gpu", help="decode backend: gpu | fpga-emu | fpga-xrt")
 @_opt("--prefill", "prefill_addr", env="PREFILL", default="localhost:50051",
       help="decode: the prefill service (Release, FetchKv)")
+@_opt("--max-batch", env="MAX_BATCH", type=click.IntRange(min=1), default=1,
+      help="decode, gpu backend: requests decoded together per step (1 = per-request "
+           "loop with CUDA graphs)")
 @_opt("--region-mb", env="REGION_MB", type=int, default=256, help="prefill: shared KV region size")
 @_opt("--max-slots", env="MAX_SLOTS", type=int, default=64, help="prefill: concurrent KV slots")
 @_opt("--lease-s", env="LEASE_S", type=float, default=30.0, help="prefill: slot lease")
@@ -34,21 +37,21 @@ def _opt(*names: str, env: str, **kw):
 @_opt("--log-level", env="LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def serve(role: str, model: str, host: str, port: int | None, device: str, dtype: str,
-          backend: str, prefill_addr: str, region_mb: int, max_slots: int, lease_s: float,
-          checksums: bool, max_active: int | None, max_queue: int, grace_s: float,
+          backend: str, prefill_addr: str, max_batch: int, region_mb: int, max_slots: int,
+          lease_s: float, checksums: bool, max_active: int | None, max_queue: int, grace_s: float,
           log_level: str) -> None:
     """Serve the prefill (GPU summarization) or decode (FPGA / GPU generation) stage."""
     from engine.errors import HybridError
 
     try:
-        _serve(role, model, host, port, device, dtype, backend, prefill_addr, region_mb,
-               max_slots, lease_s, checksums, max_active, max_queue, grace_s, log_level)
+        _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch,
+               region_mb, max_slots, lease_s, checksums, max_active, max_queue, grace_s, log_level)
     except HybridError as e:  # unknown model, no /dev/shm space, ...: one line, no traceback
         raise click.ClickException(f"{role}: {e}") from None
 
 
-def _serve(role, model, host, port, device, dtype, backend, prefill_addr, region_mb, max_slots,
-           lease_s, checksums, max_active, max_queue, grace_s, log_level) -> None:
+def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch, region_mb,
+           max_slots, lease_s, checksums, max_active, max_queue, grace_s, log_level) -> None:
     common = dict(model=model, host=host, device=device, dtype=dtype, max_queue=max_queue,
                   grace_s=grace_s, log_level=log_level)
     if role == "prefill":
@@ -64,4 +67,5 @@ def _serve(role, model, host, port, device, dtype, backend, prefill_addr, region
         from fpga_service.server import serve as run
 
         run(DecodeOptions(port=50052 if port is None else port, backend=backend,
-                          prefill=prefill_addr, max_active=max_active or 16, **common))
+                          prefill=prefill_addr, max_active=max_active or 16,
+                          max_batch=max_batch, **common))

@@ -27,6 +27,7 @@ class DecodeOptions:
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "gpu"
+    max_batch: int = 1                 # gpu backend: continuous batching when > 1
     prefill: str = "localhost:50051"   # where Release / FetchKv go
     max_active: int = 16
     max_queue: int = 128
@@ -54,7 +55,8 @@ async def _serve(opts: DecodeOptions) -> None:
     try:
         try:
             backend = await asyncio.to_thread(
-                make_backend, opts.backend, model_spec=opts.model, device=device, dtype=dtype)
+                make_backend, opts.backend, model_spec=opts.model, device=device, dtype=dtype,
+                **_backend_options(opts))
         except Unavailable as e:  # e.g. fpga-xrt without pyxrt / xclbin / card
             log.error("decode backend %s unavailable, health stays NOT_SERVING: %s",
                       opts.backend, e)
@@ -72,6 +74,16 @@ async def _serve(opts: DecodeOptions) -> None:
             await servicer.close()
         if backend is not None:
             backend.close()
+
+
+def _backend_options(opts: DecodeOptions) -> dict:
+    """Options only some backends take (the FPGA backends have no batching)."""
+    if opts.backend == "gpu":
+        return {"max_batch": opts.max_batch}
+    if opts.max_batch != 1:
+        log.warning("--max-batch %d ignored: backend %s does not batch", opts.max_batch,
+                    opts.backend)
+    return {}
 
 
 async def _until_signalled() -> None:

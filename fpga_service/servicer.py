@@ -230,8 +230,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         c, b = self.config, self.backend
         info = b.info()
         metrics = dict(self.stats) | {"active": self.admission.active,
-                                      "waiting": self.admission.waiting,
-                                      "sessions_open": info.get("sessions_open", "")}
+                                      "waiting": self.admission.waiting}
+        for key in ("sessions_open", "batch_rows_busy", "batch_steps", "batch_tokens"):
+            metrics[key] = info.get(key, "")  # optional: only backends that have them
         return pb.ServiceInfo(
             model=self.model, weights_fingerprint=self.fingerprint, device=info.get("device", ""),
             backend=b.name, kv_layout=kit.LAYOUTS[b.kv_layout], dtype=kit.DTYPES[b.kv_dtype],
