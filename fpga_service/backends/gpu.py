@@ -12,6 +12,7 @@ blocks or fails a request. The default, 1, is the per-request loop with CUDA gra
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ class GpuBackend(DecodeBackend):
         self.config, self.tokenizer = self.lm.config, self.lm.tokenizer
         self.kv_dtype = _DTYPE_NAME[self.lm.dtype]
         self.sessions_open = 0
+        self._count_lock = threading.Lock()  # sessions open and close on pool threads
         self.max_batch = max_batch
         # no scheduler (and no thread) at max_batch 1: exactly the unbatched service
         self.scheduler = self._scheduler(max_batch) if max_batch > 1 else None
@@ -53,6 +55,10 @@ class GpuBackend(DecodeBackend):
 
             raise ResourceExhausted(f"no device memory for a batch cache of {max_batch} rows "
                                     f"x {self.config.max_positions} positions: {e}") from None
+
+    def count_session(self, delta: int) -> None:
+        with self._count_lock:
+            self.sessions_open += delta
 
     def open_session(self, spec: DecodeSpec) -> DecodeSession:
         row = self.scheduler.acquire() if self.scheduler is not None else None
@@ -95,7 +101,7 @@ class GpuSession(DecodeSession):
         self._decode_ms = 0.0
         self._n = 0
         self._closed = False
-        backend.sessions_open += 1
+        backend.count_session(+1)
 
     def ingest_layer(self, layer: int, data: memoryview) -> None:
         with warnings.catch_warnings():  # the region mapping is read-only; we only read
@@ -131,7 +137,7 @@ class GpuSession(DecodeSession):
             if self.graph is not None:
                 graph_pool(self.backend.lm).release(self.graph)
                 self.graph = None
-            self.backend.sessions_open -= 1
+            self.backend.count_session(-1)
 
 
 class BatchedSession(GpuSession):
@@ -147,7 +153,7 @@ class BatchedSession(GpuSession):
         self._decode_ms = 0.0
         self._n = 0
         self._closed = False
-        backend.sessions_open += 1
+        backend.count_session(+1)
 
     def decode(self, first_token: int) -> Iterator[int]:
         s = self.spec
@@ -172,4 +178,4 @@ class BatchedSession(GpuSession):
             self._closed = True
             self.scheduler.release(self.row)
             self.cache = None
-            self.backend.sessions_open -= 1
+            self.backend.count_session(-1)
