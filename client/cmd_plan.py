@@ -17,6 +17,22 @@ def _pairs(text: str | None, default):
         raise click.BadParameter(f"expected TOKENS:MS[,TOKENS:MS...], got {text!r}") from None
 
 
+def _measured(path: str, gpu_prefill, gpu_decode_ms, transfer_ms):
+    """The sweep's figures, each unless the matching option was given."""
+    import json
+    from pathlib import Path
+
+    from fpga_service import placement as P
+
+    m = P.measured_from_sweep(json.loads(Path(path).read_text()), path)
+    click.echo(f"measured ({path}): GPU decode {m.gpu_decode_ms:.3f} ms/token, transfer "
+               f"{m.transfer_ms:.2f} ms, GPU prefill "
+               + ", ".join(f"{int(n)}:{ms:.1f}" for n, ms in m.gpu_prefill))
+    prefill = gpu_prefill or ",".join(f"{n}:{ms}" for n, ms in m.gpu_prefill)
+    return (prefill, m.gpu_decode_ms if gpu_decode_ms is None else gpu_decode_ms,
+            m.transfer_ms if transfer_ms is None else transfer_ms)
+
+
 @click.command()
 @click.option("--input", "n_input", type=int, required=True, help="prompt tokens")
 @click.option("--output", "n_output", type=int, required=True, help="generated tokens")
@@ -28,12 +44,18 @@ def _pairs(text: str | None, default):
               "of this preset (e.g. gpt2-medium) instead")
 @click.option("--transfer-ms", type=float, help="fixed KV transfer ms (source: 150-215; 180)")
 @click.option("--transfer-ms-per-token", type=float, default=0.0, show_default=True)
+@click.option("--measured", "measured_path", type=click.Path(exists=True, dir_okay=False),
+              help="take GPU prefill, GPU decode and transfer from a `hybrid bench` "
+              "sweep.json (explicit options still win)")
 def plan(n_input, n_output, gpu_prefill, fpga_prefill, gpu_decode_ms, fpga_decode_ms,
-         fpga_model, transfer_ms, transfer_ms_per_token) -> None:
+         fpga_model, transfer_ms, transfer_ms_per_token, measured_path) -> None:
     """Predict the three latencies from stage-time models (the source's eqs. 4 and 5)."""
     from fpga_service import placement as P
 
     try:
+        if measured_path:
+            gpu_prefill, gpu_decode_ms, transfer_ms = _measured(
+                measured_path, gpu_prefill, gpu_decode_ms, transfer_ms)
         if fpga_model:
             fpga_decode_ms = P.modeled_fpga_decode_ms(fpga_model, n_input, n_output)
             click.echo(f"FPGA decode from the U55C model of {fpga_model}: "

@@ -116,3 +116,44 @@ def modeled_fpga_decode_ms(model: str, n_input: int, n_output: int,
     ctx = n_input + max(n_output - 1, 1) // 2
     ms, _ = BandwidthModel().step_ms(cfg, HbmLayout.for_model(cfg, hbm_dtype), ctx)
     return ms
+
+
+@dataclass(frozen=True)
+class Measured:
+    """GPU stage times taken from a `hybrid bench` sweep (bench/results/sweep.json)."""
+
+    gpu_prefill: tuple[tuple[float, float], ...]  # (input tokens, ms) of the local engine
+    gpu_decode_ms: float                          # median ms/token of the local engine
+    transfer_ms: float                            # median hand-off cost of the pair
+    source: str
+
+
+def measured_from_sweep(data: dict, source: str = "sweep.json") -> Measured:
+    """Prefill and decode from the sweep's `local` rows; transfer = what the pair's TTFT
+    adds to the engine's own prefill at the same input length (KV hand-off not hidden,
+    the service's extra work and hops), median over the pair's rows: the T of eqs. 4
+    and 5 as this system pays it."""
+    rows = data.get("rows", [])
+    local = [r for r in rows if r.get("path") == "local"]
+    pair = [r for r in rows if r.get("path") == "pair"]
+    if not local or not pair:
+        raise InvalidArgument(f"{source}: needs 'local' and 'pair' rows (run hybrid bench "
+                              f"with both paths)")
+    by_in: dict[int, list[float]] = {}
+    for r in local:
+        by_in.setdefault(int(r["n_in"]), []).append(float(r["prefill_ms"]))
+    prefill = tuple((n, _median(v)) for n, v in sorted(by_in.items()))
+    decode = _median([float(r["decode_ms_per_token"]) for r in local])
+    local_prefill = dict(prefill)
+    extra = [float(r["ttft_ms"]) - local_prefill[int(r["n_in"])] for r in pair
+             if int(r["n_in"]) in local_prefill]
+    if not extra:
+        raise InvalidArgument(f"{source}: no 'pair' row shares an input length with 'local'")
+    transfer = max(0.0, _median(extra))
+    return Measured(_points(prefill, "measured GPU prefill"), decode, transfer, source)
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2

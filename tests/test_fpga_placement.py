@@ -102,3 +102,41 @@ def test_fpga_decode_from_the_bandwidth_model():
     assert "choice: gpu-only" in out.output
     out = CliRunner().invoke(plan_cmd, ["--input", "8", "--output", "8", "--fpga-model", "nope"])
     assert out.exit_code != 0 and "unknown preset" in out.output
+
+
+def _sweep(gpu_decode: float, ttft_extra: float) -> dict:
+    rows = []
+    for n_in, prefill in ((64, 8.0), (512, 12.0)):
+        rows.append({"path": "local", "n_in": n_in, "n_out": 64, "prefill_ms": prefill,
+                     "decode_ms_per_token": gpu_decode, "ttft_ms": prefill})
+        rows.append({"path": "pair", "n_in": n_in, "n_out": 64, "prefill_ms": prefill + 9,
+                     "decode_ms_per_token": gpu_decode, "ttft_ms": prefill + ttft_extra})
+    return {"rows": rows}
+
+
+def test_measured_sweep_drives_the_plan(tmp_path):
+    """`hybrid plan --measured` takes the engine's prefill/decode and the pair's extra TTFT
+    from a bench sweep; a fast GPU decode flips the choice to GPU-only (eq. 4 fails)."""
+    import json
+
+    from client.cli import main
+    from fpga_service.placement import measured_from_sweep
+
+    m = measured_from_sweep(_sweep(1.5, 20.0))
+    assert m.gpu_prefill == ((64.0, 8.0), (512.0, 12.0))
+    assert m.gpu_decode_ms == 1.5 and m.transfer_ms == 20.0
+    path = tmp_path / "sweep.json"
+    for decode, choice in ((1.5, "gpu-only"), (5.0, "hybrid")):
+        path.write_text(json.dumps(_sweep(decode, 20.0)))
+        out = CliRunner().invoke(main, ["plan", "--input", "512", "--output", "512",
+                                        "--measured", str(path), "--fpga-decode-ms", "3.4"])
+        assert out.exit_code == 0, out.output
+        assert out.output.strip().endswith(f"choice: {choice}"), out.output
+
+
+def test_measured_sweep_needs_both_paths():
+    from fpga_service.placement import measured_from_sweep
+
+    rows = [r for r in _sweep(1.5, 20.0)["rows"] if r["path"] == "local"]
+    with pytest.raises(InvalidArgument, match="'local' and 'pair'"):
+        measured_from_sweep({"rows": rows})
