@@ -49,6 +49,12 @@ def generate(prompt, local, model, max_new_tokens, prompt_ids, temperature, top_
         check_options(opts)
         printer = TokenPrinter(as_json)
         result = run_local(opts, printer) if local else run_remote(opts, printer)
+    except Unavailable as e:
+        if local:
+            fail(e)
+        # the usual cause: nothing listening at --prefill/--decode
+        fail(Unavailable(f"{e} (services at --prefill {prefill} and --decode {decode}: "
+                         f"start them with `hybrid serve prefill|decode`, or use --local)"))
     except (HybridError, OSError) as e:
         fail(e)
     except KeyboardInterrupt:

@@ -158,6 +158,7 @@ def test_cli_generate_remote_errors_are_one_line(pair):
                 "--timeout", "5")
     assert down.returncode == 1 and down.stderr.startswith("error: UNAVAILABLE")
     assert len(down.stderr.strip().splitlines()) == 1
+    assert "hybrid serve" in down.stderr and "127.0.0.1:1" in down.stderr  # says what to do
     bad = _cli("generate", "--prompt-ids", "1,2", "--max-new-tokens", "500",
                "--prefill", pair.prefill, "--decode", pair.decode)
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in bad.stderr and "positions" in bad.stderr
