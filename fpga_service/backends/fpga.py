@@ -132,8 +132,9 @@ class _FpgaBackend(DecodeBackend):
             eos = lm.tokenizer.eos_id
             self.eos_id = eos if eos is not None else lm.config.eos_token_id
             layout = HbmLayout.for_model(lm.config, hbm_dtype)
-            image = pack_weights(lm.config, lm.model.state_dict(), layout,
-                                 names=engine_names(lm.config))
+            # kernels.weights_image's default naming reads the engine's parameters too
+            # (it tells nn.Linear [out, in] from HF Conv1D by c_attn's shape)
+            image = pack_weights(lm.config, lm.model.state_dict(), layout)
             del lm  # the host copy of the weights: from now on only HBM holds them
             self.device.load_model(self.config, hbm_dtype, _channel_bytes(image))
         except BaseException:
@@ -158,29 +159,6 @@ class _FpgaBackend(DecodeBackend):
 
     def close(self) -> None:
         self.device.close()
-
-
-def engine_names(config) -> dict:
-    """Logical HBM tensor names -> the engine's parameter names where the default (HF)
-    mapping does not fit: the engine's GPT-2 already holds nn.Linear [out, in] weights,
-    so the fused c_attn splits by rows, not columns. Llama's names match HF's."""
-    if config.family != "gpt2":
-        return {}
-    d, names = config.d_model, {"tok_emb": "wte.weight", "pos_emb": "wpe.weight"}
-
-    def rows(key: str, i: int):
-        return lambda sd: sd[key][i * d : (i + 1) * d]
-
-    for layer in range(config.n_layers):
-        h, p = f"h.{layer}.", f"layers.{layer}."
-        for i, n in enumerate("qkv"):
-            names[p + f"attn.{n}.weight"] = rows(h + "attn.c_attn.weight", i)
-            names[p + f"attn.{n}.bias"] = rows(h + "attn.c_attn.bias", i)
-        for ours, theirs in (("attn.o", "attn.c_proj"), ("mlp.up", "mlp.c_fc"),
-                             ("mlp.down", "mlp.c_proj"), ("ln1", "ln_1"), ("ln2", "ln_2")):
-            names[p + ours + ".weight"] = h + theirs + ".weight"
-            names[p + ours + ".bias"] = h + theirs + ".bias"
-    return names
 
 
 def _channel_bytes(image) -> list:
