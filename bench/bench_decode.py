@@ -13,6 +13,7 @@ import time
 import torch
 
 from bench.hf_baseline import hf_generate_ms, hf_model
+from bench.sweep import roofline_ms_per_token
 from engine.cuda_graph import GraphDecoder, bucket_len
 from engine.kv_cache import KVCache
 from engine.loader import load_model
@@ -69,9 +70,9 @@ def main() -> None:
     lm = load_model(f"synthetic:{a.model}", device="cuda", dtype="float16")
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     print(f"{torch.cuda.get_device_name()}  {a.model} fp16  weights {weight_bytes / 1e6:.0f} MB")
-    bw = _copy_bandwidth()
-    print(f"  device-to-device copy: {bw / 1e9:.0f} GB/s -> weight-read roofline "
-          f"{weight_bytes / bw * 1e3:.3f} ms/token")
+    roof_ms, gbps = roofline_ms_per_token(lm)
+    print(f"  device-to-device copy: {gbps:.0f} GB/s -> weight-read roofline "
+          f"{roof_ms:.3f} ms/token")
     print(f"  prefill {a.prompt} tokens: {prefill_ms(lm, a.prompt):.2f} ms")
     print(f"  decode eager      : {eager_ms_per_token(lm, a.prompt, a.tokens):.3f} ms/token")
     print(f"  decode CUDA graph : {graph_ms_per_token(lm, a.prompt, a.tokens):.3f} ms/token")
@@ -86,13 +87,6 @@ def main() -> None:
         t1 = hf_generate_ms(hf, a.prompt, 1, True, "cuda")
         tn = hf_generate_ms(hf, a.prompt, a.tokens + 1, True, "cuda")
         print(f"  HF static cache   : {(tn - t1) / a.tokens:.3f} ms/token (prefill+1: {t1:.1f} ms)")
-
-
-def _copy_bandwidth() -> float:
-    x = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    ms = _cuda_ms(lambda: y.copy_(x), reps=10)
-    return 2 * x.numel() / (ms / 1e3)
 
 
 if __name__ == "__main__":

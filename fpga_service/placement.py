@@ -15,6 +15,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import median
 
 from engine.errors import InvalidArgument
 
@@ -142,18 +143,13 @@ def measured_from_sweep(data: dict, source: str = "sweep.json") -> Measured:
     by_in: dict[int, list[float]] = {}
     for r in local:
         by_in.setdefault(int(r["n_in"]), []).append(float(r["prefill_ms"]))
-    prefill = tuple((n, _median(v)) for n, v in sorted(by_in.items()))
-    decode = _median([float(r["decode_ms_per_token"]) for r in local])
+    prefill = tuple((n, median(v)) for n, v in sorted(by_in.items()))
+    decode = median([float(r["decode_ms_per_token"]) for r in local])
     local_prefill = dict(prefill)
     extra = [float(r["ttft_ms"]) - local_prefill[int(r["n_in"])] for r in pair
              if int(r["n_in"]) in local_prefill]
     if not extra:
         raise InvalidArgument(f"{source}: no 'pair' row shares an input length with 'local'")
-    transfer = max(0.0, _median(extra))
+    transfer = max(0.0, median(extra))
     return Measured(_points(prefill, "measured GPU prefill"), decode, transfer, source)
 
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
