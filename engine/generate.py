@@ -46,6 +46,12 @@ def check_request(cfg: ModelConfig, prompt_ids: list[int], max_new_tokens: int) 
             f"exceeds the model's {cfg.max_positions} positions")
 
 
+def eos_id(tokenizer, config: ModelConfig) -> int | None:
+    """The id that ends a sequence: the tokenizer's, else the model config's."""
+    eos = getattr(tokenizer, "eos_id", None)
+    return eos if eos is not None else config.eos_token_id
+
+
 def is_stop(token: int, eos_id: int | None, stop_ids: Iterable[int], ignore_eos: bool) -> str | None:
     if token == eos_id and not ignore_eos:
         return "eos"
@@ -101,7 +107,7 @@ def decode_tokens(
     (unless ignore_eos) or a stop id, yielding that token last; yields nothing if
     first_token already stops. `params` must carry its seed when sampling."""
     stop_ids = frozenset(stop_ids)
-    eos = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else lm.config.eos_token_id
+    eos = eos_id(lm.tokenizer, lm.config)
     if is_stop(first_token, eos, stop_ids, ignore_eos):
         return
     if graph is not None and params.greedy and graph.cache is cache:
@@ -150,7 +156,7 @@ def generate(
     finally:
         if graph is not None:
             graph_pool(lm).release(graph)
-    eos = lm.tokenizer.eos_id if lm.tokenizer.eos_id is not None else lm.config.eos_token_id
+    eos = eos_id(lm.tokenizer, lm.config)
     reason = is_stop(out[-1], eos, stop_ids, ignore_eos) or "length"
     timings = {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "total_ms": (t2 - t0) * 1e3}
     return GenerationResult(out, lm.tokenizer.decode(out), reason, timings)

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from engine.errors import FailedPrecondition, InvalidArgument
-from engine.generate import is_stop
+from engine.generate import eos_id, is_stop
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
@@ -35,8 +35,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         info = backend.info()
         self.fingerprint, self.model = info["fingerprint"], info["model"]
         self.config, self.tokenizer = backend.config, backend.tokenizer
-        eos = getattr(self.tokenizer, "eos_id", None)
-        self.eos = eos if eos is not None else self.config.eos_token_id
+        self.eos = eos_id(self.tokenizer, self.config)
         self.wait_timeout_s = wait_timeout_s
         self.pool = ThreadPoolExecutor(admission.max_active * 2 + 2, "decode")
         self.readers = ShmReaders()

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import Unavailable
-from engine.generate import is_stop
+from engine.generate import eos_id, is_stop
 from engine.kv_cache import KVCache
 from engine.loader import LoadedModel
 from engine.sampling import sample
@@ -65,8 +65,7 @@ class BatchScheduler:
         cfg = lm.config
         self.cache = KVCache(cfg, max_batch, cfg.max_positions, lm.device, lm.dtype)
         self.scratch = cfg.max_positions - 1
-        eos = lm.tokenizer.eos_id
-        self.eos = eos if eos is not None else cfg.eos_token_id
+        self.eos = eos_id(lm.tokenizer, cfg)
         self._views = [self.cache.rows(0, n) for n in range(1, max_batch + 1)]
         self._init_index_buffers()
         self._free: list[int] = list(range(max_batch))  # a heap: lowest row first

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 from engine.errors import FailedPrecondition, InvalidArgument
-from engine.generate import is_stop
+from engine.generate import eos_id, is_stop
 from engine.sampling import sample
 from fpga_service.backends.base import DecodeBackend, DecodeSession, DecodeSpec
 from fpga_service.device.bandwidth import BandwidthModel
@@ -129,8 +129,7 @@ class _FpgaBackend(DecodeBackend):
             lm = load_model(model_spec, device="cpu", dtype="float32")
             self.config, self.tokenizer = lm.config, lm.tokenizer
             self.fingerprint, self.spec, self.synthetic = lm.fingerprint, lm.spec, lm.synthetic
-            eos = lm.tokenizer.eos_id
-            self.eos_id = eos if eos is not None else lm.config.eos_token_id
+            self.eos_id = eos_id(lm.tokenizer, lm.config)
             layout = HbmLayout.for_model(lm.config, hbm_dtype)
             # kernels.weights_image's default naming reads the engine's parameters too
             # (it tells nn.Linear [out, in] from HF Conv1D by c_attn's shape)
