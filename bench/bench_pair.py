@@ -34,7 +34,27 @@ def local_runs(model: str, device: str, ids: list[int], n_out: int, reps: int):
         t0 = time.perf_counter()
         res = generate(lm, ids, n_out, SamplingParams())
         runs.append(((time.perf_counter() - t0) * 1e3, res))
-    return runs
+    return lm, runs
+
+
+@torch.no_grad()
+def explain_divergence(lm, ids: list[int], local: list[int], other: list[int]) -> str:
+    """Where two greedy token streams part, and how close the two candidates were there:
+    the logits of both tokens after the shared prefix (one teacher-forced prefill). A gap
+    of a few fp16 steps means a near-tie that any change in reduction order can flip."""
+    from engine.kv_cache import KVCache
+
+    i = next(j for j, (a, b) in enumerate(zip(local, other, strict=False)) if a != b)
+    prefix = ids + local[:i]
+    cache = KVCache(lm.config, 1, len(prefix), lm.device, lm.dtype)
+    logits = lm.model.prefill(torch.tensor(prefix, device=lm.device), cache).float()
+    a, b = logits[local[i]].item(), logits[other[i]].item()
+    top = logits.topk(2).values.tolist()
+    step = torch.finfo(lm.dtype).eps * max(abs(a), abs(b), 1e-3)   # one ulp-ish
+    return (f"first difference at generated token {i}: local {local[i]} (logit {a:.4f}), "
+            f"pair {other[i]} (logit {b:.4f}); gap {abs(a - b):.4f} = "
+            f"{abs(a - b) / step:.1f} {lm.dtype} steps at that magnitude; top-2 gap there "
+            f"{top[0] - top[1]:.4f}")
 
 
 def pair_runs(model: str, device: str, backend: str, ids: list[int], n_out: int, reps: int,
@@ -78,7 +98,7 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(0)).tolist()
 
     print(f"{a.model} on {a.device}, {a.input}:{a.output}, median of {a.reps} (+1 warm-up)")
-    local = local_runs(a.model, a.device, ids, a.output, a.reps)
+    lm, local = local_runs(a.model, a.device, ids, a.output, a.reps)
     pair = pair_runs(a.model, a.device, a.backend, ids, a.output, a.reps, a.kv_transport)
     t = {k: med([r.timings[k] for r in pair]) for k in pair[0].timings}
     lt = med([ms for ms, _ in local])
@@ -95,8 +115,12 @@ def main() -> None:
     print(f"KV {t['kv_bytes'] / 1e6:.1f} MB; raw copy {t['kv_bytes'] / t['transfer_ms'] / 1e6:.1f} GB/s; "
           f"{100 * hidden:.0f}% of the copy hidden behind compute; pair/local total "
           f"{t['total_ms'] / lt:.2f}x")
-    same = all(r.token_ids == local[0][1].token_ids for r in pair)
+    want = local[0][1].token_ids
+    same = all(r.token_ids == want for r in pair)
     print(f"tokens equal to local (greedy): {same}")
+    if not same:
+        other = next(r.token_ids for r in pair if r.token_ids != want)
+        print(explain_divergence(lm, ids, want, other))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ copied), so reshape and copy figures compare directly.
 from __future__ import annotations
 
 import argparse
+import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -54,6 +56,25 @@ def graph_us(fn: Callable[[], object], iters: int, per_graph: int = 20) -> float
         return f"n/a ({type(exc).__name__}: {exc})"
 
 
+def device_us(fn: Callable[[], object], reps: int = 200) -> float | str:
+    """Mean device time per call of the kernels/memcpys `fn` launches (torch.profiler):
+    the GPU's own duration, without launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+    except Exception as exc:   # no CUPTI
+        return f"n/a ({type(exc).__name__}: {exc})"
+    total = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total > 0)
+    return total / reps if total else "n/a (no device events recorded)"
+
+
 def row(label: str, us: float | str, nbytes: int, base_us: float | None = None) -> None:
     if isinstance(us, str):
         print(f"  {label:<44} {us}")
@@ -76,15 +97,21 @@ def bench_layer(model: str, n_tokens: int, iters: int) -> None:
     print(f"{model}, one layer, {n_tokens} tokens, fp16: {nbytes / 2**20:.2f} MiB packed "
           f"({cfg.n_kv_heads} heads x {cfg.head_dim}, {layout.n_lanes} lanes)")
     print(f"  device: {torch.cuda.get_device_name()}, CuPy kernels: {reshape.cupy_available()}")
+    if reshape.cupy_available():
+        from kernels.reshape_cuda import vec_ok
+        print(f"  default kernel: {'pack_kv_vec' if vec_ok(layout, (k.stride(0), k.stride(1)), k, v, out) else 'pack_kv'}")
 
     def copy() -> None:
         dst.copy_(src)
 
-    def pack() -> None:
+    def pack() -> None:                     # the default: pack_kv_vec when aligned
         reshape.pack_layer(k, v, layout, out=out)
 
+    def pack_fused() -> None:               # the element kernel, K and V in one launch
+        reshape.pack_layer(k, v, layout, out=out, kernel="fused")
+
     def pack_separate() -> None:
-        reshape.pack_layer(k, v, layout, out=out, fused=False)
+        reshape.pack_layer(k, v, layout, out=out, kernel="separate")
 
     def pack_torch() -> None:
         reshape.pack_layer(k, v, layout, out=out, force_torch=True)
@@ -93,15 +120,23 @@ def bench_layer(model: str, n_tokens: int, iters: int) -> None:
     row("baseline: device-to-device copy (same bytes)", base, nbytes)
     if not reshape.cupy_available():
         print("  CuPy not importable: the 'reshape' rows below are the torch path")
-    row("reshape (CuPy pack_kv: K and V in one launch)", time_us(pack, iters), nbytes, base)
+    row("reshape (CuPy pack_kv_vec, 16-byte vectors)", time_us(pack, iters), nbytes, base)
+    row("reshape (CuPy pack_kv, element kernel)", time_us(pack_fused, iters), nbytes, base)
     row("reshape (CuPy pack_k then pack_v)", time_us(pack_separate, iters), nbytes, base)
     row("reshape, torch path on the GPU", time_us(pack_torch, iters), nbytes, base)
     gbase = graph_us(copy, iters)
     row("baseline in a CUDA graph", gbase, nbytes)
     gb = gbase if isinstance(gbase, float) else None
     gpack = graph_us(pack, iters)
-    row("reshape (pack_kv) in a CUDA graph", gpack, nbytes, gb)
+    row("reshape (pack_kv_vec) in a CUDA graph", gpack, nbytes, gb)
+    row("reshape (pack_kv) in a CUDA graph", graph_us(pack_fused, iters), nbytes, gb)
     row("reshape (pack_k + pack_v) in a CUDA graph", graph_us(pack_separate, iters), nbytes, gb)
+    dbase = device_us(copy)
+    row("baseline, device time (profiler)", dbase, nbytes)
+    row("reshape (pack_kv_vec), device time (profiler)", device_us(pack), nbytes,
+        dbase if isinstance(dbase, float) else None)
+    row("reshape (pack_kv), device time (profiler)", device_us(pack_fused), nbytes,
+        dbase if isinstance(dbase, float) else None)
     # Eager timings of a 2 MiB op are bounded by Python launch cost; the graph rows show
     # what the GPU does, so the target is judged on them when capture works.
     if gb is not None and isinstance(gpack, float):
@@ -111,6 +146,27 @@ def bench_layer(model: str, n_tokens: int, iters: int) -> None:
     verdict = "meets" if ratio >= 0.5 else "misses"
     print(f"  => reshape at {ratio * 100:.1f}% of the copy's bandwidth ({how}): {verdict} "
           f"the >= 50% target")
+
+
+def bench_sizes(model: str, sizes: list[int], iters: int) -> None:
+    """The CUDA-graph ratio reshape/copy over prompt lengths (2 MiB at 512 tokens is small
+    enough that fixed costs weigh; longer prompts show the kernels' streaming rate)."""
+    cfg = preset(model)
+    layout = HbmLayout.for_model(cfg, "float16")
+    cache = torch.randn(2, cfg.n_kv_heads, max(sizes), cfg.head_dim, device="cuda",
+                        dtype=torch.float16)
+    print(f"{model}, one layer, CUDA graphs, by prompt length:")
+    for n in sizes:
+        k, v = cache[0, :, :n], cache[1, :, :n]
+        nbytes = layout.layer_bytes(n)
+        out = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        src = torch.empty_like(out)
+        dst = torch.empty_like(out)
+        copy_us = graph_us(functools.partial(dst.copy_, src), iters)
+        pack_us = graph_us(functools.partial(reshape.pack_layer, k, v, layout, out=out), iters)
+        row(f"{n:>6} tokens: copy", copy_us, nbytes)
+        row(f"{n:>6} tokens: reshape (pack_kv_vec)", pack_us, nbytes,
+            copy_us if isinstance(copy_us, float) else None)
 
 
 def bench_shipper(model: str, n_tokens: int, reps: int = 20) -> None:
@@ -162,8 +218,13 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_reshape needs a CUDA GPU")
-    bench_layer(args.model, args.tokens, args.iters)
-    bench_shipper(args.model, args.tokens)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bench_layer(args.model, args.tokens, args.iters)
+        bench_sizes(args.model, [128, 512, 2048, 8192], args.iters)
+        bench_shipper(args.model, args.tokens)
+    for msg in sorted({f"{w.category.__name__}: {w.message}" for w in caught}):
+        print(f"warning during the run: {msg}")
     if reshape.cuda_kernel_error():
         print(f"WARNING: CuPy kernels failed, figures are the torch path: "
               f"{reshape.cuda_kernel_error()}")

@@ -104,13 +104,14 @@ def _pack_torch(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout,
 def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *,
                out: torch.Tensor | None = None, stream: torch.cuda.Stream | None = None,
                capacity_tokens: int | None = None, force_torch: bool = False,
-               fused: bool = True) -> torch.Tensor:
+               kernel: str = "auto") -> torch.Tensor:
     """k, v [n_kv_heads, T, head_dim] -> uint8[layout.layer_bytes(T)] on k's device.
 
     `out`: optional destination (contiguous uint8, exactly layer_bytes(T)); `stream`: the
     CUDA stream for the CuPy kernels (default: torch's current stream). Raises
     InvalidArgument on bad shapes, ResourceExhausted beyond the capacity (default: the
-    layout's max tokens per channel). `fused` (CUDA only): K and V in one launch."""
+    layout's max tokens per channel). `kernel` (CUDA only): which CuPy kernel, see
+    kernels.reshape_cuda.pack_layer ("auto": the 16-byte vector kernel when aligned)."""
     if k.shape != v.shape or k.device != v.device:
         raise InvalidArgument(f"k {list(k.shape)} on {k.device} and v {list(v.shape)} on "
                               f"{v.device} must match")
@@ -121,7 +122,7 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *,
     if _use_cuda_kernels(k, force_torch):
         from kernels import reshape_cuda
         try:
-            return reshape_cuda.pack_layer(k, v, layout, out=dst, stream=stream, fused=fused)
+            return reshape_cuda.pack_layer(k, v, layout, out=dst, stream=stream, kernel=kernel)
         except InvalidArgument:
             raise
         except Exception as exc:   # compile / launch failure: same bytes from torch

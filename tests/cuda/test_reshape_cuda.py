@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from engine.config import preset
-from kernels import reshape, reshape_ref
+from engine.errors import InvalidArgument
+from kernels import reshape, reshape_cuda, reshape_ref
 from kernels.comm import CudaShipment, LayerShipper
 from kernels.hbm_layout import HbmLayout
 
@@ -65,8 +66,8 @@ def test_cupy_pack_equals_reference(cupy, name, n_tokens, src, dst) -> None:
     assert np.array_equal(got.cpu().numpy(), _ref(k, v, layout))
     torch_path = reshape.pack_layer(k, v, layout, force_torch=True)
     assert torch.equal(torch_path, got)
-    separate = reshape.pack_layer(k, v, layout, fused=False)     # pack_k then pack_v
-    assert torch.equal(separate, got)
+    for kernel in ("vec", "fused", "separate"):       # every CuPy kernel, not only "auto"
+        assert torch.equal(reshape.pack_layer(k, v, layout, kernel=kernel), got), kernel
     k2, v2 = reshape.unpack_layer(got, layout, n_tokens)
     assert torch.equal(k2, k.to(TORCH[dst])) and torch.equal(v2, v.to(TORCH[dst]))
 
@@ -83,6 +84,38 @@ def test_kernels_run_on_the_given_stream(cupy, name) -> None:
     reshape.pack_layer(k, v, layout, out=out, stream=side)
     side.synchronize()
     assert np.array_equal(out.cpu().numpy(), _ref(k, v, layout))
+
+
+def test_misaligned_operands_fall_back_to_the_element_kernel(cupy) -> None:
+    cfg, k, v = _layer("gpt2-medium", 64, "float16", seed=5)
+    layout = HbmLayout.kv_only(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+    n = layout.layer_bytes(64)
+    buf = torch.empty(n + 16, dtype=torch.uint8, device="cuda")
+    out = buf[2:2 + n]                       # 2-byte aligned: fp16 stores fine, uint4 not
+    assert not reshape_cuda.vec_ok(layout, (k.stride(0), k.stride(1)), k, v, out)
+    reshape.pack_layer(k, v, layout, out=out)
+    assert np.array_equal(out.cpu().numpy(), _ref(k, v, layout))
+    with pytest.raises(InvalidArgument, match="16-byte"):
+        reshape.pack_layer(k, v, layout, out=out, kernel="vec")
+
+
+def test_streams_alternate(cupy) -> None:
+    """The cached CuPy stream handles follow whichever torch stream is passed."""
+    cfg, k, v = _layer("gpt2-medium", 96, "float16", seed=6)
+    layout = HbmLayout.kv_only(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim)
+    want = _ref(k, v, layout)
+    streams = [torch.cuda.Stream() for _ in range(3)]
+    outs = []
+    for i in range(9):
+        s = streams[i % 3]
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            out = torch.empty(layout.layer_bytes(96), dtype=torch.uint8, device="cuda")
+        torch.cuda._sleep(1_000_000)
+        outs.append((s, reshape.pack_layer(k, v, layout, out=out, stream=s)))
+    for s, out in outs:
+        s.synchronize()
+        assert np.array_equal(out.cpu().numpy(), want)
 
 
 def test_odd_channel_split_gpt2_xl(cupy) -> None:
