@@ -123,12 +123,14 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             timeout = min(timeout, max(0.0, context.time_remaining()))
         session = await loop.run_in_executor(self.pool, self.backend.open_session, spec)
         stop = threading.Event()
-        released, tokens = False, None
+        release, tokens = None, None
         try:
             t_ingest = time.perf_counter()
             first, ist = await self._ingest(request, session, desc, transport, timeout, stop)
             ingest_ms = (time.perf_counter() - t_ingest) * 1e3
-            released = await self._release(request, spec.request_id)
+            # The slot's bytes are in device memory: give it back, without making the
+            # first token wait for that round trip to prefill.
+            release = asyncio.create_task(self._release(request, spec.request_id))
             fields["released"] = True
             fields.update(kv_bytes=ist.bytes, ingest_ms=round(ingest_ms, 2),
                           ingest_wait_ms=round(ist.wait_ms, 2))
@@ -150,6 +152,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             if tokens is not None:
                 await tokens.aclose()  # returns once the decode thread has stopped
             await loop.run_in_executor(self.pool, session.close)
+            released = await release if release is not None else False
             if not released:
                 fields["released"] = True
                 await self._release(request, spec.request_id)
