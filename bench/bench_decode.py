@@ -15,6 +15,7 @@ import torch
 from bench.hf_baseline import hf_generate_ms, hf_model
 from bench.sweep import roofline_ms_per_token
 from engine.cuda_graph import GraphDecoder, bucket_len
+from engine.fused_decode import fused_step_for
 from engine.kv_cache import KVCache
 from engine.loader import load_model
 
@@ -75,7 +76,12 @@ def main() -> None:
           f"{roof_ms:.3f} ms/token")
     print(f"  prefill {a.prompt} tokens: {prefill_ms(lm, a.prompt):.2f} ms")
     print(f"  decode eager      : {eager_ms_per_token(lm, a.prompt, a.tokens):.3f} ms/token")
-    print(f"  decode CUDA graph : {graph_ms_per_token(lm, a.prompt, a.tokens):.3f} ms/token")
+    print(f"  decode CUDA graph, torch ops    : "
+          f"{graph_ms_per_token(lm, a.prompt, a.tokens):.3f} ms/token")
+    fused = fused_step_for(lm.model)
+    if fused is not None:
+        print(f"  decode CUDA graph, fused kernels: "
+              f"{graph_ms_per_token(lm, a.prompt, a.tokens, fused):.3f} ms/token")
     if a.compile:
         t0 = time.perf_counter()
         fn = torch.compile(lm.model.decode_step, dynamic=False)

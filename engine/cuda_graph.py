@@ -16,11 +16,13 @@ stays on the eager path, so both paths give the tokens of single-process generat
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import deque
 from collections.abc import Iterator
 
 import torch
 
+from engine.fused_decode import fused_step_for
 from engine.kv_cache import KVCache
 
 # Cache lengths are rounded up to one of these buckets, so a few graphs serve all requests.
@@ -116,6 +118,7 @@ class GraphPool:
                  dtype: torch.dtype, per_bucket: int = 2) -> None:
         self.model, self.config, self.device, self.dtype = model, config, device, dtype
         self.per_bucket = per_bucket
+        self.fused = fused_step_for(model)   # None: the torch ops of model.decode_step
         self._free: dict[int, list[GraphDecoder]] = {}
         self._made: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -135,13 +138,25 @@ class GraphPool:
             self._made[length] = self._made.get(length, 0) + 1
         try:
             cache = KVCache(self.config, 1, length, self.device, self.dtype)
-            return GraphDecoder(self.model, cache)
+            return self._decoder(cache)
         except (RuntimeError, torch.OutOfMemoryError):
             # Capture can fail (memory, an op that cannot be captured): the request
             # still runs, eagerly; the slot in this bucket is given back.
             with self._lock:
                 self._made[length] -= 1
             return None
+
+    def _decoder(self, cache: KVCache) -> GraphDecoder:
+        """A graph of the fused step when there is one, else of model.decode_step. A
+        fused capture that fails turns the fused path off for this pool (reported)."""
+        if self.fused is not None:
+            try:
+                return GraphDecoder(self.model, cache, step_fn=self.fused.fork())
+            except Exception as exc:
+                warnings.warn(f"fused decode capture failed, using torch ops: "
+                              f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
+                self.fused = None
+        return GraphDecoder(self.model, cache)
 
     def release(self, dec: GraphDecoder) -> None:
         with self._lock:
