@@ -19,7 +19,7 @@ from engine.kv_cache import KVCache
 from engine.loader import load_model
 
 KINDS = (("gemv/gemm", ("gemm", "gemv", "cutlass", "sm90", "xmma", "cublas")),
-         ("attention", ("flash", "fmha", "attention", "efficient", "attn_decode")),
+         ("attention", ("flash", "fmha", "attention", "efficient", "attn_")),
          ("layernorm", ("layer_norm", "layernorm")),
          ("index/copy", ("index", "copy", "scatter", "put")))
 

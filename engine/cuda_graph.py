@@ -59,7 +59,8 @@ class GraphDecoder:
 
     def _step(self) -> None:
         logits = self.step_fn(self.tokens, self.positions, self.cache)
-        nxt = torch.argmax(logits, dim=-1)
+        greedy = getattr(self.step_fn, "greedy", None)    # the fused step's own argmax
+        nxt = greedy() if greedy is not None else torch.argmax(logits, dim=-1)
         self.tokens.copy_(nxt)
         self.positions.add_(1)
         self.out.index_copy_(0, self.index, nxt)

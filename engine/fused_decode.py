@@ -2,7 +2,7 @@
 
 `FusedGPT2Step(model)(tokens, positions, cache)` has GPT2.decode_step's contract for
 batch 1 (logits [1, vocab] fp32; this token's K/V written at `positions[0]`) in
-2 + 5 * n_layers launches instead of ~17 per layer. It is meant to be captured in a
+2 + 5 * n_layers launches (+1 for the greedy token) instead of ~17 per layer. It is meant to be captured in a
 CUDA graph (engine/cuda_graph.py), where its Python launch cost is paid once; every
 input it reads (token, position, weights, cache) is a fixed device address.
 
@@ -32,11 +32,12 @@ def fused_step_for(model: torch.nn.Module) -> FusedGPT2Step | None:
     cfg = getattr(model, "config", None)
     weight = getattr(getattr(model, "wte", None), "weight", None)
     if cfg is None or cfg.family != "gpt2" or weight is None or not weight.is_cuda \
-            or weight.dtype not in _DTYPES or cfg.d_model % 8 or cfg.head_dim % 8:
+            or weight.dtype not in _DTYPES or cfg.d_model % 8 or cfg.head_dim % 8 \
+            or 32 % (cfg.head_dim // 8) or (4 * cfg.d_ff > 48 * 1024):   # x in shared memory
         return None
-    from kernels.decode_cuda import attn_smem_bytes
+    from kernels.decode_cuda import attn_split
 
-    if attn_smem_bytes(cfg.head_dim, cfg.max_positions) > 48 * 1024:   # static smem limit
+    if attn_split(cfg.max_positions, cfg.head_dim)[1] > 256:   # one merging thread per chunk
         return None
     try:
         return FusedGPT2Step(model)
@@ -73,6 +74,15 @@ class FusedGPT2Step:
         self.attn = torch.empty(cfg.d_model, dtype=dt, device=dev)
         self.hidden = torch.empty(self.model.h[0].mlp.c_fc.out_features, dtype=dt, device=dev)
         self.logits = torch.empty(1, cfg.vocab_size, dtype=torch.float32, device=dev)
+        self.amax = torch.zeros(1, dtype=torch.int64, device=dev)    # argmax key (uint64)
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self._last: torch.Tensor | None = None
+        _, splits = self.dc.attn_split(cfg.max_positions, cfg.head_dim)
+        # attention partials: per (head, chunk) D outputs + max + sum, for the most chunks
+        # any cache length of this model needs
+        self.work = torch.zeros(cfg.n_heads * splits * (cfg.head_dim + 2),
+                                dtype=torch.float32, device=dev)
+        self.counters = torch.zeros(cfg.n_heads, dtype=torch.int32, device=dev)  # CTAs done
 
     def fork(self) -> FusedGPT2Step:
         """The same weights with buffers of its own: one per captured graph, so graphs
@@ -103,14 +113,17 @@ class FusedGPT2Step:
         grid, rpw = dc.gemv_grid(n)
         args = (x.data_ptr(), ln[0], ln[1], dc.F32(self.eps), w[0], w[1],
                 0 if res is None else res.data_ptr(), 0 if f32 else out.data_ptr(),
-                out.data_ptr() if f32 else 0, dc.I32(k), dc.I32(n), dc.I32(act), dc.I32(rpw))
+                out.data_ptr() if f32 else 0, self.amax.data_ptr() if f32 else 0,
+                dc.I32(k), dc.I32(n), dc.I32(act), dc.I32(rpw))
         self.launch("ln_gemv", grid, args, s, smem=4 * k)
 
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if tokens.shape[0] != 1 or cache.batch != 1 or cache.k.dtype != self.x.dtype \
-                or not cache.k.is_contiguous():
-            return self.model.decode_step(tokens, positions, cache)
+                or not cache.k.is_contiguous() or cache.max_len > self.cfg.max_positions:
+            self._last = self.model.decode_step(tokens, positions, cache)
+            return self._last
+        self._last = self.logits
         from kernels.reshape_cuda import _current_stream_ptr
 
         cfg, dc = self.cfg, self.dc
@@ -119,17 +132,28 @@ class FusedGPT2Step:
         tokens, positions = tokens.contiguous(), positions.contiguous()
         self.launch("embed", max(1, d // dc.THREADS),
                     (tokens.data_ptr(), positions.data_ptr(), self.wte, self.wpe,
-                     self.x.data_ptr(), dc.I32(d)), s)
-        smem = dc.attn_smem_bytes(hd, L)
+                     self.x.data_ptr(), dc.I32(d), self.amax.data_ptr()), s)
+        _, splits = dc.attn_split(L, hd)
         for i, p in enumerate(self.layers):
             self._gemv(s, self.x, p["qkv"], 3 * d, self.qkv, ln=p["ln1"])
-            self.launch("attn_decode", h,
+            self.launch("attn_partial", (h, splits),
                         (self.qkv.data_ptr(), cache.k[i, 0].data_ptr(), cache.v[i, 0].data_ptr(),
-                         positions.data_ptr(), self.attn.data_ptr(), dc.I32(h), dc.I32(hkv),
-                         dc.I32(hd), dc.I32(L), dc.F32(self.scale), dc.I32(0), dc.I32(d),
-                         dc.I32(2 * d)), s, smem=smem)
+                         positions.data_ptr(), self.work.data_ptr(), self.counters.data_ptr(),
+                         self.attn.data_ptr(), dc.I32(h), dc.I32(hkv), dc.I32(hd), dc.I32(L),
+                         dc.F32(self.scale), dc.I32(0), dc.I32(d), dc.I32(2 * d)), s)
             self._gemv(s, self.attn, p["o"], d, self.x, res=self.x)
             self._gemv(s, self.x, p["fc"], self.hidden.numel(), self.hidden, ln=p["ln2"], act=1)
             self._gemv(s, self.hidden, p["proj"], d, self.x, res=self.x)
         self._gemv(s, self.x, (self.wte, 0), cfg.vocab_size, self.logits, ln=self.ln_f, f32=True)
         return self.logits
+
+    def greedy(self) -> torch.Tensor:
+        """The argmax of the last call's logits as a [1] int64 tensor (computed inside the
+        logits kernel; one 1-thread launch here instead of a 50K-wide reduction)."""
+        from kernels.reshape_cuda import _current_stream_ptr
+
+        if self._last is not self.logits:        # the call fell back to torch ops
+            return torch.argmax(self._last, dim=-1)
+        self.launch("argmax_token", 1, (self.amax.data_ptr(), self.token.data_ptr()),
+                    _current_stream_ptr(self.device.index))
+        return self.token

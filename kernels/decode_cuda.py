@@ -4,14 +4,20 @@ Why: a GPT-2 decode step in torch is ~418 small kernels (LayerNorm, cuBLAS GEMV 
 bias, GELU, residual adds, index_put, a masked SDPA over the whole cache bucket). The
 profile (docs/performance.md) put the GEMVs at 27% of the copy bandwidth and the ~300
 other kernels at half of the step. These kernels do the same step in 5 launches per
-layer:
+layer (plus embedding and the argmax):
 
   ln_gemv      y = act(W . LN(x) + b) (+ residual): LayerNorm (optional) recomputed by
                every CTA from the 1-4K input vector in shared memory, then one warp per
                output row streaming W's row with 16-byte loads, fp32 accumulation.
-  attn_decode  one CTA per query head: appends this token's K/V at `positions[0]`, then
-               softmax(q.K^T * scale) V over the live positions [0, pos] only (read from
-               device memory, so the launch shape stays fixed inside a CUDA graph).
+  attn_partial split-K attention: CTAs per (head, chunk of positions) append this
+               token's K/V at `positions[0]` and reduce softmax(q.K^T * scale) V over the
+               live positions [0, pos] only (pos is read on the device, so the launch
+               shape stays fixed inside a CUDA graph); the last CTA of a head merges.
+
+Tried and dropped (bench/bench_decode.py, H200): loading each lane's weight vectors
+into registers before the LayerNorm (lower occupancy, 5-10% slower), L2 prefetch of the
+next kernel's weights (within noise), split-K GEMV (no gain; on cold 2-8 MB matrices
+this GEMV runs at 0.6-1.7 TB/s, on par with cuBLAS, about half a same-size copy).
   embed        x = wte[token] + wpe[position].
 
 Rounding follows the torch path (values pass through the activation dtype where torch
@@ -81,14 +87,30 @@ __device__ __forceinline__ float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
+__device__ __forceinline__ float dot8(const uint4 w, const float4 xa, const float4 xb) {
+    return ld(w.x & 0xffff) * xa.x + ld(w.x >> 16) * xa.y + ld(w.y & 0xffff) * xa.z
+         + ld(w.y >> 16) * xa.w + ld(w.z & 0xffff) * xb.x + ld(w.z >> 16) * xb.y
+         + ld(w.w & 0xffff) * xb.z + ld(w.w >> 16) * xb.w;
+}
+
+// Greedy argmax fused into the logits GEMV: one 64-bit atomicMax per row of a key that
+// orders by value (float bits made monotonic), then by *lower* row index, as
+// torch.argmax returns the first maximum.
+__device__ __forceinline__ unsigned long long argmax_key(float y, int n) {
+    unsigned u = __float_as_uint(y);
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+    return ((unsigned long long)u << 32) | (0xffffffffu - (unsigned)n);
+}
+
 // y[n] = act(W[n, :] . xn + b[n]) (+ res[n]), xn = LayerNorm(x; ln_w, ln_b, eps) when ln_w
-// is given, else x. One warp per row, `rpw` consecutive rows per warp, 8 warps per CTA.
-// act: 0 none, 1 GELU (tanh). out_f32: write fp32 (the logits) instead of `out`.
-// Dynamic shared memory: K floats.
-extern "C" __global__ void ln_gemv(const act_t* __restrict__ x, const act_t* __restrict__ ln_w,
-        const act_t* __restrict__ ln_b, float eps, const act_t* __restrict__ W,
-        const act_t* __restrict__ b, const act_t* res, act_t* out, float* __restrict__ out_f32,
-        int K, int N, int act, int rpw) {
+// is given, else x. With out_f32 and amax, also the argmax over y (see argmax_key).
+// One warp per row, `rpw` consecutive rows per warp, 8 warps per CTA; a lane streams
+// 16-byte vectors of the row (4 in flight). act: 0 none, 1 GELU (tanh). out_f32: write
+// fp32 (the logits) instead of `out`; `res` may alias `out`. Dynamic smem: K floats.
+extern "C" __global__ void __launch_bounds__(256) ln_gemv(const act_t* __restrict__ x,
+        const act_t* __restrict__ ln_w, const act_t* __restrict__ ln_b, float eps,
+        const act_t* __restrict__ W, const act_t* __restrict__ b, const act_t* res, act_t* out,
+        float* __restrict__ out_f32, unsigned long long* amax, int K, int N, int act, int rpw) {
     extern __shared__ float4 xs4[];
     float* xs = reinterpret_cast<float*>(xs4);
     __shared__ float red[8];
@@ -113,18 +135,15 @@ extern "C" __global__ void ln_gemv(const act_t* __restrict__ x, const act_t* __r
         const uint4* row = reinterpret_cast<const uint4*>(W + (long long)n * K);
         float acc = 0.f;
 #pragma unroll 4
-        for (int i = lane; i < K8; i += 32) {
-            const uint4 w = row[i];
-            const float4 xa = xs4[2 * i], xb = xs4[2 * i + 1];
-            acc += ld(w.x & 0xffff) * xa.x + ld(w.x >> 16) * xa.y
-                 + ld(w.y & 0xffff) * xa.z + ld(w.y >> 16) * xa.w
-                 + ld(w.z & 0xffff) * xb.x + ld(w.z >> 16) * xb.y
-                 + ld(w.w & 0xffff) * xb.z + ld(w.w >> 16) * xb.w;
-        }
+        for (int i = lane; i < K8; i += 32) acc += dot8(row[i], xs4[2 * i], xs4[2 * i + 1]);
         acc = warp_sum(acc);
         if (lane == 0) {
             float y = rnd(acc + (b ? ld(b[n]) : 0.f));
-            if (out_f32) { out_f32[n] = y; continue; }
+            if (out_f32) {
+                out_f32[n] = y;
+                if (amax) atomicMax(amax, argmax_key(y, n));
+                continue;
+            }
             if (act == 1) y = rnd(gelu_tanh(y));
             if (res) y = ld(res[n]) + y;
             out[n] = st(y);
@@ -132,90 +151,133 @@ extern "C" __global__ void ln_gemv(const act_t* __restrict__ x, const act_t* __r
     }
 }
 
-// One CTA (256 threads) per query head h; KV head h / (H / Hkv). qkv holds q at q_off,
-// k at k_off, v at v_off (head-major, D each). kc/vc: this layer's cache of row 0,
-// [Hkv, L, D]. Writes k, v of this token at pos = positions[0] (one CTA per KV head), then
-// out[h*D:(h+1)*D] = softmax(scale * q.K[0..pos]) V[0..pos]; position pos is read from qkv,
-// so no CTA reads a cache row another CTA is writing. D % 8 == 0, D <= 256.
-// Dynamic shared memory: (L + D + 256 * 8 / D * D ... ) floats, see attn_smem_bytes.
-extern "C" __global__ void attn_decode(const act_t* __restrict__ qkv, act_t* kc, act_t* vc,
-        const long long* __restrict__ positions, act_t* __restrict__ out, int H, int Hkv,
-        int D, int L, float scale, int q_off, int k_off, int v_off) {
-    extern __shared__ float4 sm4[];
-    float* sm = reinterpret_cast<float*>(sm4);
-    float* qs = sm;                 // D
-    float* part = qs + D;           // (256 / (D/8)) x D partial outputs
-    float* scores = part + 256 * 8; // L
+__device__ void combine_if_last(float* ws, int* counters, act_t* out, int D, int S);
+
+// Split-K decode attention ("flash decoding"). Grid (H, S), 256 threads: CTA (h, s)
+// takes the C = 256 / (D/8) positions [s*C, min((s+1)*C, pos+1)) of KV head h / (H/Hkv),
+// pos = positions[0] (read on the device, so a CUDA graph replays it for any position;
+// chunks past pos only check in). Each group of D/8 threads owns one position: its q, K
+// and V 16-byte vectors are loaded at once, so the kernel waits on memory one time.
+// qkv holds q at q_off, k at k_off, v at v_off (head-major, D each); kc/vc: this layer's
+// cache of row 0, [Hkv, L, D]. CTA (h, 0) of each KV head's first query head appends
+// this token's K/V at pos; position pos is read from qkv by everyone, so no CTA reads a
+// cache row another is writing. Writes ws[h][s] = (o[D], m, z): m the chunk's max score,
+// z = sum exp(score - m), o = sum exp(score - m) v; the last CTA of a head merges them
+// into out (combine_if_last). D % 8 == 0 and 32 % (D/8) == 0.
+extern "C" __global__ void __launch_bounds__(256) attn_partial(const act_t* __restrict__ qkv,
+        act_t* kc, act_t* vc, const long long* __restrict__ positions, float* ws,
+        int* counters, act_t* out, int H, int Hkv, int D, int L, float scale, int q_off,
+        int k_off, int v_off) {
+    __shared__ float part[256 * 8];               // (C rows) x D partial outputs
     __shared__ float red[8];
-    const int h = blockIdx.x, g = H / Hkv, kvh = h / g;
+    const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, g = H / Hkv, kvh = h / g;
+    const int D8 = D >> 3, C = blockDim.x / D8, rw = threadIdx.x / D8, c = threadIdx.x - rw * D8;
     const int pos = (int)positions[0];
+    const int t0 = s * C, t1 = min(t0 + C, pos + 1), t = t0 + rw;
+    float* o = ws + ((long long)h * S + s) * (D + 2);
     act_t* kh = kc + (long long)kvh * L * D;
     act_t* vh = vc + (long long)kvh * L * D;
     const act_t* knew = qkv + k_off + kvh * D;
     const act_t* vnew = qkv + v_off + kvh * D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        qs[d] = ld(qkv[q_off + h * D + d]);
-        if (h % g == 0) { kh[(long long)pos * D + d] = knew[d]; vh[(long long)pos * D + d] = vnew[d]; }
-    }
-    __syncthreads();
-    // Scores: one key per thread (16-byte loads of its row), keys tid, tid + 256, ...
-    const int D8 = D >> 3;
-    float m = __int_as_float(0xff800000);
-    for (int t = threadIdx.x; t <= pos; t += blockDim.x) {
-        const uint4* kr = reinterpret_cast<const uint4*>(t == pos ? knew : kh + (long long)t * D);
-        float s = 0.f;
-        for (int i = 0; i < D8; ++i) {
-            const uint4 w = kr[i];
-            const float* q = qs + 8 * i;
-            s += ld(w.x & 0xffff) * q[0] + ld(w.x >> 16) * q[1] + ld(w.y & 0xffff) * q[2]
-               + ld(w.y >> 16) * q[3] + ld(w.z & 0xffff) * q[4] + ld(w.z >> 16) * q[5]
-               + ld(w.w & 0xffff) * q[6] + ld(w.w >> 16) * q[7];
+    if (s == 0 && h % g == 0)
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            kh[(long long)pos * D + d] = knew[d];
+            vh[(long long)pos * D + d] = vnew[d];
         }
-        s *= scale;
-        scores[t] = s;
-        m = fmaxf(m, s);
+    const float ninf = __int_as_float(0xff800000);
+    if (t0 >= t1) {                                   // uniform per CTA: an empty chunk
+        for (int d = threadIdx.x; d < D; d += blockDim.x) o[d] = 0.f;   // (0 * garbage = NaN)
+        if (threadIdx.x == 0) { o[D] = ninf; o[D + 1] = 0.f; }
+        combine_if_last(ws, counters, out, D, S);
+        return;
     }
-    m = block_max(m, red);
-    float z = 0.f;
-    for (int t = threadIdx.x; t <= pos; t += blockDim.x) {
-        const float e = __expf(scores[t] - m);
-        scores[t] = e;
-        z += e;
+    const bool live = t < t1;
+    const uint4 qv = reinterpret_cast<const uint4*>(qkv + q_off + h * D)[c];
+    uint4 kv = make_uint4(0u, 0u, 0u, 0u), vv = kv;
+    if (live) {
+        kv = reinterpret_cast<const uint4*>(t == pos ? knew : kh + (long long)t * D)[c];
+        vv = reinterpret_cast<const uint4*>(t == pos ? vnew : vh + (long long)t * D)[c];
     }
-    z = block_sum(z, red);      // its barriers also publish scores[] to every thread
-    // P.V: D8 threads cover one V row (16 bytes each); 256 / D8 rows at a time.
-    const int rows = blockDim.x / D8, rw = threadIdx.x / D8, c = threadIdx.x - rw * D8;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    if (rw < rows) {
-        for (int t = rw; t <= pos; t += rows) {
-            const uint4 w = reinterpret_cast<const uint4*>(t == pos ? vnew : vh + (long long)t * D)[c];
-            const float p = scores[t];
-            acc[0] += p * ld(w.x & 0xffff); acc[1] += p * ld(w.x >> 16);
-            acc[2] += p * ld(w.y & 0xffff); acc[3] += p * ld(w.y >> 16);
-            acc[4] += p * ld(w.z & 0xffff); acc[5] += p * ld(w.z >> 16);
-            acc[6] += p * ld(w.w & 0xffff); acc[7] += p * ld(w.w >> 16);
-        }
-        for (int j = 0; j < 8; ++j) part[rw * D + c * 8 + j] = acc[j];
-    }
+    const float4 qa = make_float4(ld(qv.x & 0xffff), ld(qv.x >> 16), ld(qv.y & 0xffff), ld(qv.y >> 16));
+    const float4 qb = make_float4(ld(qv.z & 0xffff), ld(qv.z >> 16), ld(qv.w & 0xffff), ld(qv.w >> 16));
+    float p = dot8(kv, qa, qb);
+    for (int off = D8 >> 1; off; off >>= 1) p += __shfl_xor_sync(0xffffffffu, p, off);
+    p = live ? p * scale : ninf;
+    const float m = block_max(p, red);
+    const float e = live ? __expf(p - m) : 0.f;
+    const float z = block_sum(c == 0 ? e : 0.f, red);
+    part[rw * D + c * 8 + 0] = e * ld(vv.x & 0xffff); part[rw * D + c * 8 + 1] = e * ld(vv.x >> 16);
+    part[rw * D + c * 8 + 2] = e * ld(vv.y & 0xffff); part[rw * D + c * 8 + 3] = e * ld(vv.y >> 16);
+    part[rw * D + c * 8 + 4] = e * ld(vv.z & 0xffff); part[rw * D + c * 8 + 5] = e * ld(vv.z >> 16);
+    part[rw * D + c * 8 + 6] = e * ld(vv.w & 0xffff); part[rw * D + c * 8 + 7] = e * ld(vv.w >> 16);
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        float o = 0.f;
-        for (int r = 0; r < rows; ++r) o += part[r * D + d];
-        out[h * D + d] = st(o / z);
+        float sum = 0.f;
+        for (int r = 0; r < C; ++r) sum += part[r * D + d];
+        o[d] = sum;
     }
+    if (threadIdx.x == 0) { o[D] = m; o[D + 1] = z; }
+    combine_if_last(ws, counters, out, D, S);
 }
 
-// x[d] = wte[token][d] + wpe[position][d] (token, position from device memory).
+// The last CTA of head h to finish (an atomic count per head, reset for the next step)
+// merges the chunks: out[h*D + d] = sum_s e_s o_s[d] / sum_s e_s z_s, e_s = exp(m_s - max m)
+// (0 for empty chunks). One thread per chunk reads (m_s, z_s); then 256 / D groups of D
+// threads split the chunks, so the loads are issued in parallel, not one chunk at a
+// time. Saves a second launch per layer. Partials are read past L1 (__ldcg): other CTAs
+// wrote them. S <= 256; D divides 256.
+__device__ void combine_if_last(float* ws, int* counters, act_t* out, int D, int S) {
+    __shared__ int last;
+    __shared__ float es[256], cpart[256], red[8];
+    __threadfence();                                  // this thread's partial is visible,
+    __syncthreads();                                  // and so is the whole CTA's
+    if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1) == S - 1;
+    __syncthreads();
+    if (!last) return;                                // uniform per CTA
+    __threadfence();
+    const float* w = ws + (long long)blockIdx.x * S * (D + 2);
+    const int tid = threadIdx.x;
+    const float ninf = __int_as_float(0xff800000);
+    const float ms = tid < S ? __ldcg(w + tid * (D + 2) + D) : ninf;
+    const float zs = tid < S ? __ldcg(w + tid * (D + 2) + D + 1) : 0.f;
+    const float mx = block_max(ms, red);
+    const float e = zs > 0.f ? __expf(ms - mx) : 0.f;
+    es[tid] = e;
+    const float z = block_sum(e * zs, red);          // its barriers publish es[]
+    const int groups = blockDim.x / D, grp = tid / D, d = tid - grp * D;
+    float sum = 0.f;
+#pragma unroll 8
+    for (int s = grp; s < S; s += groups) sum += es[s] * __ldcg(w + s * (D + 2) + d);
+    cpart[tid] = sum;
+    __syncthreads();
+    if (tid < D) {
+        float o = 0.f;
+        for (int g = 0; g < groups; ++g) o += cpart[g * D + tid];
+        out[blockIdx.x * D + tid] = st(o / z);
+    }
+    if (tid == 0) counters[blockIdx.x] = 0;
+}
+
+// x[d] = wte[token][d] + wpe[position][d] (token, position from device memory). The
+// step's first kernel, so it also clears the argmax accumulator of this step's logits.
 extern "C" __global__ void embed(const long long* __restrict__ tokens,
         const long long* __restrict__ positions, const act_t* __restrict__ wte,
-        const act_t* __restrict__ wpe, act_t* __restrict__ x, int D) {
+        const act_t* __restrict__ wpe, act_t* __restrict__ x, int D,
+        unsigned long long* amax) {
+    if (amax && blockIdx.x == 0 && threadIdx.x == 0) *amax = 0ull;
     const long long tok = tokens[0], p = positions[0];
     for (int d = blockIdx.x * blockDim.x + threadIdx.x; d < D; d += gridDim.x * blockDim.x)
         x[d] = st(ld(wte[tok * D + d]) + ld(wpe[p * D + d]));
 }
+
+// The greedy token from the fused argmax key (1 thread).
+extern "C" __global__ void argmax_token(const unsigned long long* __restrict__ amax,
+                                        long long* __restrict__ token) {
+    token[0] = (long long)(0xffffffffu - (unsigned)(amax[0] & 0xffffffffull));
+}
 """
 
-KERNELS = ("ln_gemv", "attn_decode", "embed")
+KERNELS = ("ln_gemv", "attn_partial", "embed", "argmax_token")
 THREADS = 256
 WARPS = THREADS // 32
 
@@ -228,17 +290,21 @@ def cuda_source(dtype: str) -> str:
 
 
 @functools.cache
-def _function(dtype: str, device: int, name: str):
+def _module(dtype: str, device: int):
+    """The kernels compiled (NVRTC, once per dtype and device) and loaded on `device`."""
     import cupy as cp
 
     with cp.cuda.Device(device):
         module = cp.RawModule(code=cuda_source(dtype), options=("--use_fast_math",))
-        return module.get_function(name)
+        module.compile()
+        return module
 
 
-def attn_smem_bytes(head_dim: int, max_len: int) -> int:
-    """Dynamic shared memory of attn_decode: q, the partial outputs, the scores."""
-    return 4 * (head_dim + THREADS * 8 + max_len)
+def attn_split(cache_len: int, head_dim: int) -> tuple[int, int]:
+    """(chunk, splits) of attn_partial: one position per D/8 threads of a 256-thread CTA
+    (32 positions at head_dim 64), as many chunks as cover the cache length."""
+    chunk = THREADS // (head_dim // 8)
+    return chunk, -(-cache_len // chunk)
 
 
 def gemv_grid(n_rows: int, target_ctas: int = 1024) -> tuple[int, int]:
@@ -255,10 +321,13 @@ class Launcher:
 
         self._stream = _cupy_stream
         self.device = device
-        self.fn = {name: _function(dtype, device, name) for name in KERNELS}
+        module = _module(dtype, device)
+        self.fn = {name: module.get_function(name) for name in KERNELS}
 
-    def __call__(self, name: str, grid: int, args: tuple, stream_ptr: int, smem: int = 0) -> None:
-        self.fn[name]((grid,), (THREADS,), args, shared_mem=smem,
+    def __call__(self, name: str, grid: int | tuple[int, ...], args: tuple, stream_ptr: int,
+                 smem: int = 0) -> None:
+        grid = grid if isinstance(grid, tuple) else (grid,)
+        self.fn[name](grid, (THREADS,), args, shared_mem=smem,
                       stream=self._stream(stream_ptr, self.device))
 
 

@@ -33,14 +33,15 @@ def _clone(lm, cache: KVCache) -> KVCache:
     return other
 
 
-@pytest.mark.parametrize("model,dtype", [("synthetic:gpt2-medium", "float16"),
-                                         ("synthetic:gpt2", "bfloat16")])
-def test_fused_step_matches_torch_step(model, dtype):
+@pytest.mark.parametrize("model,dtype,n", [("synthetic:gpt2-medium", "float16", 300),
+                                           ("synthetic:gpt2-medium", "float16", 1),
+                                           ("synthetic:gpt2-medium", "float16", 1018),
+                                           ("synthetic:gpt2", "bfloat16", 77)])
+def test_fused_step_matches_torch_step(model, dtype, n):
     lm = load_model(model, "cuda", dtype)
     step = fused_step_for(lm.model)
     assert isinstance(step, FusedGPT2Step)
-    n = 300
-    ref = _filled(lm, n, 512)
+    ref = _filled(lm, n, 1024 if n > 500 else 512)
     fused = _clone(lm, ref)
     tol = 2e-2 if dtype == "float16" else 1e-1   # a few ulps of the logits' magnitude
     tok = torch.tensor([123], device="cuda")
@@ -49,6 +50,7 @@ def test_fused_step_matches_torch_step(model, dtype):
         want = lm.model.decode_step(tok, pos, ref)
         got = step(tok, pos, fused).clone()
         assert got.shape == want.shape and got.dtype == torch.float32
+        assert torch.equal(step.greedy(), got.argmax(-1))      # the fused argmax
         scale = want.abs().max().item()
         assert (got - want).abs().max().item() <= tol * max(1.0, scale), i
         # this token's K/V landed at pos in every layer (and nothing else moved)
@@ -79,3 +81,4 @@ def test_pool_uses_fused_step_unless_turned_off(tmp_path, monkeypatch):
     lm32 = load_model(str(make_tiny_gpt2(tmp_path)), device="cuda", dtype="float32")
     monkeypatch.delenv("HYBRID_FUSED_DECODE")
     assert fused_step_for(lm32.model) is None        # fp32 stays on torch ops
+
