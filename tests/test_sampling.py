@@ -117,3 +117,11 @@ def test_filter_keeps_a_nonempty_top_prefix(values, top_k, top_p):
         assert x[0][kept].min() >= x[0][~kept].max()
     if top_k and top_p == 1.0:
         assert int(kept.sum()) >= min(top_k, len(values))
+
+
+def test_ties_keep_index_order():
+    """A nucleus over tied logits keeps the lowest indices (a stable order), the same
+    tokens on every run and device."""
+    x = torch.zeros(1, 17)
+    kept = torch.isfinite(filter_logits(x, 0, 0.5))[0]
+    assert kept.tolist() == [True] * 9 + [False] * 8
