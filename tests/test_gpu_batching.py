@@ -6,6 +6,7 @@ backend close end the iterators instead of hanging them."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,9 @@ SEEDED = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, seed=1234)
 def backend(request, tmp_path_factory):
     make = make_tiny_gpt2 if request.param == "gpt2" else make_tiny_llama
     path = make(tmp_path_factory.mktemp(request.param), init_std=0.1)
-    b = GpuBackend(str(path), device="cpu", dtype="float32", max_batch=4)
+    # HYBRID_TEST_DEVICE=cuda runs the same checks on a GPU (CI has none)
+    device = os.environ.get("HYBRID_TEST_DEVICE", "cpu")
+    b = GpuBackend(str(path), device=device, dtype="float32", max_batch=4)
     yield b
     b.close()
 
@@ -47,10 +50,10 @@ def _prefill_dense(lm, prompt: list[int], params: SamplingParams) -> tuple[int, 
     layers: list[bytes] = []
 
     def on_layer(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        layers.append(pack_dense(k, v, layout).numpy().tobytes())
+        layers.append(pack_dense(k, v, layout).cpu().numpy().tobytes())
 
     cache = KVCache(lm.config, 1, len(prompt), lm.device, lm.dtype)
-    logits = lm.model.prefill(torch.tensor(prompt), cache, on_layer=on_layer)
+    logits = lm.model.prefill(torch.tensor(prompt, device=lm.device), cache, on_layer=on_layer)
     return int(sample(logits, params, 0)[0]), layers
 
 
@@ -165,6 +168,29 @@ def test_backend_close_ends_waiting_iterators(tmp_path, monkeypatch):
     with pytest.raises(Unavailable):
         list(it)  # tokens already queued may come first; then the close error
     s.close()
+
+
+def test_scheduler_thread_failure_ends_iterators_and_refuses_new_work(tmp_path, monkeypatch):
+    """A failure outside a step (here: delivering tokens) kills the scheduler thread; its
+    sessions must end with an error, not wait forever (what a bad CUDA device index did
+    on a GPU); later sessions decode unbatched, as under overload."""
+    from fpga_service.backends.batching import BatchScheduler
+
+    def broken(self, rows, tokens):
+        raise RuntimeError("deliver fell over")
+
+    monkeypatch.setattr(BatchScheduler, "_deliver", broken)
+    b = GpuBackend(str(make_tiny_gpt2(tmp_path, init_std=0.1)), device="cpu",
+                   dtype="float32", max_batch=2)
+    s, first = _open(b, [5, 6, 7], 20, SamplingParams())
+    with pytest.raises(Unavailable, match="deliver fell over"):
+        list(s.decode(first))
+    s.close()
+    assert not b.scheduler._thread.is_alive()
+    s2, first2 = _open(b, [5, 6, 7], 20, SamplingParams())
+    assert not isinstance(s2, BatchedSession)
+    assert _finish(s2, first2) == _want(b.lm, [5, 6, 7], 20, SamplingParams())
+    b.close()
 
 
 def test_max_batch_one_has_no_scheduler(tmp_path):

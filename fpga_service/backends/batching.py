@@ -136,14 +136,26 @@ class BatchScheduler:
 
     # ---- the thread ----------------------------------------------------------------
     def _loop(self) -> None:
-        if self.lm.device.type == "cuda":
-            torch.cuda.set_device(self.lm.device)
+        try:
+            if self.lm.device.type == "cuda":
+                # the cache's device has an index even when the model's is plain "cuda"
+                torch.cuda.set_device(self.cache.k.device)
+            self._serve()
+        except BaseException as e:  # the thread must never die silently: no iterator hangs
+            log.exception("batched decode thread failed")
+            with self._cond:
+                self._stopping = True   # later sessions get no row: they decode unbatched
+            self._fail(None, Unavailable(f"batched decode stopped: {type(e).__name__}: {e}"))
+            return
+        self._fail(None, Unavailable("decode backend closed"))
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not self._active and not self._stopping:
                     self._cond.wait()  # idle: sleep until a submit or close
                 if self._stopping:
-                    break
+                    return
                 rows = sorted(self._active.values(), key=lambda r: r.index)
             try:
                 tokens = self._step(rows)
@@ -152,7 +164,6 @@ class BatchScheduler:
                 self._fail(rows, e)
                 continue
             self._deliver(rows, tokens)
-        self._fail(None, Unavailable("decode backend closed"))
 
     def _step(self, rows: list[BatchRow]) -> list[int | BaseException]:
         """One decode step over rows [0, hi); returns each given row's token (or the
