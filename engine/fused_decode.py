@@ -2,9 +2,9 @@
 
 `FusedGPT2Step(model)(tokens, positions, cache)` has GPT2.decode_step's contract for
 batch 1 (logits [1, vocab] fp32; this token's K/V written at `positions[0]`) in
-2 + 5 * n_layers launches (+1 for the greedy token) instead of ~17 per layer. It is meant to be captured in a
-CUDA graph (engine/cuda_graph.py), where its Python launch cost is paid once; every
-input it reads (token, position, weights, cache) is a fixed device address.
+2 + 5 * n_layers launches (+1 for `greedy()`) instead of ~17 per layer. It is meant to
+be captured in a CUDA graph (engine/cuda_graph.py), where its Python launch cost is paid
+once; every input it reads (token, position, weights, cache) is a fixed device address.
 
 The output buffer is reused by every call. Llama and batched decode stay on the torch
 path. HYBRID_FUSED_DECODE=0 turns this path off.
@@ -26,7 +26,8 @@ _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 def fused_step_for(model: torch.nn.Module) -> FusedGPT2Step | None:
     """A fused step for `model` when it applies (GPT-2, CUDA, fp16/bf16, CuPy present,
-    not turned off), else None. A kernel that fails to compile is reported once."""
+    shapes the kernels take, not turned off), else None. Kernels that fail to compile
+    are reported as a RuntimeWarning and the torch ops serve instead."""
     if os.environ.get("HYBRID_FUSED_DECODE", "1") == "0":
         return None
     cfg = getattr(model, "config", None)

@@ -13,12 +13,13 @@ layer (plus embedding and the argmax):
                token's K/V at `positions[0]` and reduce softmax(q.K^T * scale) V over the
                live positions [0, pos] only (pos is read on the device, so the launch
                shape stays fixed inside a CUDA graph); the last CTA of a head merges.
+  embed        x = wte[token] + wpe[position]; clears the step's argmax accumulator.
+  argmax_token the greedy token from the argmax the logits GEMV accumulated.
 
 Tried and dropped (bench/bench_decode.py, H200): loading each lane's weight vectors
 into registers before the LayerNorm (lower occupancy, 5-10% slower), L2 prefetch of the
 next kernel's weights (within noise), split-K GEMV (no gain; on cold 2-8 MB matrices
 this GEMV runs at 0.6-1.7 TB/s, on par with cuBLAS, about half a same-size copy).
-  embed        x = wte[token] + wpe[position].
 
 Rounding follows the torch path (values pass through the activation dtype where torch
 stores a tensor: LayerNorm output, GEMV output before GELU, GELU output, residual sum,
