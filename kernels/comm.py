@@ -11,9 +11,10 @@ the reshape + device-to-host copy of layer l overlaps the compute of layer l+1:
 `dest` is a uint8 tensor view of the slot's layer range (pinned host memory from
 transport.region.KvRegion.layer_view; any uint8 tensor works, pageable memory just makes
 the copy synchronous). The returned handle's `.wait()` / `.query()` follow `done_l`; the
-caller marks layer l ready in the slot header after `.wait()`. Device staging buffers
-and the K, V tensors stay referenced until their copy has finished. On CPU the reshape
-writes straight into `dest` and the handle is already done.
+caller marks layer l ready in the slot header after `.wait()`. The K, V tensors stay
+referenced until their copy has finished; one device staging buffer (the largest layer
+so far) serves every layer, in copy-stream order. On CPU the reshape writes straight
+into `dest` and the handle is already done.
 
 Use in a prefill runner (names from docs/interfaces.md):
 
