@@ -37,12 +37,15 @@ def fused_step_for(model: torch.nn.Module) -> FusedGPT2Step | None:
             or 32 % (cfg.head_dim // 8) or (4 * cfg.d_ff > 48 * 1024):   # x in shared memory
         return None
     from kernels.decode_cuda import attn_split
+    from kernels.reshape import cupy_available
 
     if attn_split(cfg.max_positions, cfg.head_dim)[1] > 256:   # one merging thread per chunk
         return None
+    if not cupy_available():   # an install without the [gpu] extra: torch ops, no noise
+        return None
     try:
         return FusedGPT2Step(model)
-    except Exception as exc:   # no CuPy, NVRTC cannot target this GPU, ...
+    except Exception as exc:   # NVRTC cannot target this GPU, ...
         warnings.warn(f"fused decode kernels unavailable, using torch ops: "
                       f"{type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
         return None
