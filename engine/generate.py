@@ -78,6 +78,17 @@ def graph_pool(lm: LoadedModel) -> GraphPool | None:
         return pool
 
 
+def eager_step(lm: LoadedModel):
+    """The decode step outside a graph: the fused kernels (a private copy of their
+    buffers) when the graph pool captures them, so a request that finds no free graph,
+    or samples, computes exactly what a graphed one does (numerics must not depend on
+    load); else model.decode_step. The fused step itself falls back to torch ops for
+    caches it cannot take (a row of a batch cache)."""
+    pool = graph_pool(lm)
+    fused = getattr(pool, "fused", None)
+    return fused.fork() if fused is not None else lm.model.decode_step
+
+
 def new_cache(lm: LoadedModel, n_tokens: int, greedy: bool) -> tuple[KVCache, GraphDecoder | None]:
     """A KV cache for one request of n_tokens: a captured decoder's own cache when the
     fast path applies (greedy on CUDA and a graph is free), else a fresh cache. Return
@@ -115,10 +126,11 @@ def decode_tokens(
                                  ignore_eos)
         return
     view = cache.rows(row, 1) if row or cache.batch != 1 else cache
+    step_fn = eager_step(lm)
     tokens = torch.tensor([first_token], dtype=torch.long, device=lm.device)
     positions = torch.tensor([n_prompt], dtype=torch.long, device=lm.device)
     for step in range(1, max_new_tokens):
-        logits = lm.model.decode_step(tokens, positions, view)
+        logits = step_fn(tokens, positions, view)
         nxt = sample(logits, params, step)
         token = int(nxt[0])  # the caller needs the id now: one sync per token
         yield token

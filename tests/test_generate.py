@@ -93,3 +93,24 @@ def test_cpu_bfloat16_runs():
     lm = load_model("synthetic:tiny-llama", dtype="bfloat16")
     res = generate(lm, [1, 2, 3], 5)
     assert len(res.token_ids) == 5
+
+
+def test_eager_decode_uses_the_pools_fused_step(lm, monkeypatch):
+    """Outside a graph (sampling, or no free graph) decode runs the step the graph pool
+    captures, so a request's numerics do not depend on whether it got a graph."""
+    from types import SimpleNamespace
+
+    import engine.generate as gen
+
+    calls = []
+
+    def step(tokens, positions, cache):      # stands in for FusedGPT2Step.fork()
+        calls.append(int(positions[0]))
+        return lm.model.decode_step(tokens, positions, cache)
+
+    params = SamplingParams(temperature=0.8, seed=7)
+    want = generate(lm, [1, 2, 3], 6, params).token_ids
+    pool = SimpleNamespace(fused=SimpleNamespace(fork=lambda: step))
+    monkeypatch.setattr(gen, "graph_pool", lambda _lm: pool)
+    assert generate(lm, [1, 2, 3], 6, params).token_ids == want
+    assert calls == [3, 4, 5, 6, 7]
