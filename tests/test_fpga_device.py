@@ -4,7 +4,6 @@ and the XRT implementation's failure messages (against the fake pyxrt of tests/)
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -15,8 +14,8 @@ from fpga_service.device import abi
 from fpga_service.device.base import ALIGN, ChannelAllocator
 from fpga_service.device.emulator import EmulatorDevice
 from fpga_service.device.xrt import XrtDevice
+from tests.fpga_helpers import use_fake_pyxrt
 
-FAKE = str(Path(__file__).parent / "fake_pyxrt")
 MiB = 2**20
 
 
@@ -30,13 +29,7 @@ def emu():
 
 @pytest.fixture
 def pyxrt(monkeypatch):
-    monkeypatch.syspath_prepend(FAKE)
-    sys.modules.pop("pyxrt", None)
-    import pyxrt
-
-    pyxrt.FAULTS.update(no_device=False, state=None)
-    pyxrt.CALLS.clear()
-    yield pyxrt
+    yield use_fake_pyxrt(monkeypatch)
     sys.modules.pop("pyxrt", None)
 
 
