@@ -192,21 +192,9 @@ def bench_shipper(model: str, n_tokens: int, reps: int = 20) -> None:
 
     print(f"{model}, all {cfg.n_layers} layers, {n_tokens} tokens -> pinned host memory "
           f"({total / 2**20:.1f} MiB)")
-    results = {}
-    for label, fn in (("baseline: plain D2H copies per layer", d2h_all),
-                      ("LayerShipper (reshape + D2H on copy stream)", ship_all)):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        end.synchronize()
-        results[label] = start.elapsed_time(end) * 1000.0 / reps
-    base = results["baseline: plain D2H copies per layer"]
-    for label, us in results.items():
-        row(label, us, total, None if us == base else base)
+    base = time_us(d2h_all, reps)
+    row("baseline: plain D2H copies per layer", base, total)
+    row("LayerShipper (reshape + D2H on copy stream)", time_us(ship_all, reps), total, base)
     shipper.close()
 
 
