@@ -20,6 +20,7 @@ import warnings
 import torch
 
 from engine.kv_cache import KVCache
+from kernels.cuda_launch import current_stream_ptr
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -128,11 +129,9 @@ class FusedGPT2Step:
             self._last = self.model.decode_step(tokens, positions, cache)
             return self._last
         self._last = self.logits
-        from kernels.reshape_cuda import _current_stream_ptr
-
         cfg, dc = self.cfg, self.dc
         d, h, hkv, hd, L = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cache.max_len
-        s = _current_stream_ptr(self.device.index)
+        s = current_stream_ptr(self.device.index)
         tokens, positions = tokens.contiguous(), positions.contiguous()
         self.launch("embed", max(1, d // dc.THREADS),
                     (tokens.data_ptr(), positions.data_ptr(), self.wte, self.wpe,
@@ -154,10 +153,8 @@ class FusedGPT2Step:
     def greedy(self) -> torch.Tensor:
         """The argmax of the last call's logits as a [1] int64 tensor (computed inside the
         logits kernel; one 1-thread launch here instead of a 50K-wide reduction)."""
-        from kernels.reshape_cuda import _current_stream_ptr
-
         if self._last is not self.logits:        # the call fell back to torch ops
             return torch.argmax(self._last, dim=-1)
         self.launch("argmax_token", 1, (self.amax.data_ptr(), self.token.data_ptr()),
-                    _current_stream_ptr(self.device.index))
+                    current_stream_ptr(self.device.index))
         return self.token

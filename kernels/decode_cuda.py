@@ -33,9 +33,9 @@ what CUDA-graph capture records.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+
+from kernels.cuda_launch import compiled, cupy_stream
 
 _SRC = r"""
 typedef unsigned short act_t;
@@ -290,17 +290,6 @@ def cuda_source(dtype: str) -> str:
     return ("#define ACT_BF16\n" if dtype == "bfloat16" else "") + _SRC
 
 
-@functools.cache
-def _module(dtype: str, device: int):
-    """The kernels compiled (NVRTC, once per dtype and device) and loaded on `device`."""
-    import cupy as cp
-
-    with cp.cuda.Device(device):
-        module = cp.RawModule(code=cuda_source(dtype), options=("--use_fast_math",))
-        module.compile()
-        return module
-
-
 def attn_split(cache_len: int, head_dim: int) -> tuple[int, int]:
     """(chunk, splits) of attn_partial: one position per D/8 threads of a 256-thread CTA
     (32 positions at head_dim 64), as many chunks as cover the cache length."""
@@ -318,18 +307,15 @@ class Launcher:
     """Binds the compiled kernels of one dtype and device to a stream (by pointer)."""
 
     def __init__(self, dtype: str, device: int) -> None:
-        from kernels.reshape_cuda import _cupy_stream
-
-        self._stream = _cupy_stream
         self.device = device
-        module = _module(dtype, device)
+        module = compiled(cuda_source(dtype), ("--use_fast_math",), device)
         self.fn = {name: module.get_function(name) for name in KERNELS}
 
     def __call__(self, name: str, grid: int | tuple[int, ...], args: tuple, stream_ptr: int,
                  smem: int = 0) -> None:
         grid = grid if isinstance(grid, tuple) else (grid,)
         self.fn[name](grid, (THREADS,), args, shared_mem=smem,
-                      stream=self._stream(stream_ptr, self.device))
+                      stream=cupy_stream(stream_ptr, self.device))
 
 
 F32 = np.float32

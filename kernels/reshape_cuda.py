@@ -7,13 +7,13 @@ their inverses. Called through kernels/reshape.py when the tensors are on CUDA.
   synchronise with the producer's stream, which would serialise the copy stream with
   the compute stream and defeat the latency hiding.
 - Streams: every launch goes on the given torch stream (default: torch's current one)
-  via `cupy.cuda.ExternalStream(stream.cuda_stream)`; dtype conversion and
+  through a cached CuPy handle of its raw pointer; dtype conversion and
   `.contiguous()` (if needed) run on the same stream. Tensors used on a stream other
   than the current one are `record_stream`ed so the caching allocator does not reuse
   them early.
 - Launches: `pack_k` and `pack_v` are the two kernels of the source document;
-  `pack_kv` runs both in one launch (grid z = 2), the default, because at one layer of
-  a 512-token prompt (2 MiB) launch overhead is a large part of the time.
+  `pack_kv` runs both in one launch (grid z = 2), because at one layer of a 512-token
+  prompt (2 MiB) launch overhead is a large part of the time; so does `pack_kv_vec`.
 - Default kernel, `pack_kv_vec`: 16-byte vector loads and stores (8 fp16 / 4 fp32
   elements), each thread moving ROWS_PER_THREAD = 4 tile rows with all its loads issued
   before its stores; so a 32x32 tile takes 32 (fp16) or 64 (fp32) threads and a
@@ -30,10 +30,11 @@ their inverses. Called through kernels/reshape.py when the tensors are on CUDA.
   (32x8 threads) per tile moving one 2- or 4-byte element per thread and row, V staged
   in shared memory with a 33-element row pitch. Also the unpack kernels (tests, emulator
   side only, not on the hot path).
-- Launch path: the compiled `Function` and a `cupy.cuda.ExternalStream` per torch stream
-  are cached, and the launch passes the stream explicitly, so a call does no context
-  switching or object creation on CuPy's side (measured: the per-call cost of a 2 MiB
-  layer from Python was 66 us with a fresh ExternalStream and device context per call).
+- Launch path (kernels/cuda_launch.py): the compiled kernels, the launch geometry and a
+  CuPy stream handle per torch stream are cached, and the launch passes the stream
+  explicitly, so a call does no context switching or object creation on CuPy's side
+  (measured: the per-call cost of a 2 MiB layer from Python was 66 us with a fresh
+  ExternalStream and device context per call).
 - Conversion to the layout dtype happens before the kernel with `Tensor.to` (round to
   nearest even, as the CPU path and NumPy), so the kernels only move 2- or 4-byte words
   and agree with the reference bit for bit.
@@ -42,12 +43,12 @@ their inverses. Called through kernels/reshape.py when the tensors are on CUDA.
 from __future__ import annotations
 
 import functools
-import warnings
 
 import numpy as np
 import torch
 
 from engine.errors import InvalidArgument
+from kernels.cuda_launch import compiled, cupy_stream, current_stream_ptr, stream_ptr
 from kernels.hbm_layout import HbmLayout
 
 _SRC = r"""
@@ -272,65 +273,18 @@ def vec_ok(layout: HbmLayout, strides: tuple[int, int], *tensors: torch.Tensor) 
 
 
 @functools.cache
-def _kernels(dtype: str, rpt: int) -> dict:
-    import cupy as cp
-
-    code = cuda_source(dtype)
-    return {name: cp.RawKernel(code, name, options=(f"-DRPT={rpt}",)) for name in KERNELS}
-
-
-@functools.cache
-def _function(dtype: str, device: int, name: str, rpt: int = ROWS_PER_THREAD):
-    """The compiled kernel for one device (compiled once, on first use)."""
-    import cupy as cp
-
-    with cp.cuda.Device(device):
-        return _kernels(dtype, rpt)[name].kernel
-
-
-class _StreamRef:
-    """A raw stream pointer in the CUDA stream protocol (what Stream.from_external takes)."""
-
-    def __init__(self, ptr: int) -> None:
-        self.ptr = ptr
-
-    def __cuda_stream__(self) -> tuple[int, int]:
-        return (0, self.ptr)
-
-
-@functools.lru_cache(maxsize=64)
-def _cupy_stream(ptr: int, device: int):
-    """CuPy's handle on a torch stream: a wrapper of the raw pointer, so caching it by
-    pointer stays right even when torch reuses the pointer for a new stream. CuPy 14
-    deprecates ExternalStream for Stream.from_external; older CuPy has only the former."""
-    import cupy as cp
-
-    from_external = getattr(cp.cuda.Stream, "from_external", None)
-    if from_external is not None:
-        with cp.cuda.Device(device):
-            stream = from_external(_StreamRef(ptr))
-        if stream.ptr == ptr:
-            return stream
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return cp.cuda.ExternalStream(ptr, device)
-
-
-def _current_stream_ptr(device: int) -> int:
-    """torch's current stream on `device` as a raw pointer. torch.cuda.current_stream()
-    builds a Stream object (several microseconds); the raw getter is what torch's own
-    compiler uses on its launch path."""
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+def _function(dtype: str, device: int, name: str):
+    """One kernel of the source for `dtype`, compiled (with pack_kv_vec's RPT) once."""
+    return compiled(cuda_source(dtype), (f"-DRPT={ROWS_PER_THREAD}",), device).get_function(name)
 
 
 def _launch(calls: list[tuple[str, tuple[torch.Tensor, ...]]], dtype: str, geometry,
-            stream_ptr: int, device: int) -> None:
+            sp: int, device: int) -> None:
     """Launch each (kernel name, pointer operands) with `geometry` = (grid, block, scalars)
-    on the stream `stream_ptr`, in order. The stream is passed to the launch, so CuPy
-    switches no context; pointers go as Python ints (CuPy passes them as 64-bit)."""
+    on the stream whose raw pointer is `sp`, in order. The stream is passed to the
+    launch, so CuPy switches no context; pointers go as Python ints (64-bit to CuPy)."""
     grid, block, scalars = geometry
-    cp_stream = _cupy_stream(stream_ptr, device)
+    cp_stream = cupy_stream(sp, device)
     for name, tensors in calls:
         ptrs = tuple(t.data_ptr() for t in tensors)
         _function(dtype, device, name)(grid, block, (*ptrs, *scalars), stream=cp_stream)
@@ -338,7 +292,7 @@ def _launch(calls: list[tuple[str, tuple[torch.Tensor, ...]]], dtype: str, geome
 
 def _keep_alive(stream: torch.cuda.Stream | None, device: int, *tensors: torch.Tensor) -> None:
     """Tensors used on a stream other than the current one: tell the caching allocator."""
-    if stream is not None and stream.cuda_stream != _current_stream_ptr(device):
+    if stream is not None and stream.cuda_stream != current_stream_ptr(device):
         for t in tensors:
             t.record_stream(stream)
 
@@ -369,13 +323,13 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *, out: torc
     device = k.device.index
     kk, vv = _operands(k, v, layout, stream)
     _keep_alive(stream, device, k, v, kk, vv, out)
-    stream_ptr = stream.cuda_stream if stream is not None else _current_stream_ptr(device)
+    sp = stream_ptr(stream, device)
     strides = (kk.stride(0), kk.stride(1))
     n_tokens = k.shape[1]
     if kernel in ("auto", "vec"):
         if vec_ok(layout, strides, kk, vv, out):
             _launch([("pack_kv_vec", (kk, vv, out))], layout.dtype,
-                    vec_geometry(layout, n_tokens, strides), stream_ptr, device)
+                    vec_geometry(layout, n_tokens, strides), sp, device)
             return out
         if kernel == "vec":
             raise InvalidArgument("pack_kv_vec needs 16-byte aligned operands and strides")
@@ -389,7 +343,7 @@ def pack_layer(k: torch.Tensor, v: torch.Tensor, layout: HbmLayout, *, out: torc
         geometry = ((gx, gy, 1), block, scalars)
     else:
         raise InvalidArgument(f"unknown kernel {kernel!r}")
-    _launch(calls, layout.dtype, geometry, stream_ptr, device)
+    _launch(calls, layout.dtype, geometry, sp, device)
     return out
 
 
@@ -404,7 +358,7 @@ def unpack_layer(data: torch.Tensor, layout: HbmLayout, n_tokens: int, *,
         k = torch.empty(shape, dtype=_TORCH[layout.dtype], device=data.device)
         v = torch.empty_like(k)
     _keep_alive(stream, device, data)
-    stream_ptr = stream.cuda_stream if stream is not None else _current_stream_ptr(device)
     _launch([("unpack_k", (data, k)), ("unpack_v", (data, v))], layout.dtype,
-            kernel_geometry(layout, n_tokens, (k.stride(0), k.stride(1))), stream_ptr, device)
+            kernel_geometry(layout, n_tokens, (k.stride(0), k.stride(1))),
+            stream_ptr(stream, device), device)
     return k, v
