@@ -204,11 +204,12 @@ class LayerShipper:
         """The device buffer a layer is packed into before its D2H copy. One buffer serves
         every layer: it is only touched on the copy stream, whose order already puts the
         reshape of layer l+1 after the copy of layer l. It grows to the largest layer
-        seen; a replaced buffer stays valid for copies still queued (record_stream)."""
+        seen. Marked as used on the copy stream when made, so whenever it is dropped
+        (grown, closed, or the shipper collected) the allocator waits for its queued
+        copies before reusing the memory."""
         if self._staging is None or self._staging.numel() < nbytes:
-            if self._staging is not None:
-                self._staging.record_stream(self.copy_stream)
             self._staging = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self._staging.record_stream(self.copy_stream)
         return self._staging[:nbytes]
 
     def _reap(self) -> None:
