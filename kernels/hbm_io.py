@@ -34,6 +34,19 @@ def _check(layout: HbmLayout, area: KvArea, layer: int, n_tokens: int, channels)
         raise InvalidArgument(f"{n_tokens} tokens outside the area's capacity {area.capacity_tokens}")
 
 
+def _chunk_slices(channels: Sequence, layout: HbmLayout, area: KvArea, layer: int,
+                  n_tokens: int):
+    """Per channel holding KV: (channel array, slot K slice, slot V slice, channel K
+    slice, channel V slice). Chunk c of the slot is [K part][V part], which go to
+    k_offset(area, layer) and v_offset(area, layer) of channel c."""
+    ko, vo = layout.k_offset(area, layer), layout.v_offset(area, layer)
+    for c, (off, length) in enumerate(layout.channel_chunks(n_tokens)):
+        if length:
+            half = length // 2
+            yield (_u8(channels[c]), slice(off, off + half), slice(off + half, off + length),
+                   slice(ko, ko + half), slice(vo, vo + half))
+
+
 def ingest_layer(channels: Sequence, layout: HbmLayout, area: KvArea, layer: int,
                  packed, n_tokens: int) -> None:
     """Write one packed layer (slot form, n_tokens live tokens) into the channels."""
@@ -42,13 +55,9 @@ def ingest_layer(channels: Sequence, layout: HbmLayout, area: KvArea, layer: int
     if data.size != layout.layer_bytes(n_tokens):
         raise InvalidArgument(f"packed layer has {data.size} bytes, expected "
                               f"{layout.layer_bytes(n_tokens)} for {n_tokens} tokens")
-    ko, vo = layout.k_offset(area, layer), layout.v_offset(area, layer)
-    for c, (off, length) in enumerate(layout.channel_chunks(n_tokens)):
-        if length:
-            half = length // 2
-            ch = _u8(channels[c])
-            ch[ko:ko + half] = data[off:off + half]
-            ch[vo:vo + half] = data[off + half:off + length]
+    for ch, slot_k, slot_v, ch_k, ch_v in _chunk_slices(channels, layout, area, layer, n_tokens):
+        ch[ch_k] = data[slot_k]
+        ch[ch_v] = data[slot_v]
 
 
 def gather_layer(channels: Sequence, layout: HbmLayout, area: KvArea, layer: int,
@@ -56,13 +65,9 @@ def gather_layer(channels: Sequence, layout: HbmLayout, area: KvArea, layer: int
     """The live prefix of one layer, back in slot form (uint8[layer_bytes(n_tokens)])."""
     _check(layout, area, layer, n_tokens, channels)
     out = np.empty(layout.layer_bytes(n_tokens), np.uint8)
-    ko, vo = layout.k_offset(area, layer), layout.v_offset(area, layer)
-    for c, (off, length) in enumerate(layout.channel_chunks(n_tokens)):
-        if length:
-            half = length // 2
-            ch = _u8(channels[c])
-            out[off:off + half] = ch[ko:ko + half]
-            out[off + half:off + length] = ch[vo:vo + half]
+    for ch, slot_k, slot_v, ch_k, ch_v in _chunk_slices(channels, layout, area, layer, n_tokens):
+        out[slot_k] = ch[ch_k]
+        out[slot_v] = ch[ch_v]
     return out
 
 
