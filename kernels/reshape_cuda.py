@@ -77,17 +77,19 @@ __device__ __forceinline__ Tile tile_of(int j, int b, int n_lanes, int L, int n_
 
 // K: one warp per tile row; reads 32 consecutive elements of a token's kv row, writes one
 // contiguous 32-element row of the [token][dim] tile. Padding tokens are written as zero.
+// This thread's element of row r (token b*32 + r) of its tile; zero past the live tokens.
+__device__ __forceinline__ elem_t tile_elem(const elem_t* __restrict__ src, const Tile& t,
+                                            int b, int r, KV_PARAMS) {
+    const int tok = b * 32 + r, h = t.e / head_dim, d = t.e - h * head_dim;
+    return tok < n_tokens ? src[h * stride_h + tok * stride_t + d] : (elem_t)0;
+}
+
 __device__ __forceinline__ void pack_k_tile(const elem_t* __restrict__ src,
                                             elem_t* __restrict__ dst, KV_PARAMS) {
     const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
-    const int h = t.e / head_dim, d = t.e - h * head_dim;
-    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
-        const int tok = b * 32 + r;
-        elem_t x = 0;
-        if (tok < n_tokens) x = src[h * stride_h + tok * stride_t + d];
-        dst[t.k + r * 32 + threadIdx.x] = x;           // [token][dim]
-    }
+    for (int r = threadIdx.y; r < 32; r += blockDim.y)
+        dst[t.k + r * 32 + threadIdx.x] = tile_elem(src, t, b, r, KV_ARGS);   // [token][dim]
 }
 
 // V: the same coalesced read into shared memory, then a coalesced write of the
@@ -98,13 +100,8 @@ __device__ __forceinline__ void pack_v_tile(const elem_t* __restrict__ src,
                                             KV_PARAMS) {
     const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
-    const int h = t.e / head_dim, d = t.e - h * head_dim;
-    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
-        const int tok = b * 32 + r;
-        elem_t x = 0;
-        if (tok < n_tokens) x = src[h * stride_h + tok * stride_t + d];
-        s[r][threadIdx.x] = x;                          // s[token][dim]
-    }
+    for (int r = threadIdx.y; r < 32; r += blockDim.y)
+        s[r][threadIdx.x] = tile_elem(src, t, b, r, KV_ARGS);              // s[token][dim]
     __syncthreads();
     for (int dim = threadIdx.y; dim < 32; dim += blockDim.y)
         dst[t.v + dim * 32 + threadIdx.x] = s[threadIdx.x][dim];   // [dim][token]

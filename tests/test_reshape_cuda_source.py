@@ -20,7 +20,13 @@ import pytest
 
 from kernels import reshape_ref
 from kernels.hbm_layout import HbmLayout
-from kernels.reshape_cuda import KERNELS, cuda_source, kernel_geometry, vec_geometry
+from kernels.reshape_cuda import (
+    KERNELS,
+    ROWS_PER_THREAD,
+    cuda_source,
+    kernel_geometry,
+    vec_geometry,
+)
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
@@ -104,6 +110,19 @@ def _run(lib, name: str, src: np.ndarray, dst: np.ndarray, layout: HbmLayout, n_
     lib.launch(i32(KERNELS.index(name)), i32(gx), i32(gy), i32(gz), i32(block[0]),
                i32(block[1]), ptr(src.ctypes.data),
                ptr(0 if src2 is None else src2.ctypes.data), ptr(dst.ctypes.data), *args)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_source_compiles_for_the_gpu(tmp_path, dtype):
+    """The same source through nvcc (what NVRTC compiles on the GPU machine)."""
+    src = tmp_path / "k.cu"
+    src.write_text(f"#define RPT {ROWS_PER_THREAD}\n" + cuda_source(dtype))
+    out = subprocess.run(["nvcc", "-arch=sm_90", "-ptx", "-o", str(tmp_path / "k.ptx"), str(src)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ptx = (tmp_path / "k.ptx").read_text()
+    assert all(f".entry {name}(" in ptx for name in KERNELS)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
