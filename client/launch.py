@@ -72,6 +72,7 @@ class ServicePair:
     backend: str = "gpu"
     prefill_args: list[str] = field(default_factory=list)
     decode_args: list[str] = field(default_factory=list)
+    decode_env: dict[str, str] = field(default_factory=dict)  # e.g. test fault hooks
     log_dir: str | None = None
     prefill_port: int = field(default_factory=free_port)
     decode_port: int = field(default_factory=free_port)
@@ -93,7 +94,8 @@ class ServicePair:
             log_path=log("prefill"))
         self.procs["decode"] = spawn(
             ["serve", "decode", *common, "--port", str(self.decode_port), "--backend",
-             self.backend, "--prefill", self.prefill, *self.decode_args], log_path=log("decode"))
+             self.backend, "--prefill", self.prefill, *self.decode_args],
+            env=self.decode_env, log_path=log("decode"))
         try:
             wait_serving(self.prefill, self.procs["prefill"], timeout_s)
             wait_serving(self.decode, self.procs["decode"], timeout_s)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import uuid
@@ -44,6 +45,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         self.prefill = pbg.PrefillServiceStub(self.channel)
         # Reported as Info trailing metadata: how KV reached us (shm vs grpc), sessions.
         self.stats: Counter = Counter()
+        # Fault injection for tests: a decode slow enough that a cancel or a SIGTERM
+        # always lands mid-stream (a tiny CPU model otherwise finishes 250 tokens in ~90 ms).
+        self.fault_token_delay_s = float(os.environ.get("HYBRID_FAULT_TOKEN_DELAY_MS", 0)) / 1e3
 
     async def close(self) -> None:
         await self.channel.close()
@@ -203,6 +207,8 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                     loop.call_soon_threadsafe(q.put_nowait, tok)
                     if stop.is_set():
                         break
+                    if self.fault_token_delay_s:
+                        time.sleep(self.fault_token_delay_s)
                 loop.call_soon_threadsafe(q.put_nowait, _END)
             except BaseException as e:
                 loop.call_soon_threadsafe(q.put_nowait, e)

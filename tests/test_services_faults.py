@@ -23,14 +23,18 @@ from tests.services_util import counters, slots_in_use, wait_until
 
 MODEL = "synthetic:tiny-gpt2"
 LEASE_S = 1.5
+TOKEN_DELAY_MS = 20
 C = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     logs = str(tmp_path_factory.mktemp("logs"))
+    # 20 ms a token: a cancel after 3 of 250 tokens must land mid-stream even on a slow
+    # machine (undelayed, the tiny model finished all 250 first and CI saw no cancel).
     with ServicePair(model=MODEL, device="cpu", log_dir=logs,
-                     prefill_args=["--lease-s", str(LEASE_S)]) as p:
+                     prefill_args=["--lease-s", str(LEASE_S)],
+                     decode_env={"HYBRID_FAULT_TOKEN_DELAY_MS": str(TOKEN_DELAY_MS)}) as p:
         yield p
 
 
@@ -248,6 +252,7 @@ def test_sigterm_drains_in_flight_request(pair, tmp_path):
     target = f"127.0.0.1:{port}"
     proc = spawn(["serve", "decode", "--model", MODEL, "--device", "cpu", "--port", str(port),
                   "--prefill", pair.prefill, "--grace-s", "20"],
+                 env={"HYBRID_FAULT_TOKEN_DELAY_MS": "10"},  # 2 s: SIGTERM lands mid-stream
                  log_path=str(tmp_path / "decode3.log"))
     try:
         wait_serving(target, proc, 60)
