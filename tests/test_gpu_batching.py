@@ -77,7 +77,32 @@ def _want(lm, prompt, n, params, stop_ids=()) -> list[int]:
     return generate(lm, prompt, n, params, stop_ids=stop_ids).token_ids
 
 
-def test_six_concurrent_sessions_equal_generate(backend):
+def _hold_first_step(scheduler, monkeypatch, ready=lambda: True, delay_s: float = 0.0,
+                     timeout_s: float = 30.0) -> None:
+    """The scheduler's first step waits until `ready()` holds, and every step takes at
+    least `delay_s`. Concurrency checks then do not depend on how the OS happens to
+    schedule the threads: on a loaded CI machine each session could otherwise finish
+    before the next one starts, and no step would be shared."""
+    step, held = scheduler._step, [True]
+
+    def gated(rows):
+        if held[0]:
+            held[0] = False
+            if not wait_until(ready, timeout_s, 0.002):
+                raise AssertionError("the held first step's condition never held")
+        if delay_s:
+            time.sleep(delay_s)
+        return step(rows)
+
+    monkeypatch.setattr(scheduler, "_step", gated)
+
+
+def _active_rows(scheduler) -> int:
+    with scheduler._cond:
+        return len(scheduler._active)
+
+
+def test_six_concurrent_sessions_equal_generate(backend, monkeypatch):
     reqs = [_request(i) for i in range(6)]
     reqs[2] = (reqs[2][0], 30, SEEDED)
     want = [_want(backend.lm, *r) for r in reqs]
@@ -88,6 +113,11 @@ def test_six_concurrent_sessions_equal_generate(backend):
               for i, r in enumerate(reqs)]
     kinds = [type(s) for s, _ in opened]
     assert kinds.count(BatchedSession) == 4 and kinds.count(GpuSession) == 2
+    # every batched session that decodes past its first token joins the first shared step
+    # (with the tiny GPT-2, request 3's first token is already its stop id)
+    joiners = sum(k is BatchedSession and len(w) > 1 for k, w in zip(kinds, want, strict=True))
+    _hold_first_step(backend.scheduler, monkeypatch,
+                     lambda: _active_rows(backend.scheduler) == joiners)
     with ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda sf: _finish(*sf), opened))
     assert got == want
@@ -96,7 +126,9 @@ def test_six_concurrent_sessions_equal_generate(backend):
     assert backend.scheduler.rows_busy() == 0 and backend.sessions_open == 0
 
 
-def test_close_mid_decode_frees_the_row(backend):
+def test_close_mid_decode_frees_the_row(backend, monkeypatch):
+    # 5 ms a step: the victim's 120 steps take >= 0.6 s, so the close lands mid-decode
+    _hold_first_step(backend.scheduler, monkeypatch, delay_s=0.005)
     reqs = [(_request(i)[0], n, p) for i, (n, p) in enumerate(
         [(60, SamplingParams()), (120, SEEDED), (60, SamplingParams())])]
     want = [_want(backend.lm, *r) for r in reqs]
@@ -119,10 +151,12 @@ def test_close_mid_decode_frees_the_row(backend):
     assert backend.scheduler.rows_busy() == 0
 
 
-def test_overload_beyond_max_batch_completes(backend):
+def test_overload_beyond_max_batch_completes(backend, monkeypatch):
     reqs = [_request(i % 5) for i in range(9)]
     want = [_want(backend.lm, *r) for r in reqs]
     kinds: list[type] = []
+    # no row comes back before all nine have opened: five must fall back, whatever the timing
+    _hold_first_step(backend.scheduler, monkeypatch, lambda: len(kinds) == 9)
 
     def one(r):
         s, first = _open(backend, *r)
@@ -131,7 +165,7 @@ def test_overload_beyond_max_batch_completes(backend):
 
     with ThreadPoolExecutor(9) as pool:
         assert list(pool.map(one, reqs)) == want
-    assert GpuSession in kinds and BatchedSession in kinds
+    assert kinds.count(BatchedSession) == 4 and kinds.count(GpuSession) == 5
     assert backend.scheduler.rows_busy() == 0
 
 
@@ -222,7 +256,10 @@ def test_service_pair_with_max_batch_equals_local(tmp_path):
 
     with ServicePair(model=ckpt, device="cpu", log_dir=str(tmp_path),
                      prefill_args=["--max-active", "8"],
-                     decode_args=["--max-batch", "4"]) as pair:
+                     decode_args=["--max-batch", "4"],
+                     # 5 ms a step: the eight requests overlap even if their prefills
+                     # come one by one on a loaded machine
+                     decode_env={"HYBRID_FAULT_STEP_DELAY_MS": "5"}) as pair:
         assert [r.token_ids for r in asyncio.run(run_all(pair))] == want
         d = counters(pair.decode, "decode")
         assert 0 < d["batch-steps"] < d["batch-tokens"]

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +76,9 @@ class BatchScheduler:
         self._stopping = False
         self.steps = 0  # decode steps run, and
         self.tokens = 0  # tokens they produced: tokens / steps = mean rows per step
+        # Fault injection for tests: steps slow enough that concurrent requests overlap
+        # even when a loaded machine staggers their arrival.
+        self.fault_step_delay_s = float(os.environ.get("HYBRID_FAULT_STEP_DELAY_MS", 0)) / 1e3
         self._thread = threading.Thread(target=self._loop, name="decode-batch", daemon=True)
         self._thread.start()
 
@@ -158,6 +163,8 @@ class BatchScheduler:
                     return
                 rows = sorted(self._active.values(), key=lambda r: r.index)
             try:
+                if self.fault_step_delay_s:
+                    time.sleep(self.fault_step_delay_s)
                 tokens = self._step(rows)
             except Exception as e:  # fail this step's sessions, keep serving the others
                 log.exception("batched decode step failed")
