@@ -141,3 +141,40 @@ def test_allocator_never_overlaps_and_returns_everything(ops):
     for off in list(live):
         a.free(off)
     assert a.used == 0 and a.alloc(16 * ALIGN) == 0
+
+
+def test_overlapping_kernel_runs_restore_torch_threads():
+    """Two emulated runs that overlap (two sessions' threads) and end in the order they
+    began: each runs on one intra-op thread, and the process gets its thread count back.
+    A per-run save/set/restore left the process at one thread after this interleaving."""
+    import threading
+
+    import torch
+
+    from fpga_service.device.kernel import _one_torch_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+        seen: list[int] = []
+
+        def run(mine: threading.Event, wait_for: threading.Event, then: threading.Event | None):
+            with _one_torch_thread():
+                seen.append(torch.get_num_threads())
+                mine.set()
+                wait_for.wait(5)
+            if then is not None:
+                then.set()
+
+        a = threading.Thread(target=run, args=(a_in, b_in, a_out))
+        a.start()
+        a_in.wait(5)
+        b = threading.Thread(target=run, args=(b_in, a_out, None))
+        b.start()
+        a.join(5)
+        b.join(5)
+        assert seen == [1, 1]
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -31,6 +33,10 @@ from kernels.weight_table import WeightEntry
 
 _NP = {"float16": np.float16, "float32": np.float32}
 _CACHE: dict[tuple, Datapath] = {}
+_CACHE_LOCK = threading.Lock()  # runs of several sessions (threads) share the cache
+_THREADS_LOCK = threading.Lock()
+_threads_users = 0  # kernel runs in progress inside _one_torch_thread
+_threads_saved = 0
 
 
 class Datapath:
@@ -146,19 +152,41 @@ def attend(cfg: ModelConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 def _datapath(channels: Sequence[np.ndarray], meta_raw: np.ndarray) -> Datapath:
     meta_key = hashlib.sha1(bytes(meta_raw[: 8 + int(meta_raw[:8].view(np.int64)[0])])).hexdigest()
     key = (tuple(ch.__array_interface__["data"][0] for ch in channels), meta_key)
-    dp = _CACHE.get(key)
-    if dp is None:
-        if len(_CACHE) > 8:
-            _CACHE.clear()
-        dp = _CACHE[key] = Datapath(channels, abi.decode_meta(meta_raw))
-    return dp
+    with _CACHE_LOCK:
+        dp = _CACHE.get(key)
+        if dp is None:
+            if len(_CACHE) > 8:
+                _CACHE.clear()
+            dp = _CACHE[key] = Datapath(channels, abi.decode_meta(meta_raw))
+        return dp
 
 
 def forget(channels: Sequence[np.ndarray]) -> None:
     """Drop cached views of these channels (the device closed), so their memory can go."""
     ptrs = tuple(ch.__array_interface__["data"][0] for ch in channels)
-    for key in [k for k in _CACHE if k[0] == ptrs]:
-        del _CACHE[key]
+    with _CACHE_LOCK:
+        for key in [k for k in _CACHE if k[0] == ptrs]:
+            del _CACHE[key]
+
+
+@contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """torch's intra-op thread count is per process: the first of overlapping runs saves
+    it and the last restores it (a plain save/set/restore per run, interleaved across
+    sessions, could leave the whole process at one thread)."""
+    global _threads_users, _threads_saved
+    with _THREADS_LOCK:
+        if _threads_users == 0:
+            _threads_saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_saved)
 
 
 def run_kernel(channels: Sequence[np.ndarray], io: np.ndarray, meta: np.ndarray, *,
@@ -179,16 +207,11 @@ def run_kernel(channels: Sequence[np.ndarray], io: np.ndarray, meta: np.ndarray,
     tokens = view.tokens()
     # One host thread per run: the per-channel ops are small, and on a loaded host
     # intra-op threads cost more in synchronisation than they save (5x on 2 cores).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for i in range(n_steps):
-                logits = step(dp, kv_base, area, token, position + i)
-                token = int(torch.argmax(logits))
-                tokens[i] = token
-    finally:
-        torch.set_num_threads(threads)
+    with _one_torch_thread(), torch.no_grad():
+        for i in range(n_steps):
+            logits = step(dp, kv_base, area, token, position + i)
+            token = int(torch.argmax(logits))
+            tokens[i] = token
     view.logits(cfg.vocab_size)[:] = logits.numpy()
     view.set_result(abi.STATUS_OK, n_steps)
 
