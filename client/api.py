@@ -114,9 +114,10 @@ class HybridClient:
         self, prompt: str | None = None, *, prompt_ids: Iterable[int] | None = None,
         max_new_tokens: int = 32, params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen
         stop_ids: Iterable[int] = (), ignore_eos: bool = False, kv_transport: str = "shm",
-        request_id: str | None = None,
+        request_id: str | None = None, stop: Iterable[str] = (),
     ) -> AsyncIterator[tuple[list[int], str] | RemoteResult]:
-        """Yields (ids, text piece) as tokens arrive, then one RemoteResult."""
+        """Yields (ids, text piece) as tokens arrive, then one RemoteResult. `stop`: stop
+        strings (engine.stop_text): the text ends before the first one completed."""
         if kv_transport not in TRANSPORTS:
             raise errors.InvalidArgument(f"kv transport must be shm or grpc, not {kv_transport!r}")
         t0 = time.perf_counter()
@@ -137,7 +138,7 @@ class HybridClient:
             gcall = self.decode.Generate(pb.GenerateRequest(
                 request_id=rid, handle=handle, sampling=sampling_proto(params),
                 max_new_tokens=max_new_tokens, stop_ids=list(stop_ids),
-                transport=TRANSPORTS[kv_transport], ignore_eos=ignore_eos),
+                transport=TRANSPORTS[kv_transport], ignore_eos=ignore_eos, stop=list(stop)),
                 timeout=_left(deadline))
             pdone_task = _watch_prefill(pcall, gcall)
             async for piece in acc.consume(gcall, pdone_task):

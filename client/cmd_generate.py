@@ -37,15 +37,20 @@ DEFAULT_MODEL = "synthetic:gpt2"
 @click.option("--kv-transport", type=click.Choice(["shm", "grpc"]), default="shm", show_default=True,
               help="KV hand-off: shared memory (same host) or gRPC fetch.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per request.")
+@click.option("--stop", multiple=True,
+              help="Stop string (repeatable): the text ends just before the first one generated.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 def generate(prompt, local, model, max_new_tokens, prompt_ids, temperature, top_k, top_p, seed,
-             device, dtype, as_json, prefill, decode, kv_transport, timeout) -> None:
+             device, dtype, as_json, prefill, decode, kv_transport, timeout, stop,
+             ignore_eos) -> None:
     """Generate text from PROMPT (or --prompt-ids)."""
     try:
         opts = GenerateOptions(
             prompt=prompt, prompt_ids=parse_prompt_ids(prompt_ids), model=model,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, device=device, dtype=dtype, json=as_json, local=local, prefill=prefill,
-            decode=decode, kv_transport=kv_transport, timeout=timeout)
+            decode=decode, kv_transport=kv_transport, timeout=timeout, stop=tuple(stop),
+            ignore_eos=ignore_eos)
         check_options(opts)
         printer = TokenPrinter(as_json)
         result = run_local(opts, printer) if local else run_remote(opts, printer)
@@ -64,18 +69,21 @@ def generate(prompt, local, model, max_new_tokens, prompt_ids, temperature, top_
 
 class TokenPrinter:
     """Streams text to stdout as tokens arrive (not with --json); the tokenizer's stream
-    decoder holds back bytes of unfinished UTF-8 characters."""
+    decoder holds back bytes of unfinished UTF-8 characters, and with stop strings the
+    text that could still become one (engine.stop_text)."""
 
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
         self._stream = None
 
-    def start(self, tokenizer) -> None:
-        self._stream = tokenizer.stream()
+    def start(self, tokenizer, stop: tuple[str, ...] = ()) -> None:
+        from engine.stop_text import StopStream
+
+        self._stream = StopStream(tokenizer, stop)
 
     def on_token(self, token_id: int) -> None:
         if not self.as_json and self._stream is not None:
-            self._write(self._stream.push(token_id))
+            self._write(self._stream.push(token_id)[0])
 
     def _write(self, text: str) -> None:
         if text:
@@ -86,8 +94,8 @@ class TokenPrinter:
         if self.as_json:
             click.echo(json.dumps(result))
             return
-        if self._stream is not None:
-            self._write(self._stream.flush())
+        if self._stream is not None and not self._stream.hit:
+            self._write(self._stream.flush()[0])
         sys.stdout.write("\n")
         sys.stdout.flush()
 
@@ -105,8 +113,9 @@ def run_local(opts: GenerateOptions, printer: TokenPrinter) -> dict:
     ids = list(opts.prompt_ids) if opts.prompt_ids is not None else lm.tokenizer.encode(opts.prompt)
     check_request(lm.config, ids, opts.max_new_tokens)
     notice(lm)
-    printer.start(lm.tokenizer)
-    res = engine_generate(lm, ids, opts.max_new_tokens, opts.sampling(), on_token=printer.on_token)
+    printer.start(lm.tokenizer, opts.stop)
+    res = engine_generate(lm, ids, opts.max_new_tokens, opts.sampling(), on_token=printer.on_token,
+                          ignore_eos=opts.ignore_eos, stop=opts.stop)
     return {
         "model": lm.spec, "weights_fingerprint": lm.fingerprint, "synthetic": lm.synthetic,
         "synthetic_tokenizer": lm.tokenizer.synthetic, "device": str(lm.device),

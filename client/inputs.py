@@ -38,6 +38,8 @@ class GenerateOptions:
     decode: str = "localhost:50052"
     kv_transport: str = "shm"
     timeout: float = 120.0
+    stop: tuple[str, ...] = ()  # stop strings
+    ignore_eos: bool = False
 
     def sampling(self):
         from engine.sampling import SamplingParams
@@ -82,6 +84,9 @@ def check_options(opts: GenerateOptions) -> None:
     if opts.timeout <= 0:
         raise InvalidArgument(f"--timeout must be > 0, got {opts.timeout}")
     opts.sampling()  # SamplingParams validates temperature / top-k / top-p
+    from engine.stop_text import check_stops
+
+    check_stops(opts.stop)
 
 
 def fail(exc: BaseException) -> None:

@@ -24,7 +24,7 @@ def run_remote(
     max_new_tokens: int, params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen
     prefill: str = "localhost:50051", decode: str = "localhost:50052",
     kv_transport: str = "shm", stop_ids: Iterable[int] = (), ignore_eos: bool = False,
-    on_chunk: Callable[[list[int], str], None] | None = None, timeout_s: float = 120.0,
+    stop: Iterable[str] = (), on_chunk: Callable[[list[int], str], None] | None = None, timeout_s: float = 120.0,
 ) -> RemoteResult:
     """Generate through the services; each (ids, text piece) goes to `on_chunk` as it
     arrives. Raises the engine.errors class of the gRPC status (one clear message)."""
@@ -34,7 +34,7 @@ def run_remote(
             return await client.generate(
                 prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, params=params,
                 stop_ids=stop_ids, ignore_eos=ignore_eos, kv_transport=kv_transport,
-                on_chunk=on_chunk)
+                stop=stop, on_chunk=on_chunk)
 
     return asyncio.run(run())
 
@@ -52,7 +52,8 @@ def generate_remote(opts: Any, printer: Any) -> dict:
     res = run_remote(
         opts.prompt, prompt_ids=opts.prompt_ids, max_new_tokens=opts.max_new_tokens,
         params=opts.sampling(), prefill=opts.prefill, decode=opts.decode,
-        kv_transport=opts.kv_transport, on_chunk=on_chunk, timeout_s=opts.timeout)
+        kv_transport=opts.kv_transport, stop=opts.stop, ignore_eos=opts.ignore_eos,
+        on_chunk=on_chunk, timeout_s=opts.timeout)
     if res.synthetic:  # as the local path does: never mistake synthetic output for a model's
         print(f"note: {res.model}: synthetic weights or byte tokenizer (served)", file=sys.stderr)
     out = res.to_json()

@@ -17,6 +17,7 @@ from engine.errors import InvalidArgument
 from engine.kv_cache import KVCache
 from engine.loader import LoadedModel
 from engine.sampling import SamplingParams, sample
+from engine.stop_text import StopStream
 
 _POOLS_LOCK = threading.Lock()
 
@@ -144,25 +145,40 @@ def generate(
     lm: LoadedModel, prompt_ids: list[int], max_new_tokens: int,
     params: SamplingParams = SamplingParams(), stop_ids: Iterable[int] = (),  # noqa: B008 - frozen
     on_token: Callable[[int], None] | None = None, ignore_eos: bool = False,
+    stop: Iterable[str] = (),
 ) -> GenerationResult:
+    """Greedy or sampled generation in this process. Ends at max_new_tokens, EOS (unless
+    ignore_eos), a stop id (kept as the last token) or a stop string (engine.stop_text:
+    the text ends before it; the tokens that made it are kept)."""
     check_request(lm.config, prompt_ids, max_new_tokens)
+    text = StopStream(lm.tokenizer, stop) if stop else None
     params = params.with_seed()
     stop_ids = frozenset(stop_ids)
     n = len(prompt_ids)
     cache, graph = new_cache(lm, n + max_new_tokens, params.greedy)
+    out: list[int] = []
+    pieces: list[str] = []
+
+    def take(tok: int) -> bool:  # True: a stop string completed
+        out.append(tok)
+        if on_token:
+            on_token(tok)
+        if text is None:
+            return False
+        piece, hit = text.push(tok)
+        pieces.append(piece)
+        return hit
+
     try:
         t0 = time.perf_counter()
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
         first = int(sample(lm.model.prefill(ids, cache), params, 0)[0])
         t1 = time.perf_counter()
-        out = [first]
-        if on_token:
-            on_token(first)
-        for tok in decode_tokens(lm, cache, first, n, max_new_tokens, params, stop_ids,
-                                 ignore_eos=ignore_eos, graph=graph):
-            out.append(tok)
-            if on_token:
-                on_token(tok)
+        if not take(first):
+            for tok in decode_tokens(lm, cache, first, n, max_new_tokens, params, stop_ids,
+                                     ignore_eos=ignore_eos, graph=graph):
+                if take(tok):
+                    break
         _sync(lm.device)
         t2 = time.perf_counter()
     finally:
@@ -170,5 +186,10 @@ def generate(
             graph_pool(lm).release(graph)
     eos = eos_id(lm.tokenizer, lm.config)
     reason = is_stop(out[-1], eos, stop_ids, ignore_eos) or "length"
+    if text is not None:
+        piece, hit = (("", True) if text.hit else text.flush())
+        pieces.append(piece)
+        reason = "stop" if hit else reason
     timings = {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "total_ms": (t2 - t0) * 1e3}
-    return GenerationResult(out, lm.tokenizer.decode(out), reason, timings)
+    out_text = "".join(pieces) if text is not None else lm.tokenizer.decode(out)
+    return GenerationResult(out, out_text, reason, timings)

@@ -17,6 +17,7 @@ import grpc
 
 from engine.errors import FailedPrecondition, InvalidArgument
 from engine.generate import eos_id, is_stop
+from engine.stop_text import StopStream, check_stops
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
@@ -96,6 +97,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 f"decode {self.fingerprint[:16]!r}")
         if request.max_new_tokens < 1:
             raise InvalidArgument("max_new_tokens must be >= 1")
+        check_stops(request.stop)
         kv = h.kv
         want = kit.LAYOUTS[self.backend.kv_layout]
         if kv.layout != want:
@@ -138,18 +140,24 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             fields["released"] = True
             fields.update(kv_bytes=ist.bytes, ingest_ms=round(ingest_ms, 2),
                           ingest_wait_ms=round(ist.wait_ms, 2))
-            stream = self.tokenizer.stream()
-            yield _tokens([first], stream.push(first))
-            n, finish = 1, _finish(first, spec, self.eos)
+            text = StopStream(self.tokenizer, request.stop)
+            piece, hit = text.push(first)
+            yield _tokens([first], piece)
+            n, finish = 1, "stop" if hit else _finish(first, spec, self.eos)
             if finish is None and spec.max_new_tokens > 1:
                 tokens = self._decode(session, first, stop)
                 async for tok in tokens:
                     n += 1
-                    yield _tokens([tok], stream.push(tok))
-                    finish = _finish(tok, spec, self.eos)
-            tail = stream.flush()  # bytes held back waiting for a complete character
-            if tail:
-                yield _tokens([], tail)
+                    piece, hit = text.push(tok)
+                    yield _tokens([tok], piece)
+                    finish = "stop" if hit else _finish(tok, spec, self.eos)
+                    if hit:
+                        break  # the finally below stops the decode thread
+            if not text.hit:  # bytes held for an unfinished character, a stop's prefix
+                tail, hit = text.flush()
+                if tail:
+                    yield _tokens([], tail)
+                finish = "stop" if hit else finish
             yield self._done(session, finish or "length", n, ingest_ms, ist, fields)
         finally:
             stop.set()  # a cancelled client stops the decode thread at its next token

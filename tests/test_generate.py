@@ -114,3 +114,34 @@ def test_eager_decode_uses_the_pools_fused_step(lm, monkeypatch):
     monkeypatch.setattr(gen, "graph_pool", lambda _lm: pool)
     assert generate(lm, [1, 2, 3], 6, params).token_ids == want
     assert calls == [3, 4, 5, 6, 7]
+
+
+def streamed(tokenizer, ids: list[int]) -> list[str]:
+    """The text after each token, as the stream decoder lets it out."""
+    stream, acc, out = tokenizer.stream(), "", []
+    for i in ids:
+        acc += stream.push(i)
+        out.append(acc)
+    return out
+
+
+def test_stop_string_ends_the_text_before_it():
+    """The generation stops at the token that completes the stop string; that token is
+    kept, the text ends just before the string. Parity with the service path is in
+    tests/test_services_e2e.py."""
+    llama = load_model("synthetic:tiny-llama")
+    full = generate(llama, [9, 8, 7, 6], 40, ignore_eos=True)
+    texts = streamed(llama.tokenizer, full.token_ids)
+    stop = texts[-1][len(texts[-1]) // 2:][:2]
+    assert len(stop) == 2
+    k = next(i for i, t in enumerate(texts) if stop in t)  # the token that completes it
+    res = generate(llama, [9, 8, 7, 6], 40, ignore_eos=True, stop=[stop, "\x00never"])
+    assert res.finish_reason == "stop" and k < 39
+    assert res.token_ids == full.token_ids[: k + 1]
+    assert res.text == texts[k][: texts[k].find(stop)] and stop not in res.text
+
+
+def test_stop_string_never_generated_changes_nothing(lm):
+    a = generate(lm, [1, 2, 3], 9)
+    b = generate(lm, [1, 2, 3], 9, stop=["\x00never"])
+    assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)

@@ -179,3 +179,25 @@ def test_llama_gqa_pair_equals_local(tmp_path_factory):
             assert res.token_ids == local_tokens(lm, ids, 12, params)
             c = lm.config
             assert res.timings["kv_bytes"] == c.n_layers * 2 * c.n_kv_heads * c.head_dim * len(ids) * 4
+
+
+def test_stop_string_remote_equals_local(pair, lm, ckpt):
+    """The decode service ends at the stop string as the engine does: same tokens, same
+    text (cut before the string), finish "stop"; the CLI prints that text."""
+    from engine.generate import generate
+
+    full = generate(lm, PROMPT, 30, ignore_eos=True).text
+    stop = full[len(full) // 2:][:2]
+    want = generate(lm, PROMPT, 30, ignore_eos=True, stop=[stop])
+    assert want.finish_reason == "stop" and len(want.token_ids) < 30
+    res = run_remote(prompt_ids=PROMPT, max_new_tokens=30, ignore_eos=True, stop=[stop],
+                     prefill=pair.prefill, decode=pair.decode, timeout_s=30)
+    assert (res.token_ids, res.text, res.finish_reason) == (
+        want.token_ids, want.text, want.finish_reason)
+    args = ["generate", "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "30",
+            "--ignore-eos", "--stop", stop, "--prefill", pair.prefill, "--decode", pair.decode]
+    printed = _cli(*args)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == want.text + "\n"
+    local = _cli(*args[:-4], "--local", "--model", ckpt)
+    assert local.stdout == want.text + "\n"
