@@ -68,6 +68,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 async for msg in self._generate(request, spec, desc, transport, context, fields):
                     yield msg
             fields["status"] = "OK"
+            self.stats[f"finish_{fields.get('finish', 'none')}"] += 1
         except (asyncio.CancelledError, GeneratorExit):  # client gone: task cancelled or stream closed
             fields["status"] = "CANCELLED"
             self.stats["cancelled"] += 1

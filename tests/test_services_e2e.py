@@ -190,10 +190,12 @@ def test_stop_string_remote_equals_local(pair, lm, ckpt):
     stop = full[len(full) // 2:][:2]
     want = generate(lm, PROMPT, 30, ignore_eos=True, stop=[stop])
     assert want.finish_reason == "stop" and len(want.token_ids) < 30
+    stopped = counters(pair.decode, "decode")["finish-stop"]
     res = run_remote(prompt_ids=PROMPT, max_new_tokens=30, ignore_eos=True, stop=[stop],
                      prefill=pair.prefill, decode=pair.decode, timeout_s=30)
     assert (res.token_ids, res.text, res.finish_reason) == (
         want.token_ids, want.text, want.finish_reason)
+    assert counters(pair.decode, "decode")["finish-stop"] == stopped + 1
     args = ["generate", "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "30",
             "--ignore-eos", "--stop", stop, "--prefill", pair.prefill, "--decode", pair.decode]
     printed = _cli(*args)
