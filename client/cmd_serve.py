@@ -34,26 +34,30 @@ def _opt(*names: str, env: str, **kw):
 @_opt("--max-active", env="MAX_ACTIVE", type=int, default=None, help="requests run at once")
 @_opt("--max-queue", env="MAX_QUEUE", type=int, default=128, help="requests waiting; more -> RESOURCE_EXHAUSTED")
 @_opt("--grace-s", env="GRACE_S", type=float, default=10.0, help="drain time on SIGTERM")
+@_opt("--warm-up/--no-warm-up", env="WARM_UP", default=True,
+      help="run a short request through the service before reporting SERVING")
 @_opt("--log-level", env="LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def serve(role: str, model: str, host: str, port: int | None, device: str, dtype: str,
           backend: str, prefill_addr: str, max_batch: int, region_mb: int, max_slots: int,
           lease_s: float, checksums: bool, max_active: int | None, max_queue: int, grace_s: float,
-          log_level: str) -> None:
+          warm_up: bool, log_level: str) -> None:
     """Serve the prefill (GPU summarization) or decode (FPGA / GPU generation) stage."""
     from engine.errors import HybridError
 
     try:
         _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch,
-               region_mb, max_slots, lease_s, checksums, max_active, max_queue, grace_s, log_level)
+               region_mb, max_slots, lease_s, checksums, max_active, max_queue, grace_s, warm_up,
+               log_level)
     except HybridError as e:  # unknown model, no /dev/shm space, ...: one line, no traceback
         raise click.ClickException(f"{role}: {e}") from None
 
 
 def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch, region_mb,
-           max_slots, lease_s, checksums, max_active, max_queue, grace_s, log_level) -> None:
+           max_slots, lease_s, checksums, max_active, max_queue, grace_s, warm_up,
+           log_level) -> None:
     common = dict(model=model, host=host, device=device, dtype=dtype, max_queue=max_queue,
-                  grace_s=grace_s, log_level=log_level)
+                  grace_s=grace_s, warm_up=warm_up, log_level=log_level)
     if role == "prefill":
         from gpu_service.server import PrefillOptions
         from gpu_service.server import serve as run

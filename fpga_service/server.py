@@ -34,6 +34,7 @@ class DecodeOptions:
     wait_timeout_s: float = 60.0
     grace_s: float = 10.0
     log_level: str = "info"
+    warm_up: bool = True               # a short request through the backend before SERVING
 
 
 async def _serve(opts: DecodeOptions) -> None:
@@ -62,6 +63,8 @@ async def _serve(opts: DecodeOptions) -> None:
                       opts.backend, e)
             await _until_signalled()
             return
+        if opts.warm_up:
+            await _warm_up(backend)
         servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s)
         holder["servicer"] = servicer
         await kit.run_until_signalled(
@@ -74,6 +77,17 @@ async def _serve(opts: DecodeOptions) -> None:
             await servicer.close()
         if backend is not None:
             backend.close()
+
+
+async def _warm_up(backend) -> None:
+    """A failed warm-up costs only the first request's speed: log it, serve anyway."""
+    from .warmup import warm_up
+
+    try:
+        ms = await asyncio.to_thread(warm_up, backend)
+        log.info("decode warm-up done in %.0f ms", ms)
+    except Exception:
+        log.exception("decode warm-up failed; serving without it")
 
 
 def _backend_options(opts: DecodeOptions) -> dict:

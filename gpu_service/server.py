@@ -33,6 +33,7 @@ class PrefillOptions:
     max_queue: int = 64
     grace_s: float = 10.0
     log_level: str = "info"
+    warm_up: bool = True
 
 
 async def _serve(opts: PrefillOptions) -> None:
@@ -59,6 +60,8 @@ async def _serve(opts: PrefillOptions) -> None:
                                  opts.lease_s)
         servicer = PrefillServicer(PrefillRunner(lm, region), region, admission, opts.lease_s,
                                    checksums=opts.checksums)
+        if opts.warm_up:
+            await _warm_up(servicer)
         holder["servicer"] = servicer
         reaper = asyncio.create_task(servicer.reap_leases(max(0.1, opts.lease_s / 4)))
         await kit.run_until_signalled(
@@ -70,6 +73,15 @@ async def _serve(opts: PrefillOptions) -> None:
         await server.stop(0)
         if region is not None:
             region.close()
+
+
+async def _warm_up(servicer) -> None:
+    """A failed warm-up costs only the first request's speed: log it, serve anyway."""
+    try:
+        ms = await asyncio.to_thread(servicer.warm_up)
+        log.info("prefill warm-up done in %.0f ms", ms)
+    except Exception:
+        log.exception("prefill warm-up failed; serving without it")
 
 
 def serve(opts: PrefillOptions) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from engine.errors import FailedPrecondition, HybridError, InvalidArgument
+from engine.sampling import SamplingParams
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
@@ -86,12 +87,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
 
     async def _prefill(self, rid: str, ids: list[int], layout: str, dtype: str | None,
                        params: Any, queue_ms: float, fields: dict):
-        n_layers = self.runner.config.n_layers
-        layer_bytes = self.runner.layer_bytes(layout, len(ids), dtype)
-        desc = self.region.alloc(
-            layer_bytes * n_layers, n_layers, layout=layout, checksums=self.checksums,
-            dtype=self.runner.slot_dtype(layout, dtype), n_tokens=len(ids),
-            n_kv_heads=self.runner.config.n_kv_heads, head_dim=self.runner.config.head_dim)
+        desc = self._alloc(ids, layout, dtype)
         self.stats["slots_allocated"] += 1
         cancel = threading.Event()
         done = False
@@ -124,6 +120,33 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         finally:
             if not done:
                 self._fail_slot(desc, "prefill did not complete")
+
+    def _alloc(self, ids: list[int], layout: str, dtype: str | None) -> Any:
+        n_layers = self.runner.config.n_layers
+        layer_bytes = self.runner.layer_bytes(layout, len(ids), dtype)
+        return self.region.alloc(
+            layer_bytes * n_layers, n_layers, layout=layout, checksums=self.checksums,
+            dtype=self.runner.slot_dtype(layout, dtype), n_tokens=len(ids),
+            n_kv_heads=self.runner.config.n_kv_heads, head_dim=self.runner.config.head_dim)
+
+    def warm_up(self, n_tokens: int = 16) -> float:
+        """One short prefill per slot layout through the request path (model, reshape
+        kernels, shippers, region), before the service says SERVING: the first real
+        request then finds kernels compiled, libraries initialised and buffers made
+        instead of paying for them. Leaves no slot and no counter behind; returns ms."""
+        t0 = time.perf_counter()
+        ids = [i % self.runner.config.vocab_size for i in range(1, n_tokens + 1)]
+        for layout in ("dense", "hbm"):
+            try:
+                desc = self._alloc(ids, layout, None)
+            except HybridError as e:  # a layout this model or region cannot take
+                log.info("warm-up: no %s slot (%s)", layout, e)
+                continue
+            try:
+                self.runner.run(ids, desc, layout, SamplingParams(), threading.Event())
+            finally:
+                self.region.free(desc, "warm-up")
+        return (time.perf_counter() - t0) * 1e3
 
     def _fail_slot(self, desc: Any, reason: str) -> None:
         try:
