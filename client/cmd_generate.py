@@ -39,9 +39,11 @@ DEFAULT_MODEL = "synthetic:gpt2"
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per request.")
 @click.option("--stop", multiple=True,
               help="Stop string (repeatable): the text ends just before the first one generated.")
+@click.option("--stop-id", "stop_ids", type=click.IntRange(min=0), multiple=True,
+              help="Stop token id (repeatable): ends after that token, which is kept.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 def generate(prompt, local, model, max_new_tokens, prompt_ids, temperature, top_k, top_p, seed,
-             device, dtype, as_json, prefill, decode, kv_transport, timeout, stop,
+             device, dtype, as_json, prefill, decode, kv_transport, timeout, stop, stop_ids,
              ignore_eos) -> None:
     """Generate text from PROMPT (or --prompt-ids)."""
     try:
@@ -50,7 +52,7 @@ def generate(prompt, local, model, max_new_tokens, prompt_ids, temperature, top_
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, device=device, dtype=dtype, json=as_json, local=local, prefill=prefill,
             decode=decode, kv_transport=kv_transport, timeout=timeout, stop=tuple(stop),
-            ignore_eos=ignore_eos)
+            stop_ids=tuple(stop_ids), ignore_eos=ignore_eos)
         check_options(opts)
         printer = TokenPrinter(as_json)
         result = run_local(opts, printer) if local else run_remote(opts, printer)
@@ -114,8 +116,8 @@ def run_local(opts: GenerateOptions, printer: TokenPrinter) -> dict:
     check_request(lm.config, ids, opts.max_new_tokens)
     notice(lm)
     printer.start(lm.tokenizer, opts.stop)
-    res = engine_generate(lm, ids, opts.max_new_tokens, opts.sampling(), on_token=printer.on_token,
-                          ignore_eos=opts.ignore_eos, stop=opts.stop)
+    res = engine_generate(lm, ids, opts.max_new_tokens, opts.sampling(), opts.stop_ids,
+                          on_token=printer.on_token, ignore_eos=opts.ignore_eos, stop=opts.stop)
     return {
         "model": lm.spec, "weights_fingerprint": lm.fingerprint, "synthetic": lm.synthetic,
         "synthetic_tokenizer": lm.tokenizer.synthetic, "device": str(lm.device),

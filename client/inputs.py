@@ -39,6 +39,7 @@ class GenerateOptions:
     kv_transport: str = "shm"
     timeout: float = 120.0
     stop: tuple[str, ...] = ()  # stop strings
+    stop_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
     def sampling(self):

@@ -52,7 +52,8 @@ def generate_remote(opts: Any, printer: Any) -> dict:
     res = run_remote(
         opts.prompt, prompt_ids=opts.prompt_ids, max_new_tokens=opts.max_new_tokens,
         params=opts.sampling(), prefill=opts.prefill, decode=opts.decode,
-        kv_transport=opts.kv_transport, stop=opts.stop, ignore_eos=opts.ignore_eos,
+        kv_transport=opts.kv_transport, stop=opts.stop, stop_ids=opts.stop_ids,
+        ignore_eos=opts.ignore_eos,
         on_chunk=on_chunk, timeout_s=opts.timeout)
     if res.synthetic:  # as the local path does: never mistake synthetic output for a model's
         print(f"note: {res.model}: synthetic weights or byte tokenizer (served)", file=sys.stderr)

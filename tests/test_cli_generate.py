@@ -106,3 +106,11 @@ def test_real_process_no_traceback():
                        text=True, timeout=120)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip() == "error: --prompt-ids must be comma-separated integers; 'zz' is not"
+
+
+def test_stop_id_option():
+    llama = ["--local", "--model", "synthetic:tiny-llama", "--prompt-ids", "9,8,7,6", "--json"]
+    full = json.loads(run(*llama, "--max-new-tokens", "12").stdout)["token_ids"]
+    k = max(i for i, t in enumerate(full) if t not in full[:i])  # last first-occurrence
+    out = json.loads(run(*llama, "--max-new-tokens", "12", "--stop-id", str(full[k])).stdout)
+    assert out["token_ids"] == full[: k + 1] and out["finish_reason"] == "stop"
