@@ -203,3 +203,16 @@ def test_stop_string_remote_equals_local(pair, lm, ckpt):
     assert printed.stdout == want.text + "\n"
     local = _cli(*args[:-4], "--local", "--model", ckpt)
     assert local.stdout == want.text + "\n"
+
+
+def test_cli_stop_id_remote_equals_local(pair, ckpt):
+    common = ["--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", "12", "--json"]
+    full = json.loads(_cli("generate", "--local", "--model", ckpt, *common).stdout)["token_ids"]
+    k = max(i for i, t in enumerate(full) if t not in full[:i])  # last first-occurrence
+    stop = ["--stop-id", str(full[k])]
+    local = json.loads(_cli("generate", "--local", "--model", ckpt, *common, *stop).stdout)
+    remote = _cli("generate", "--prefill", pair.prefill, "--decode", pair.decode, *common, *stop)
+    assert remote.returncode == 0, remote.stderr
+    r = json.loads(remote.stdout)
+    assert r["token_ids"] == local["token_ids"] == full[: k + 1]
+    assert r["finish_reason"] == local["finish_reason"] == "stop"
