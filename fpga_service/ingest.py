@@ -40,6 +40,10 @@ class ShmReaders:
                 self._readers[name] = KvReader.open(name)
             return self._readers[name]
 
+    def mapped(self, name: str) -> bool:
+        with self._lock:
+            return name in self._readers
+
     def _evict_gone(self) -> None:
         """Unmap regions whose owner removed them (a restarted prefill has a new name):
         a mapping of an unlinked segment would pin its memory for our lifetime."""

@@ -52,7 +52,7 @@ async def _serve(opts: DecodeOptions) -> None:
     await server.start()  # health answers NOT_SERVING while the backend loads
     log.info("decode listening on %s:%d (backend %s, %s on %s/%s)", opts.host, port,
              opts.backend, opts.model, device, dtype)
-    backend = servicer = None
+    backend = servicer = premap = None
     try:
         try:
             backend = await asyncio.to_thread(
@@ -64,6 +64,7 @@ async def _serve(opts: DecodeOptions) -> None:
             await _until_signalled()
             return
         servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s)
+        premap = asyncio.create_task(servicer.premap_region())  # not a condition of SERVING
         if opts.warm_up:
             await _warm_up(backend, servicer.pool)
         holder["servicer"] = servicer
@@ -72,6 +73,8 @@ async def _serve(opts: DecodeOptions) -> None:
             ready=lambda: log.info("decode SERVING backend=%s fingerprint=%s prefill=%s",
                                    backend.name, servicer.fingerprint[:16], opts.prefill))
     finally:
+        if premap is not None:
+            premap.cancel()
         await server.stop(0)
         if servicer is not None:
             await servicer.close()

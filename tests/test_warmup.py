@@ -8,9 +8,10 @@ import logging
 
 import pytest
 
+from client.remote import run_remote
 from fpga_service.backends import make_backend
 from fpga_service.warmup import warm_up
-from tests.services_util import counters
+from tests.services_util import counters, wait_until
 
 MODEL = "synthetic:tiny-gpt2"
 
@@ -49,6 +50,12 @@ def test_services_warm_up_before_serving(tmp_path):
         p, d = counters(pair.prefill, "prefill"), counters(pair.decode, "decode")
         assert p["slots-in-use"] == 0 and p["slots-allocated"] == 0
         assert d["sessions-open"] == 0 and d["shm-requests"] == 0
+        # decode maps prefill's region in the background, ahead of the first request
+        decode_log = tmp_path / "decode.log"
+        assert wait_until(lambda: "ahead of requests" in decode_log.read_text(), 10)
+        res = run_remote(prompt_ids=[1, 2, 3], max_new_tokens=3, prefill=pair.prefill,
+                         decode=pair.decode, timeout_s=30)
+        assert len(res.token_ids) == 3 and counters(pair.decode, "decode")["shm-requests"] == 1
     for role in ("prefill", "decode"):
         log = (tmp_path / f"{role}.log").read_text()
         assert f"{role} warm-up done" in log, log
