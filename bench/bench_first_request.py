@@ -4,7 +4,8 @@
         --device cuda --backend gpu --input 128 --output 16
 
 Starts the pair `--starts` times each way (`--no-warm-up` is the baseline, measured in
-the same run), sends `--requests` requests one after another to each fresh pair, and
+the same run), waits `--idle-s`, sends `--requests` requests one after another to each
+fresh pair, and
 prints per request index the median TTFT and total ms, plus the time until both services
 said SERVING. The first request of a pair without warm-up pays for kernel compiles,
 library set-up and the first CUDA-graph capture; with warm-up the start pays instead.
@@ -32,6 +33,7 @@ def one_pair(a: argparse.Namespace, warm: bool) -> tuple[float, list[tuple[float
     with ServicePair(model=a.model, device=a.device, backend=a.backend, prefill_args=flag,
                      decode_args=flag) as pair:
         start_s = time.perf_counter() - t0
+        time.sleep(a.idle_s)  # traffic rarely starts the instant both say SERVING
         out = []
         for _ in range(a.requests):
             r = run_remote(prompt_ids=ids, max_new_tokens=a.output, prefill=pair.prefill,
@@ -49,6 +51,8 @@ def main() -> None:
     p.add_argument("--output", type=int, default=8)
     p.add_argument("--requests", type=int, default=3)
     p.add_argument("--starts", type=int, default=2)
+    p.add_argument("--idle-s", type=float, default=1.0,
+                   help="wait between SERVING and the first request (background set-up)")
     a = p.parse_args()
     print(f"{a.model} on {a.device}, backend {a.backend}, {a.input}:{a.output}, "
           f"{a.starts} fresh pairs each way, {a.requests} requests each (medians)")
