@@ -66,7 +66,9 @@ async def _serve(opts: DecodeOptions) -> None:
         servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s)
         premap = asyncio.create_task(servicer.premap_region())  # not a condition of SERVING
         if opts.warm_up:
-            await _warm_up(backend, servicer.pool)
+            from .warmup import warm_up
+
+            await kit.warm_up(log, "decode", servicer.pool, warm_up, backend)
         holder["servicer"] = servicer
         await kit.run_until_signalled(
             server, health, [SERVICE], admission, opts.grace_s,
@@ -80,19 +82,6 @@ async def _serve(opts: DecodeOptions) -> None:
             await servicer.close()
         if backend is not None:
             backend.close()
-
-
-async def _warm_up(backend, pool=None) -> None:
-    """A failed warm-up costs only the first request's speed: log it, serve anyway. Run
-    on the requests' executor: torch's CPU thread teams are per calling thread, and a
-    warm-up on another thread measurably slowed later requests (prefill 75 -> 86 ms)."""
-    from .warmup import warm_up
-
-    try:
-        ms = await asyncio.get_running_loop().run_in_executor(pool, warm_up, backend)
-        log.info("decode warm-up done in %.0f ms", ms)
-    except Exception:
-        log.exception("decode warm-up failed; serving without it")
 
 
 def _backend_options(opts: DecodeOptions) -> dict:

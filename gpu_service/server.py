@@ -61,7 +61,7 @@ async def _serve(opts: PrefillOptions) -> None:
         servicer = PrefillServicer(PrefillRunner(lm, region), region, admission, opts.lease_s,
                                    checksums=opts.checksums)
         if opts.warm_up:
-            await _warm_up(servicer)
+            await kit.warm_up(log, "prefill", servicer.pool, servicer.warm_up)
         holder["servicer"] = servicer
         reaper = asyncio.create_task(servicer.reap_leases(max(0.1, opts.lease_s / 4)))
         await kit.run_until_signalled(
@@ -73,17 +73,6 @@ async def _serve(opts: PrefillOptions) -> None:
         await server.stop(0)
         if region is not None:
             region.close()
-
-
-async def _warm_up(servicer) -> None:
-    """A failed warm-up costs only the first request's speed: log it, serve anyway."""
-    try:
-        # on the requests' own executor: torch's CPU thread teams are per calling thread,
-        # and a warm-up on another thread slowed later prefills (75 -> 86 ms, CPU)
-        ms = await asyncio.get_running_loop().run_in_executor(servicer.pool, servicer.warm_up)
-        log.info("prefill warm-up done in %.0f ms", ms)
-    except Exception:
-        log.exception("prefill warm-up failed; serving without it")
 
 
 def serve(opts: PrefillOptions) -> None:

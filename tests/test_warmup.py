@@ -32,13 +32,14 @@ def test_decode_warm_up_leaves_nothing_open(name, opts):
 
 
 def test_failed_decode_warm_up_is_logged_not_fatal(caplog):
-    from fpga_service.server import _warm_up
+    from transport import servekit as kit
 
     class Broken:
         config = None  # warm_up fails at once
 
+    log = logging.getLogger("hybrid.decode")
     with caplog.at_level(logging.ERROR, logger="hybrid.decode"):
-        asyncio.run(_warm_up(Broken()))
+        asyncio.run(kit.warm_up(log, "decode", None, warm_up, Broken()))
     assert "decode warm-up failed" in caplog.text
 
 

@@ -147,6 +147,18 @@ LAYOUTS = {"dense": 1, "hbm": 2}       # hybrid.v1.KvLayout
 DTYPES = {"float16": 1, "bfloat16": 2, "float32": 3}  # hybrid.v1.DType
 
 
+async def warm_up(role_log: logging.Logger, role: str, pool, fn: Callable, *args) -> None:
+    """Run a service's warm-up `fn(*args)` (returns ms) before it says SERVING. On the
+    requests' own executor `pool`: torch's CPU thread teams are per calling thread, and a
+    warm-up on another thread made every later CPU prefill ~10 ms slower (75 -> 86 ms).
+    A failed warm-up costs only the first request's speed: logged, never fatal."""
+    try:
+        ms = await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        role_log.info("%s warm-up done in %.0f ms", role, ms)
+    except Exception:
+        role_log.exception("%s warm-up failed; serving without it", role)
+
+
 def layout_name(value: int) -> str:
     from engine.errors import InvalidArgument
 
