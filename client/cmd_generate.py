@@ -96,7 +96,7 @@ class TokenPrinter:
         if self.as_json:
             click.echo(json.dumps(result))
             return
-        if self._stream is not None and not self._stream.hit:
+        if self._stream is not None:
             self._write(self._stream.flush()[0])
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -24,7 +24,8 @@ def run_remote(
     max_new_tokens: int, params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen
     prefill: str = "localhost:50051", decode: str = "localhost:50052",
     kv_transport: str = "shm", stop_ids: Iterable[int] = (), ignore_eos: bool = False,
-    stop: Iterable[str] = (), on_chunk: Callable[[list[int], str], None] | None = None, timeout_s: float = 120.0,
+    stop: Iterable[str] = (), on_chunk: Callable[[list[int], str], None] | None = None,
+    timeout_s: float = 120.0,
 ) -> RemoteResult:
     """Generate through the services; each (ids, text piece) goes to `on_chunk` as it
     arrives. Raises the engine.errors class of the gRPC status (one clear message)."""
@@ -53,8 +54,7 @@ def generate_remote(opts: Any, printer: Any) -> dict:
         opts.prompt, prompt_ids=opts.prompt_ids, max_new_tokens=opts.max_new_tokens,
         params=opts.sampling(), prefill=opts.prefill, decode=opts.decode,
         kv_transport=opts.kv_transport, stop=opts.stop, stop_ids=opts.stop_ids,
-        ignore_eos=opts.ignore_eos,
-        on_chunk=on_chunk, timeout_s=opts.timeout)
+        ignore_eos=opts.ignore_eos, on_chunk=on_chunk, timeout_s=opts.timeout)
     if res.synthetic:  # as the local path does: never mistake synthetic output for a model's
         print(f"note: {res.model}: synthetic weights or byte tokenizer (served)", file=sys.stderr)
     out = res.to_json()

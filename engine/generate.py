@@ -187,7 +187,7 @@ def generate(
     eos = eos_id(lm.tokenizer, lm.config)
     reason = is_stop(out[-1], eos, stop_ids, ignore_eos) or "length"
     if text is not None:
-        piece, hit = (("", True) if text.hit else text.flush())
+        piece, hit = text.flush()
         pieces.append(piece)
         reason = "stop" if hit else reason
     timings = {"prefill_ms": (t1 - t0) * 1e3, "decode_ms": (t2 - t1) * 1e3, "total_ms": (t2 - t0) * 1e3}

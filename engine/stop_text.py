@@ -84,14 +84,11 @@ class StopStream:
     def __init__(self, tokenizer, stops: Iterable[str]) -> None:
         self.decoder, self.text = tokenizer.stream(), StopText(stops)
 
-    @property
-    def hit(self) -> bool:
-        return self.text.hit
-
     def push(self, token_id: int) -> tuple[str, bool]:
         return self.text.push(self.decoder.push(token_id))
 
     def flush(self) -> tuple[str, bool]:
-        """The rest at the end: bytes the decoder held, then the held tail (no hit)."""
+        """The rest at the end: bytes the decoder held, then the held tail; after a hit,
+        ("", True), so callers need not check `hit` first."""
         piece, hit = self.text.push(self.decoder.flush())
         return piece + self.text.flush(), hit

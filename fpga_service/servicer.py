@@ -154,11 +154,10 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                     finish = "stop" if hit else _finish(tok, spec, self.eos)
                     if hit:
                         break  # the finally below stops the decode thread
-            if not text.hit:  # bytes held for an unfinished character, a stop's prefix
-                tail, hit = text.flush()
-                if tail:
-                    yield _tokens([], tail)
-                finish = "stop" if hit else finish
+            tail, hit = text.flush()  # bytes of an unfinished character, a stop's prefix
+            if tail:
+                yield _tokens([], tail)
+            finish = "stop" if hit else finish
             yield self._done(session, finish or "length", n, ingest_ms, ist, fields)
         finally:
             stop.set()  # a cancelled client stops the decode thread at its next token

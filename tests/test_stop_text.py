@@ -62,3 +62,9 @@ def test_no_stops_passes_text_through():
 def test_bad_stops_are_invalid_argument(stops, match):
     with pytest.raises(InvalidArgument, match=match):
         check_stops(stops)
+
+
+def test_flush_after_a_hit_lets_nothing_out():
+    s = StopText(["ab"])
+    assert s.push("xaby") == ("x", True)
+    assert s.flush() == ""
