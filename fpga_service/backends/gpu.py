@@ -86,17 +86,21 @@ class GpuBackend(DecodeBackend):
 
 class GpuSession(DecodeSession):
     def __init__(self, backend: GpuBackend, spec: DecodeSpec) -> None:
-        self.backend, self.spec = backend, spec
-        lm = backend.lm
         try:
             # greedy on CUDA: a captured decode graph's own cache (engine.cuda_graph)
-            self.cache, self.graph = new_cache(lm, spec.n_prompt + spec.max_new_tokens,
-                                               spec.sampling.greedy)
+            cache, graph = new_cache(backend.lm, spec.n_prompt + spec.max_new_tokens,
+                                     spec.sampling.greedy)
         except torch.OutOfMemoryError as e:
             from engine.errors import ResourceExhausted
 
             raise ResourceExhausted(f"no device memory for the KV cache: {e}") from None
-        c = lm.config
+        self._attach(backend, spec, cache, graph)
+
+    def _attach(self, backend: GpuBackend, spec: DecodeSpec, cache, graph) -> None:
+        """The session's state on its KV cache (own, a graph's, or a batch row's)."""
+        self.backend, self.spec = backend, spec
+        self.cache, self.graph = cache, graph
+        c = backend.lm.config
         self._shape = (c.n_kv_heads, spec.n_prompt, c.head_dim)  # K (and V) of one layer
         self._decode_ms = 0.0
         self._n = 0
@@ -145,15 +149,8 @@ class BatchedSession(GpuSession):
     thread decodes it together with the other rows."""
 
     def __init__(self, backend: GpuBackend, spec: DecodeSpec, row: BatchRow) -> None:
-        self.backend, self.spec, self.row = backend, spec, row
-        self.scheduler = backend.scheduler
-        self.cache, self.graph = self.scheduler.cache.rows(row.index, 1), None
-        c = backend.lm.config
-        self._shape = (c.n_kv_heads, spec.n_prompt, c.head_dim)
-        self._decode_ms = 0.0
-        self._n = 0
-        self._closed = False
-        backend.count_session(+1)
+        self.row, self.scheduler = row, backend.scheduler
+        self._attach(backend, spec, self.scheduler.cache.rows(row.index, 1), None)
 
     def decode(self, first_token: int) -> Iterator[int]:
         s = self.spec
