@@ -63,8 +63,13 @@ def decode_attention(
 ) -> torch.Tensor:
     """One token per sequence. q [B, H, D], k_new/v_new [B, Hkv, D].
 
+    A paged cache (engine.paged_kv, `idx` a PagedBatch) writes and reads through the
+    block tables instead.
+
     Writes k_new, v_new at `idx.positions` of rows 0..B-1, then attends over the full
     cache length with slots beyond each row's position masked out. Returns [B, H * D]."""
+    if getattr(idx, "paged", False):
+        return cache.attend(q, k_new, v_new, idx, layer)
     b, h, d = q.shape
     hkv = k_new.shape[1]
     k_cache = cache.k[layer, :b]  # [B, Hkv, L, D]

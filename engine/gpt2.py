@@ -94,10 +94,12 @@ class GPT2(nn.Module):
         return self._logits(x[0, -1])
 
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens, positions LongTensor[B] -> logits [B, vocab] fp32."""
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    batch=None) -> torch.Tensor:
+        """tokens, positions LongTensor[B] -> logits [B, vocab] fp32. With a paged cache
+        (engine.paged_kv.PagedKVCache) `batch` is the step's PagedBatch."""
         x = self.wte(tokens) + self.wpe(positions)  # [B, d]
-        idx = DecodeIndex.build(positions, cache)
+        idx = batch if batch is not None else DecodeIndex.build(positions, cache)
         for i, block in enumerate(self.h):
             x = block.decode(x, idx, cache, i)
         return self._logits(x)

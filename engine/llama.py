@@ -128,12 +128,14 @@ class Llama(nn.Module):
         return self._logits(x[0, -1])
 
     @torch.no_grad()
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens, positions LongTensor[B] -> logits [B, vocab] fp32."""
+    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    batch=None) -> torch.Tensor:
+        """tokens, positions LongTensor[B] -> logits [B, vocab] fp32. With a paged cache
+        (engine.paged_kv.PagedKVCache) `batch` is the step's PagedBatch."""
         x = self.embed_tokens(tokens)  # [B, d]
         cos, sin = self._rope(positions, x.dtype)  # [B, D]
         cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # broadcast over heads, T=1
-        idx = DecodeIndex.build(positions, cache)
+        idx = batch if batch is not None else DecodeIndex.build(positions, cache)
         for i, block in enumerate(self.layers):
             x = block.decode(x, cos, sin, idx, cache, i)
         return self._logits(x)
