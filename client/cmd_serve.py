@@ -23,9 +23,9 @@ def _opt(*names: str, env: str, **kw):
 @_opt("--backend", env="BACKEND", default="gpu", help="decode backend: gpu | fpga-emu | fpga-xrt")
 @_opt("--prefill", "prefill_addr", env="PREFILL", default="localhost:50051",
       help="decode: the prefill service (Release, FetchKv)")
-@_opt("--max-batch", env="MAX_BATCH", type=click.IntRange(min=1), default=1,
-      help="decode, gpu backend: requests decoded together per step (1 = per-request "
-           "loop with CUDA graphs)")
+@_opt("--max-batch", env="MAX_BATCH", type=click.IntRange(min=1), default=64,
+      help="decode, gpu backend: batch rows of the engine loop (continuous batching; "
+           "one CUDA graph per bucket 1, 2, 4, ... up to this)")
 @_opt("--region-mb", env="REGION_MB", type=int, default=256, help="prefill: shared KV region size")
 @_opt("--max-slots", env="MAX_SLOTS", type=int, default=64, help="prefill: concurrent KV slots")
 @_opt("--lease-s", env="LEASE_S", type=float, default=30.0, help="prefill: slot lease")
@@ -71,5 +71,5 @@ def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_ba
         from fpga_service.server import serve as run
 
         run(DecodeOptions(port=50052 if port is None else port, backend=backend,
-                          prefill=prefill_addr, max_active=max_active or 16,
+                          prefill=prefill_addr, max_active=max_active or max(16, 2 * max_batch),
                           max_batch=max_batch, **common))

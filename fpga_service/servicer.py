@@ -49,6 +49,15 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         # Fault injection for tests: a decode slow enough that a cancel or a SIGTERM
         # always lands mid-stream (a tiny CPU model otherwise finishes 250 tokens in ~90 ms).
         self.fault_token_delay_s = float(os.environ.get("HYBRID_FAULT_TOKEN_DELAY_MS", 0)) / 1e3
+        # Backends with an engine loop (gpu) stream through the bridge; the others run
+        # their session's blocking decode iterator on a pool thread.
+        self.engine = getattr(backend, "engine", None)
+        self.bridge = None
+        if self.engine is not None:
+            from .token_bridge import TokenBridge
+
+            self.bridge = TokenBridge(asyncio.get_running_loop())
+            self.engine.notifier = self.bridge.notify
 
     async def close(self) -> None:
         await self.channel.close()
@@ -60,9 +69,13 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         rid = request.request_id or request.handle.request_id or uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
         fields: dict[str, Any] = {}
+        lease = None
         try:
             spec, desc, transport = self._check(request, rid)
             fields.update(n_prompt=spec.n_prompt, max_new=spec.max_new_tokens, kv=transport)
+            # the slot stays ours however long this request waits here (admission, KV
+            # blocks): renewed until its bytes are ingested and it is released
+            lease = asyncio.create_task(self._keep_lease(request, rid, fields))
             async with self.admission.slot() as queue_ms:
                 fields["queue_ms"] = round(queue_ms, 2)
                 async for msg in self._generate(request, spec, desc, transport, context, fields):
@@ -83,8 +96,24 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 log.exception("internal error id=%s", rid)
             await context.abort(code, str(e) or type(e).__name__)
         finally:
+            if lease is not None:
+                lease.cancel()
             fields["total_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
             log.info("generate id=%s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
+
+    async def _keep_lease(self, request, rid: str, fields: dict) -> None:
+        """Renew the slot's lease (a third of it apart) until it is released."""
+        period = max(0.05, request.handle.lease_ms / 3e3) if request.handle.lease_ms else 5.0
+        while not fields.get("released"):
+            await asyncio.sleep(period)
+            if fields.get("released"):
+                return
+            try:
+                await self.prefill.RenewLease(pb.LeaseRequest(request_id=rid, kv=request.handle.kv),
+                                              timeout=5.0)
+            except grpc.aio.AioRpcError as e:  # the read reports a lost slot precisely
+                log.debug("renew id=%s: %s", rid, e.code().name)
+                return
 
     def _check(self, request: pb.GenerateRequest, rid: str) -> tuple[DecodeSpec, Any, str]:
         from transport.descriptor import KvDescriptor
@@ -146,14 +175,20 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             yield _tokens([first], piece)
             n, finish = 1, "stop" if hit else _finish(first, spec, self.eos)
             if finish is None and spec.max_new_tokens > 1:
-                tokens = self._decode(session, first, stop)
-                async for tok in tokens:
-                    n += 1
-                    piece, hit = text.push(tok)
-                    yield _tokens([tok], piece)
-                    finish = "stop" if hit else _finish(tok, spec, self.eos)
+                tokens = self._chunks(session, first, stop)
+                async for chunk in tokens:
+                    ids, pieces = [], []
+                    for tok in chunk:
+                        n += 1
+                        ids.append(tok)
+                        piece, hit = text.push(tok)
+                        pieces.append(piece)
+                        finish = "stop" if hit else _finish(tok, spec, self.eos)
+                        if hit:
+                            break
+                    yield _tokens(ids, "".join(pieces))
                     if hit:
-                        break  # the finally below stops the decode thread
+                        break  # the finally below stops the decode
             tail, hit = text.flush()  # bytes of an unfinished character, a stop's prefix
             if tail:
                 yield _tokens([], tail)
@@ -163,7 +198,10 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             stop.set()  # a cancelled client stops the decode thread at its next token
             if tokens is not None:
                 await tokens.aclose()  # returns once the decode thread has stopped
-            await loop.run_in_executor(self.pool, session.close)
+            if self.engine is not None:
+                session.close()  # a cancel command to the loop: does not block
+            else:
+                await loop.run_in_executor(self.pool, session.close)
             released = await release if release is not None else False
             if not released:
                 fields["released"] = True
@@ -196,13 +234,29 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 if layer < 0:
                     first = data
                     break
-                await loop.run_in_executor(self.pool, session.ingest_layer, layer,
-                                           memoryview(data))
+                if self.engine is not None:  # a hand-over to the loop: does not block
+                    session.ingest_layer(layer, data)
+                else:
+                    await loop.run_in_executor(self.pool, session.ingest_layer, layer,
+                                               memoryview(data))
         finally:
             await layers.aclose()  # ends a FetchKv stream at once
         self.stats[f"{transport}_kv_bytes"] += ist.bytes
         self.stats[f"{transport}_requests"] += 1
         return int(first), ist
+
+    async def _chunks(self, session, first: int, stop: threading.Event):
+        """Lists of tokens after `first`: from the engine's queues through the bridge,
+        or from the backend's blocking iterator on a pool thread."""
+        if self.bridge is None:
+            async for tok in self._decode(session, first, stop):
+                yield [tok]
+            return
+        session.start(first)
+        async for chunk in self.bridge.chunks(session.seq, self.wait_timeout_s):
+            if self.fault_token_delay_s:
+                await asyncio.sleep(self.fault_token_delay_s * len(chunk))
+            yield chunk
 
     async def _decode(self, session, first: int, stop: threading.Event):
         """Runs session.decode in a pool thread; tokens cross to the loop via a queue."""
