@@ -123,7 +123,10 @@ class FusedGPT2Step:
         self.launch("ln_gemv", grid, args, s, smem=4 * k)
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                 batch=None) -> torch.Tensor:
+        if batch is not None:  # a paged cache (engine/paged_kv.py): the engine's path
+            return self._paged(tokens, positions, cache, batch)
         if tokens.shape[0] != 1 or cache.batch != 1 or cache.k.dtype != self.x.dtype \
                 or not cache.k.is_contiguous() or cache.max_len > self.cfg.max_positions:
             self._last = self.model.decode_step(tokens, positions, cache)
@@ -145,6 +148,36 @@ class FusedGPT2Step:
                          self.attn.data_ptr(), dc.I32(h), dc.I32(hkv), dc.I32(hd), dc.I32(L),
                          dc.F32(self.scale), dc.I32(0), dc.I32(d), dc.I32(2 * d)), s)
             self._gemv(s, self.attn, p["o"], d, self.x, res=self.x)
+            self._gemv(s, self.x, p["fc"], self.hidden.numel(), self.hidden, ln=p["ln2"], act=1)
+            self._gemv(s, self.hidden, p["proj"], d, self.x, res=self.x)
+        self._gemv(s, self.x, (self.wte, 0), cfg.vocab_size, self.logits, ln=self.ln_f, f32=True)
+        return self.logits
+
+    def takes(self, cache, n_rows: int) -> bool:
+        """Whether the paged step runs fused for n_rows rows of `cache`: one row, the
+        activation dtype, and the paged attention kernel present."""
+        return n_rows == 1 and cache.k.dtype == self.x.dtype \
+            and getattr(cache, "attention_kernel", None) is not None
+
+    def _paged(self, tokens, positions, cache, batch) -> torch.Tensor:
+        """Batch 1 over the paged pool: the fused GEMVs, the engine's paged attention
+        (the new K/V written at batch.slots, attention through the block table)."""
+        if not self.takes(cache, tokens.shape[0]):
+            self._last = self.model.decode_step(tokens, positions, cache, batch)
+            return self._last
+        self._last = self.logits
+        cfg, dc = self.cfg, self.dc
+        d, h, hd = cfg.d_model, cfg.n_heads, cfg.head_dim
+        s = current_stream_ptr(self.device.index)
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        self.launch("embed", max(1, d // dc.THREADS),
+                    (tokens.data_ptr(), positions.data_ptr(), self.wte, self.wpe,
+                     self.x.data_ptr(), dc.I32(d), self.amax.data_ptr()), s)
+        q, k, v = self.qkv[:d].view(1, h, hd), self.qkv[d:2 * d], self.qkv[2 * d:]
+        for i, p in enumerate(self.layers):
+            self._gemv(s, self.x, p["qkv"], 3 * d, self.qkv, ln=p["ln1"])
+            y = cache.attend(q, k.view(1, h, hd), v.view(1, h, hd), batch, i)  # [1, d]
+            self._gemv(s, y[0], p["o"], d, self.x, res=self.x)
             self._gemv(s, self.x, p["fc"], self.hidden.numel(), self.hidden, ln=p["ln2"], act=1)
             self._gemv(s, self.hidden, p["proj"], d, self.x, res=self.x)
         self._gemv(s, self.x, (self.wte, 0), cfg.vocab_size, self.logits, ln=self.ln_f, f32=True)

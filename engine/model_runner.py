@@ -24,6 +24,7 @@ import os
 import numpy as np
 import torch
 
+from engine.fused_decode import fused_step_for
 from engine.loader import LoadedModel
 from engine.paged_kv import NULL_BLOCK, PagedBatch, PagedKVCache, table_width
 from engine.sequence import Sequence
@@ -67,6 +68,9 @@ class ModelRunner:
         self.width = table_width(self.config, block_size)
         self._buffers()
         self._attention_kernel()
+        # GPT-2's fused batch-1 kernels (engine/fused_decode.py) for the 1-row bucket:
+        # measured faster than cuBLAS + torch ops at batch 1 (docs/performance.md)
+        self.fused = fused_step_for(lm.model) if self.cache.attention_kernel else None
         if cuda_graphs is None:
             cuda_graphs = os.environ.get("HYBRID_CUDA_GRAPHS", "1") != "0"
         on_cuda = self.device.type == "cuda"
@@ -106,12 +110,16 @@ class ModelRunner:
             self.config, self.lm.dtype, self.device, self.max_batch, self.width,
             self.cache.block_size)
 
-    def _forward(self, b: int) -> torch.Tensor:
-        """The step over rows [0, b): logits, then the self-advance (module docstring)."""
+    def _forward(self, b: int, width: int | None = None) -> torch.Tensor:
+        """The step over rows [0, b): logits, then the self-advance (module docstring).
+        `width`: block-table columns attention reads (eager steps read only the live
+        ones; a graph reads all, its shapes being fixed)."""
         pos = self.positions[:b]
-        batch = PagedBatch(pos, self.slots[:b], self.tables[:b], self.ctx_lens[:b])
-        logits = self.lm.model.decode_step(self.tokens[:b], pos, self.cache, batch)
-        nxt = torch.argmax(logits, dim=-1)
+        batch = PagedBatch(pos, self.slots[:b], self.tables[:b, :width], self.ctx_lens[:b])
+        fused = self.fused is not None and self.fused.takes(self.cache, b)
+        step = self.fused if fused else self.lm.model.decode_step
+        logits = step(self.tokens[:b], pos, self.cache, batch)
+        nxt = self.fused.greedy() if fused else torch.argmax(logits, dim=-1)
         self.out[:b].copy_(nxt)
         self.tokens[:b].copy_(nxt)
         pos.add_(1)
@@ -171,8 +179,9 @@ class ModelRunner:
             if bucket in self.graphs:
                 graph, logits = self.graphs[bucket]
                 graph.replay()
-            else:
-                logits = self._forward(bucket)
+            else:  # eager (CPU, or graphs off): attend only over the live blocks
+                live = max(s.position for s in rows) + 1
+                logits = self._forward(bucket, -(-live // self.cache.block_size))
         self.steps += 1
         self.rows_computed += b
         if self.h_out is self.out:

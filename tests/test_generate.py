@@ -1,10 +1,10 @@
-"""generate / decode_tokens: stopping, limits, request checks, KV cache behaviour."""
+"""generate (through the engine loop): stopping, limits, request checks."""
 
 import pytest
 import torch
 
 from engine.errors import InvalidArgument
-from engine.generate import check_request, decode_tokens, generate
+from engine.generate import check_request, generate
 from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.sampling import SamplingParams
@@ -33,13 +33,13 @@ def test_stop_id_ends_generation_and_is_yielded_last():
 
 
 def test_eos_stops_unless_ignored(lm):
+    from tests.engine_helpers import continue_in_engine
+
     eos = lm.tokenizer.eos_id
     assert eos == 256
-    cache = KVCache(lm.config, 1, 16)
-    lm.model.prefill(torch.tensor([1, 2]), cache)
-    assert list(decode_tokens(lm, cache, eos, 2, 5, SamplingParams())) == []
-    got = list(decode_tokens(lm, cache, eos, 2, 5, SamplingParams(), ignore_eos=True))
-    assert len(got) == 4
+    assert continue_in_engine(lm, [1, 2], eos, 5, SamplingParams()) == [eos]
+    got = continue_in_engine(lm, [1, 2], eos, 5, SamplingParams(), ignore_eos=True)
+    assert len(got) == 5 and got[0] == eos
 
 
 def test_on_token_sees_every_token_in_order(lm):
@@ -93,27 +93,6 @@ def test_cpu_bfloat16_runs():
     lm = load_model("synthetic:tiny-llama", dtype="bfloat16")
     res = generate(lm, [1, 2, 3], 5)
     assert len(res.token_ids) == 5
-
-
-def test_eager_decode_uses_the_pools_fused_step(lm, monkeypatch):
-    """Outside a graph (sampling, or no free graph) decode runs the step the graph pool
-    captures, so a request's numerics do not depend on whether it got a graph."""
-    from types import SimpleNamespace
-
-    import engine.generate as gen
-
-    calls = []
-
-    def step(tokens, positions, cache):      # stands in for FusedGPT2Step.fork()
-        calls.append(int(positions[0]))
-        return lm.model.decode_step(tokens, positions, cache)
-
-    params = SamplingParams(temperature=0.8, seed=7)
-    want = generate(lm, [1, 2, 3], 6, params).token_ids
-    pool = SimpleNamespace(fused=SimpleNamespace(fork=lambda: step))
-    monkeypatch.setattr(gen, "graph_pool", lambda _lm: pool)
-    assert generate(lm, [1, 2, 3], 6, params).token_ids == want
-    assert calls == [3, 4, 5, 6, 7]
 
 
 def streamed(tokenizer, ids: list[int]) -> list[str]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from engine.errors import InvalidArgument
-from engine.generate import decode_tokens, generate
+from engine.generate import generate
 from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.sampling import SamplingParams, filter_logits, sample, step_seed
@@ -82,15 +82,14 @@ def test_generate_same_seed_same_tokens(lm):
 
 
 def test_another_process_continuing_samples_the_same(lm):
-    """The hand-off property: a second cache filled by a separate prefill, continued by
-    decode_tokens, yields the tokens single-process generation produced."""
+    """The hand-off property: KV from a separate prefill, continued by a decode engine
+    (as the decode service does), yields the tokens single-process generation made."""
+    from tests.engine_helpers import continue_in_engine
+
     p = SamplingParams(temperature=1.2, seed=77)
     prompt = [5, 6, 7, 8]
     whole = generate(lm, prompt, 16, p).token_ids
-    cache = KVCache(lm.config, 3, 32)
-    lm.model.prefill(torch.tensor(prompt), cache, row=2)  # e.g. a decode service's row 2
-    rest = list(decode_tokens(lm, cache, whole[0], len(prompt), 16, p, row=2))
-    assert [whole[0], *rest] == whole
+    assert continue_in_engine(lm, prompt, whole[0], 16, p) == whole
 
 
 def test_frequencies_follow_softmax_with_temperature():
