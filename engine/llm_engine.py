@@ -23,20 +23,20 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import queue
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 
 import torch
 
-from engine.block_manager import BlockManager
 from engine.errors import DeadlineExceeded, HybridError, ResourceExhausted, Unavailable
-from engine.kv_cache import KVCache
 from engine.loader import LoadedModel
-from engine.model_runner import ModelRunner
-from engine.sampling import SamplingParams, sample
+from engine.runner_base import StepRunner
+from engine.sampling import SamplingParams
 from engine.sequence import DONE, DecodeRequest, SeqState, Sequence, eos_id, is_stop
 
 log = logging.getLogger("hybrid.engine")
@@ -47,26 +47,36 @@ class StepFailed(HybridError):
 
 
 class DecodeEngine:
-    def __init__(self, lm: LoadedModel, max_batch: int = 64, max_waiting: int | None = None,
-                 n_blocks: int | None = None, cuda_graphs: bool | None = None,
-                 start_timeout_s: float = 600.0) -> None:
+    """`DecodeEngine(lm, max_batch)` runs a model on the paged GPU/CPU runner;
+    `DecodeEngine(runner=..., eos=...)` drives any engine.runner_base.StepRunner
+    (the FPGA backends pass their HBM runner)."""
+
+    def __init__(self, lm: LoadedModel | None = None, max_batch: int = 64,
+                 max_waiting: int | None = None, n_blocks: int | None = None,
+                 cuda_graphs: bool | None = None, *, runner: StepRunner | None = None,
+                 eos: int | None = None, start_timeout_s: float = 600.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.lm, self.max_batch = lm, max_batch
+        if runner is None:
+            from engine.paged_runner import PagedRunner
+
+            runner = PagedRunner(lm, max_batch, n_blocks, cuda_graphs)
+            eos = eos_id(lm.tokenizer, lm.config)
+        self.runner, self.eos = runner, eos
+        self.max_batch = runner.max_batch = max_batch
         self.max_waiting = 4 * max_batch if max_waiting is None else max_waiting
-        self.eos = eos_id(lm.tokenizer, lm.config)
         self._cond = threading.Condition()
         self._cmds: deque[tuple] = deque()
-        self._waiting: deque[Sequence] = deque()   # no blocks yet (FIFO)
+        self._waiting: deque[Sequence] = deque()   # no KV memory yet (FIFO)
         self._ready: deque[Sequence] = deque()     # first token known, no batch row yet
         self._live: dict[int, Sequence] = {}       # every sequence not finished
         self.running: list[Sequence] = []          # (loop) the batch, in row order
         self._stopping = False
         self._dead: BaseException | None = None
-        self._init = (n_blocks, cuda_graphs)
-        self.runner: ModelRunner | None = None
-        self.blocks: BlockManager | None = None
         self.finished = 0
+        # Fault injection for tests: a decode slow enough that a cancel or a SIGTERM
+        # lands mid-stream (a tiny CPU model otherwise finishes 250 tokens in ~90 ms).
+        self.fault_step_delay_s = float(os.environ.get("HYBRID_FAULT_TOKEN_DELAY_MS", 0)) / 1e3
         # Called on the loop thread after each iteration with the sequences whose `out`
         # got items (an asyncio owner wakes its readers with ONE call_soon_threadsafe
         # per step instead of one per token). None: consumers block on `out`.
@@ -90,12 +100,11 @@ class DecodeEngine:
         seq = Sequence(req)
         with self._cond:
             self._check_alive()
-            need = self.blocks.blocks_needed(seq.n_reserve)
-            if need > self.blocks.n_lendable:
-                raise ResourceExhausted(f"request needs {need} KV blocks; the pool has "
-                                        f"{self.blocks.n_lendable}")
+            why = self.runner.fits(seq)
+            if why is not None:
+                raise ResourceExhausted(why)
             self._live[seq.seq_id] = seq
-            if not self._waiting and self.blocks.can_allocate(seq.n_reserve):
+            if not self._waiting and self.runner.can_reserve(seq):
                 self._admit(seq)
                 return seq
             if len(self._waiting) >= self.max_waiting:
@@ -110,9 +119,10 @@ class DecodeEngine:
             raise seq.error
         return seq
 
-    def ingest(self, seq: Sequence, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Layer `layer` of the prompt: k, v [n_kv_heads, n_prompt, head_dim]."""
-        self._command("ingest", seq, layer, k, v)
+    def ingest(self, seq: Sequence, layer: int, payload) -> None:
+        """Layer `layer` of the prompt, in the runner's form (the paged runner takes
+        (k, v) [n_kv_heads, n_prompt, head_dim]); the engine owns it from now on."""
+        self._command("ingest", seq, layer, payload)
 
     def start(self, seq: Sequence, first_token: int, deliver: bool = False) -> None:
         """All layers are in: decode from prefill's `first_token` (generated index 0;
@@ -154,13 +164,9 @@ class DecodeEngine:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            r = self.runner
             return {"running": len(self.running), "ready": len(self._ready),
                     "waiting": len(self._waiting), "live": len(self._live),
-                    "blocks_free": self.blocks.n_free if self.blocks else 0,
-                    "blocks_total": self.blocks.n_lendable if self.blocks else 0,
-                    "steps": r.steps if r else 0, "rows_computed": r.rows_computed if r else 0,
-                    "finished": self.finished}
+                    "finished": self.finished} | self.runner.stats()
 
     def close(self, timeout_s: float = 30.0) -> None:
         with self._cond:
@@ -182,34 +188,28 @@ class DecodeEngine:
             raise Unavailable("decode engine is shutting down")
 
     def _admit(self, seq: Sequence) -> None:  # caller holds the lock
-        seq.blocks = self.blocks.allocate(seq.n_reserve)
+        self.runner.reserve(seq)
         seq.state = SeqState.INGESTING
         seq.admitted.set()
 
     def _end(self, seq: Sequence, end: object) -> None:
-        """Finish `seq` (caller holds the lock): blocks back, waiting ones admitted."""
+        """Finish `seq` (caller holds the lock): memory back, waiting ones admitted."""
         if seq.state is SeqState.FINISHED:
             return
-        if seq.blocks:
-            self.blocks.free(seq.blocks)
-            seq.blocks = []
+        if seq.state is not SeqState.WAITING:
+            self.runner.release(seq)
         seq.state = SeqState.FINISHED
         self._live.pop(seq.seq_id, None)
         self.finished += 1
         seq.out.put(end)
         self._touched.append(seq)
-        while self._waiting and self.blocks.can_allocate(self._waiting[0].n_reserve):
+        while self._waiting and self.runner.can_reserve(self._waiting[0]):
             self._admit(self._waiting.popleft())
 
     # ---- the loop thread ---------------------------------------------------------------
     def _main(self) -> None:
         try:
-            if self.lm.device.type == "cuda":
-                torch.cuda.set_device(self.lm.device)
-            n_blocks, graphs = self._init
-            self.runner = ModelRunner(self.lm, self.max_batch, n_blocks, cuda_graphs=graphs)
-            self.blocks = BlockManager(self.runner.cache.n_blocks, self.runner.cache.block_size)
-            self._copy = torch.cuda.Stream(self.lm.device) if self.lm.device.type == "cuda" else None
+            self.runner.start()
         except BaseException as e:  # reported by __init__
             self._dead = Unavailable(f"decode engine failed to start: {type(e).__name__}: {e}")
             self._up.set()
@@ -223,6 +223,7 @@ class DecodeEngine:
             log.exception("decode engine loop failed")
             end = Unavailable(f"decode engine stopped: {type(e).__name__}: {e}")
         self._die(end)
+        self.runner.close()
 
     def _serve(self) -> None:
         while True:
@@ -237,6 +238,8 @@ class DecodeEngine:
                 self._apply(cmd)
             self._schedule()
             if self.running:
+                if self.fault_step_delay_s:
+                    time.sleep(self.fault_step_delay_s)
                 self._step()
             self._notify()
 
@@ -268,22 +271,11 @@ class DecodeEngine:
             log.exception("engine: %s of seq %d failed", kind, seq.seq_id)
             self._finish(seq, e if isinstance(e, HybridError) else StepFailed(f"{kind}: {e}"))
 
-    def _slots(self, seq: Sequence) -> torch.Tensor:
-        if getattr(seq, "prompt_slots", None) is None:
-            seq.prompt_slots = self.runner.cache.slots_of(seq.blocks, 0, seq.req.n_prompt)
-        return seq.prompt_slots
-
-    def _write_layer(self, seq: Sequence, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if self._copy is None:
-            self.runner.write_kv(layer, self._slots(seq), k, v)
-            return
-        with torch.cuda.stream(self._copy):  # overlaps the batch's decode steps
-            self.runner.write_kv(layer, self._slots(seq), k, v)
+    def _write_layer(self, seq: Sequence, layer: int, payload) -> None:
+        self.runner.write_layer(seq, layer, payload)
 
     def _begin(self, seq: Sequence, first: int, deliver: bool) -> None:
-        if self._copy is not None:  # its first step must see the KV the copy stream wrote
-            seq.kv_ready = torch.cuda.Event()
-            seq.kv_ready.record(self._copy)
+        self.runner.kv_written(seq)  # its first step must see the KV just written
         seq.token, seq.position, seq.step, seq.n_out = first, seq.req.n_prompt, 1, 1
         if deliver:
             seq.out.put(first)
@@ -296,14 +288,7 @@ class DecodeEngine:
         self._ready.append(seq)
 
     def _prefill(self, seq: Sequence, ids: list[int]) -> None:
-        lm, n = self.lm, len(ids)
-        dense = KVCache(lm.config, 1, n, lm.device, lm.dtype)
-        logits = lm.model.prefill(torch.tensor(ids, dtype=torch.long, device=lm.device), dense)
-        slots = self._slots(seq)
-        for layer in range(lm.config.n_layers):
-            self.runner.write_kv(layer, slots, dense.k[layer, 0], dense.v[layer, 0])
-        first = int(sample(logits, seq.req.params, 0)[0])
-        self._begin(seq, first, deliver=True)
+        self._begin(seq, self.runner.prefill(seq, ids), deliver=True)
 
     def _schedule(self) -> None:
         self.running = [s for s in self.running if not s.cancelled]
@@ -311,34 +296,24 @@ class DecodeEngine:
             s = self._ready.popleft()
             if s.cancelled:
                 continue  # its cancel command finishes it
-            ev = getattr(s, "kv_ready", None)
-            if ev is not None:
-                torch.cuda.current_stream(self.lm.device).wait_event(ev)
+            self.runner.before_step(s)
             s.state = SeqState.RUNNING
             self.running.append(s)
 
     def _step(self) -> None:
         rows = list(self.running)
         try:
-            greedy, logits = self.runner.step(rows)
+            tokens = self.runner.step(rows)
         except Exception as e:
             log.exception("decode step failed (%d rows)", len(rows))
-            self.runner.invalidate()
             for s in rows:
                 self._finish(s, StepFailed(f"decode step failed: {type(e).__name__}: {e}"))
             return
-        tokens, host = list(greedy), False
-        for i, s in enumerate(rows):
-            if not s.req.params.greedy:
-                try:  # noise keyed by (seed, step): the tokens of any other run
-                    tokens[i] = int(sample(logits[i], s.req.params, s.step)[0])
-                    host = True
-                except Exception as e:
-                    self._finish(s, e if isinstance(e, HybridError) else StepFailed(str(e)))
-                    continue
-            self._deliver(s, tokens[i])
-        if host:
-            self.runner.set_tokens(tokens)
+        for s, tok in zip(rows, tokens, strict=True):
+            if isinstance(tok, BaseException):
+                self._finish(s, tok if isinstance(tok, HybridError) else StepFailed(str(tok)))
+            else:
+                self._deliver(s, tok)
 
     def _deliver(self, s: Sequence, tok: int) -> None:
         s.out.put(tok)

@@ -254,8 +254,6 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             return
         session.start(first)
         async for chunk in self.bridge.chunks(session.seq, self.wait_timeout_s):
-            if self.fault_token_delay_s:
-                await asyncio.sleep(self.fault_token_delay_s * len(chunk))
             yield chunk
 
     async def _decode(self, session, first: int, stop: threading.Event):

@@ -23,7 +23,7 @@ def open_and_ingest(engine: DecodeEngine, lm, prompt: list[int], max_new: int,
     cache, _ = prefill_kv(lm, prompt)
     seq = engine.open(DecodeRequest(len(prompt), max_new, params.with_seed(), **kw))
     for layer in range(lm.config.n_layers):
-        engine.ingest(seq, layer, cache.k[layer, 0].cpu(), cache.v[layer, 0].cpu())
+        engine.ingest(seq, layer, (cache.k[layer, 0].cpu(), cache.v[layer, 0].cpu()))
     return seq
 
 

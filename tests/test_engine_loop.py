@@ -122,7 +122,7 @@ def test_cancel_mid_batch_leaves_the_others_exact(lm):
 def test_a_failing_step_fails_only_its_sequences(lm, monkeypatch):
     eng = DecodeEngine(lm, max_batch=4)
     try:
-        real = eng.runner.step
+        real = eng.runner.model.step
         calls = []
 
         def broken(rows):
@@ -131,7 +131,7 @@ def test_a_failing_step_fails_only_its_sequences(lm, monkeypatch):
                 raise RuntimeError("injected")
             return real(rows)
 
-        monkeypatch.setattr(eng.runner, "step", broken)
+        monkeypatch.setattr(eng.runner.model, "step", broken)
         with pytest.raises(StepFailed, match="injected"):
             list(eng.submit([1, 2, 3], 5, ignore_eos=True))
         assert list(eng.submit([1, 2, 3], 5, ignore_eos=True)) == solo(lm, [1, 2, 3], 5)

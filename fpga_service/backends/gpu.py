@@ -90,7 +90,7 @@ class EngineSession(DecodeSession):
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(data, dtype=self.backend.lm.dtype)
         n = flat.numel() // 2
-        self.engine.ingest(self.seq, layer, flat[:n].view(self._shape), flat[n:].view(self._shape))
+        self.engine.ingest(self.seq, layer, (flat[:n].view(self._shape), flat[n:].view(self._shape)))
 
     def decode(self, first_token: int) -> Iterator[int]:
         self._t0 = time.perf_counter()

@@ -1,0 +1,114 @@
+"""The engine's runner on a GPU (or the CPU): the paged KV pool and its block manager,
+the CUDA-graph decode step (engine/model_runner.py), KV copies on a copy stream, and
+sampling (greedy on the device; temperature/top-k/top-p on the host, keyed by
+(seed, step), so any run of a request draws the same tokens)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.errors import HybridError
+from engine.kv_cache import KVCache
+from engine.loader import LoadedModel
+from engine.model_runner import ModelRunner
+from engine.runner_base import StepRunner
+from engine.sampling import sample
+from engine.sequence import Sequence
+
+
+class PagedRunner(StepRunner):
+    def __init__(self, lm: LoadedModel, max_batch: int, n_blocks: int | None = None,
+                 cuda_graphs: bool | None = None) -> None:
+        self.lm, self.max_batch = lm, max_batch
+        self._opts = (n_blocks, cuda_graphs)
+        self.model: ModelRunner | None = None
+        self.blocks: BlockManager | None = None
+        self._copy: torch.cuda.Stream | None = None
+
+    def start(self) -> None:
+        if self.lm.device.type == "cuda":
+            torch.cuda.set_device(self.lm.device)
+            self._copy = torch.cuda.Stream(self.lm.device)
+        n_blocks, graphs = self._opts
+        self.model = ModelRunner(self.lm, self.max_batch, n_blocks, cuda_graphs=graphs)
+        self.blocks = BlockManager(self.model.cache.n_blocks, self.model.cache.block_size)
+
+    # ---- memory (any thread, under the engine's lock) ---------------------------------
+    def fits(self, seq: Sequence) -> str | None:
+        need = self.blocks.blocks_needed(seq.n_reserve)
+        if need > self.blocks.n_lendable:
+            return f"request needs {need} KV blocks; the pool has {self.blocks.n_lendable}"
+        return None
+
+    def can_reserve(self, seq: Sequence) -> bool:
+        return self.blocks.can_allocate(seq.n_reserve)
+
+    def reserve(self, seq: Sequence) -> None:
+        seq.blocks = self.blocks.allocate(seq.n_reserve)
+
+    def release(self, seq: Sequence) -> None:
+        if seq.blocks:
+            self.blocks.free(seq.blocks)
+            seq.blocks = []
+
+    # ---- the engine thread ---------------------------------------------------------
+    def _slots(self, seq: Sequence) -> torch.Tensor:
+        if seq.prompt_slots is None:
+            seq.prompt_slots = self.model.cache.slots_of(seq.blocks, 0, seq.req.n_prompt)
+        return seq.prompt_slots
+
+    def write_layer(self, seq: Sequence, layer: int, payload: Any) -> None:
+        """payload: (k, v) [n_kv_heads, n_prompt, head_dim] on any device."""
+        k, v = payload
+        if self._copy is None:
+            self.model.write_kv(layer, self._slots(seq), k, v)
+            return
+        with torch.cuda.stream(self._copy):  # overlaps the batch's decode steps
+            self.model.write_kv(layer, self._slots(seq), k, v)
+
+    def kv_written(self, seq: Sequence) -> None:
+        if self._copy is not None:
+            seq.kv_ready = torch.cuda.Event()
+            seq.kv_ready.record(self._copy)
+
+    def before_step(self, seq: Sequence) -> None:
+        if seq.kv_ready is not None:
+            torch.cuda.current_stream(self.lm.device).wait_event(seq.kv_ready)
+
+    def prefill(self, seq: Sequence, prompt_ids: list[int]) -> int:
+        lm, n = self.lm, len(prompt_ids)
+        dense = KVCache(lm.config, 1, n, lm.device, lm.dtype)
+        ids = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
+        logits = lm.model.prefill(ids, dense)
+        slots = self._slots(seq)
+        for layer in range(lm.config.n_layers):
+            self.model.write_kv(layer, slots, dense.k[layer, 0], dense.v[layer, 0])
+        return int(sample(logits, seq.req.params, 0)[0])
+
+    def step(self, rows: list[Sequence]) -> list[int | BaseException]:
+        try:
+            greedy, logits = self.model.step(rows)
+        except BaseException:
+            self.model.invalidate()  # rewrite every input before the next step
+            raise
+        out: list[int | BaseException] = list(greedy)
+        host = False
+        for i, s in enumerate(rows):
+            if s.req.params.greedy:
+                continue
+            try:
+                out[i] = int(sample(logits[i], s.req.params, s.step)[0])
+                host = True
+            except Exception as e:
+                out[i] = e if isinstance(e, HybridError) else HybridError(str(e))
+        if host:  # the next step's inputs: the host's samples, the device's argmax
+            self.model.set_tokens([t if isinstance(t, int) else 0 for t in out])
+        return out
+
+    def stats(self) -> dict[str, int]:
+        m, b = self.model, self.blocks
+        return {"steps": m.steps if m else 0, "rows_computed": m.rows_computed if m else 0,
+                "blocks_free": b.n_free if b else 0, "blocks_total": b.n_lendable if b else 0}
