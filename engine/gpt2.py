@@ -8,13 +8,18 @@ nn.Linear [out, in] weights.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.attention import DecodeIndex, decode_attention, prefill_attention, store_prefill_kv
 from engine.config import ModelConfig
+from engine.errors import InvalidArgument
 from engine.kv_cache import KVCache
+
+Spans = list[tuple[int, int]]  # [start, end) of each prompt's tokens in a packed batch
 
 # HF Conv1D weights ([in, out]) that the loader must transpose into nn.Linear ([out, in])
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -37,6 +42,11 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x)
         store_prefill_kv(cache, layer, k, v, row, on_layer)
         y = prefill_attention(q, k, v, 1)  # [1, H, T, D]
+        return self.c_proj(y.transpose(1, 2).reshape(x.shape))
+
+    def prefill_packed(self, x, spans: Spans, layer: int, on_layer) -> torch.Tensor:
+        q, k, v = self._qkv(x)  # [1, H, N, D] over all packed prompts
+        y = packed_attention(q, k, v, spans, 1, layer, on_layer)
         return self.c_proj(y.transpose(1, 2).reshape(x.shape))
 
     def decode(self, x, idx: DecodeIndex, cache: KVCache, layer: int) -> torch.Tensor:
@@ -67,6 +77,10 @@ class Block(nn.Module):
         x = x + self.attn.prefill(self.ln_1(x), cache, layer, row, on_layer)
         return x + self.mlp(self.ln_2(x))
 
+    def prefill_packed(self, x, spans: Spans, layer: int, on_layer):
+        x = x + self.attn.prefill_packed(self.ln_1(x), spans, layer, on_layer)
+        return x + self.mlp(self.ln_2(x))
+
     def decode(self, x, idx, cache, layer):
         x = x + self.attn.decode(self.ln_1(x), idx, cache, layer)
         return x + self.mlp(self.ln_2(x))
@@ -94,6 +108,23 @@ class GPT2(nn.Module):
         return self._logits(x[0, -1])
 
     @torch.no_grad()
+    def prefill_packed(self, ids: list[torch.Tensor], on_layer=None) -> torch.Tensor:
+        """Several prompts in one forward: ids [LongTensor[T_i]] -> last-position logits
+        [n, vocab] fp32. Tokens are packed as [1, N, d] (positions restart at 0 for each
+        prompt) so the Linear/MLP/LayerNorm work runs once; attention runs per prompt.
+        `on_layer(layer, i, k, v)` gets prompt i's k, v [Hkv, T_i, D]. No KV cache."""
+        flat, pos, spans = pack_prompts(ids)
+        x = (self.wte(flat) + self.wpe(pos))[None]  # [1, N, d]
+        for i, block in enumerate(self.h):
+            x = block.prefill_packed(x, spans, i, on_layer)
+        return self._last_logits(x, spans)
+
+    def _last_logits(self, x: torch.Tensor, spans: Spans) -> torch.Tensor:
+        if len(spans) == 1:  # the very ops of prefill(): one prompt stays bit-identical
+            return self._logits(x[0, -1])[None]
+        return self._logits(x[0, [end - 1 for _, end in spans]])
+
+    @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                     batch=None) -> torch.Tensor:
         """tokens, positions LongTensor[B] -> logits [B, vocab] fp32. With a paged cache
@@ -103,3 +134,31 @@ class GPT2(nn.Module):
         for i, block in enumerate(self.h):
             x = block.decode(x, idx, cache, i)
         return self._logits(x)
+
+
+# The two helpers below serve Llama too (engine.llama imports them); their natural home
+# is engine/attention.py.
+def pack_prompts(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Spans]:
+    """[LongTensor[T_i]] -> (tokens [N], positions [N], spans). Positions are built on the
+    host and copied once: one transfer instead of a kernel per prompt."""
+    if not ids:
+        raise InvalidArgument("prefill_packed needs at least one prompt")
+    lens = [int(t.shape[0]) for t in ids]
+    ends = list(itertools.accumulate(lens))
+    spans = [(e - n, e) for e, n in zip(ends, lens, strict=True)]
+    if len(ids) == 1:
+        return ids[0], torch.arange(lens[0], device=ids[0].device), spans
+    pos = torch.cat([torch.arange(n) for n in lens]).to(ids[0].device)
+    return torch.cat(ids), pos, spans
+
+
+def packed_attention(q, k, v, spans: Spans, n_rep: int, layer: int, on_layer) -> torch.Tensor:
+    """q [1, H, N, D], k, v [1, Hkv, N, D] of packed prompts -> [1, H, N, D], causal within
+    each prompt. One SDPA call per prompt: exact (each prompt sees only itself, no
+    cross-prompt mask to get wrong). Every prompt's hook runs before any attention, so
+    the copies of this layer's KV start as early as they can."""
+    if on_layer is not None:
+        for i, (s, e) in enumerate(spans):
+            on_layer(layer, i, k[0, :, s:e], v[0, :, s:e])
+    outs = [prefill_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], n_rep) for s, e in spans]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

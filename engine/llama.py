@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from engine.attention import DecodeIndex, decode_attention, prefill_attention, store_prefill_kv
 from engine.config import ModelConfig
+from engine.gpt2 import Spans, pack_prompts, packed_attention
 from engine.kv_cache import KVCache
 
 
@@ -68,6 +69,12 @@ class Attention(nn.Module):
         y = prefill_attention(q, k, v, self.cfg.n_heads // self.cfg.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
+    def prefill_packed(self, x, cos, sin, spans: Spans, layer: int, on_layer):
+        q, k, v = self._qkv(x, cos, sin)  # over all packed prompts; RoPE is per token
+        y = packed_attention(q, k, v, spans, self.cfg.n_heads // self.cfg.n_kv_heads,
+                             layer, on_layer)
+        return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
     def decode(self, x, cos, sin, idx: DecodeIndex, cache: KVCache, layer: int):
         q, k, v = self._qkv(x[:, None, :], cos, sin)  # cos/sin [B, 1, 1, D]
         return self.o_proj(decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], idx, cache, layer))
@@ -94,6 +101,11 @@ class Block(nn.Module):
 
     def prefill(self, x, cos, sin, cache, layer, row, on_layer):
         x = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, cache, layer, row, on_layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def prefill_packed(self, x, cos, sin, spans: Spans, layer: int, on_layer):
+        x = x + self.self_attn.prefill_packed(self.input_layernorm(x), cos, sin, spans, layer,
+                                              on_layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def decode(self, x, cos, sin, idx, cache, layer):
@@ -126,6 +138,21 @@ class Llama(nn.Module):
         for i, block in enumerate(self.layers):
             x = block.prefill(x, cos, sin, cache, i, row, on_layer)
         return self._logits(x[0, -1])
+
+    @torch.no_grad()
+    def prefill_packed(self, ids: list[torch.Tensor], on_layer=None) -> torch.Tensor:
+        """Several prompts in one forward: ids [LongTensor[T_i]] -> last-position logits
+        [n, vocab] fp32. Tokens are packed as [1, N, d] (positions restart at 0 for each
+        prompt) so the projections, norms and MLP run once; attention runs per prompt.
+        `on_layer(layer, i, k, v)` gets prompt i's k, v [Hkv, T_i, D]. No KV cache."""
+        flat, pos, spans = pack_prompts(ids)
+        x = self.embed_tokens(flat)[None]  # [1, N, d]
+        cos, sin = self._rope(pos, x.dtype)  # [N, D]
+        for i, block in enumerate(self.layers):
+            x = block.prefill_packed(x, cos, sin, spans, i, on_layer)
+        if len(spans) == 1:  # the very ops of prefill(): one prompt stays bit-identical
+            return self._logits(x[0, -1])[None]
+        return self._logits(x[0, [end - 1 for _, end in spans]])
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,

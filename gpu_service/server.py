@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
+from engine.errors import InvalidArgument
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
@@ -16,6 +18,19 @@ from transport import servekit as kit
 log = logging.getLogger("hybrid.prefill")
 STREAMS, UNARIES = ("Prefill", "FetchKv"), ("RenewLease", "Release", "Info")
 SERVICE = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
+
+
+def _env_int(name: str, default: int) -> int:
+    """A positive integer option from the environment. For options the CLI does not
+    pass yet (it reads every HYBRID_* variable it knows itself and passes the value)."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = int(raw) if raw else default
+    except ValueError:
+        raise InvalidArgument(f"{name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise InvalidArgument(f"{name} must be >= 1, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,17 @@ class PrefillOptions:
     grace_s: float = 10.0
     log_level: str = "info"
     warm_up: bool = True
+    # The prefill loop packs every waiting prompt into one forward, up to this many
+    # prompts and tokens. Concurrency also needs max_active >= max_batch: requests
+    # beyond max_active wait in admission, not in the loop's batch.
+    max_batch: int = field(default_factory=lambda: _env_int("HYBRID_PREFILL_MAX_BATCH", 32))
+    max_batch_tokens: int = field(
+        default_factory=lambda: _env_int("HYBRID_PREFILL_MAX_TOKENS", 4096))
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_batch_tokens < 1:
+            raise InvalidArgument(f"prefill max_batch ({self.max_batch}) and max_batch_tokens "
+                                  f"({self.max_batch_tokens}) must be >= 1")
 
 
 async def _serve(opts: PrefillOptions) -> None:
@@ -53,15 +79,19 @@ async def _serve(opts: PrefillOptions) -> None:
     await server.start()  # health answers NOT_SERVING while the weights load
     log.info("prefill listening on %s:%d (loading %s on %s/%s)", opts.host, port,
              opts.model, device, dtype)
-    region = None
+    region = servicer = None
     try:
         lm = await asyncio.to_thread(load_model, opts.model, device, dtype)
         region = KvRegion.create(opts.region_mb << 20, opts.max_slots, lm.config.n_layers,
                                  opts.lease_s)
-        servicer = PrefillServicer(PrefillRunner(lm, region), region, admission, opts.lease_s,
+        runner = PrefillRunner(lm, region, max_batch=opts.max_batch,
+                               max_batch_tokens=opts.max_batch_tokens)
+        servicer = PrefillServicer(runner, region, admission, opts.lease_s,
                                    checksums=opts.checksums)
-        if opts.warm_up:
-            await kit.warm_up(log, "prefill", servicer.pool, servicer.warm_up)
+        log.info("prefill batches: up to %d prompts, %d tokens (max_active %d)", opts.max_batch,
+                 opts.max_batch_tokens, opts.max_active)
+        if opts.warm_up:  # the work runs on the loop's thread; this executor only waits
+            await kit.warm_up(log, "prefill", None, servicer.warm_up)
         holder["servicer"] = servicer
         reaper = asyncio.create_task(servicer.reap_leases(max(0.1, opts.lease_s / 4)))
         await kit.run_until_signalled(
@@ -71,6 +101,8 @@ async def _serve(opts: PrefillOptions) -> None:
         reaper.cancel()
     finally:
         await server.stop(0)
+        if servicer is not None:  # the loop writes into the region: stop it first
+            await asyncio.to_thread(servicer.close)
         if region is not None:
             region.close()
 

@@ -1,14 +1,19 @@
-"""PrefillService: message -> checks -> slot -> runner (worker thread) -> messages."""
+"""PrefillService: message -> checks -> slot -> prefill loop (one thread, batched) ->
+messages.
+
+Handlers run on the asyncio loop and never touch the device: they validate, allocate
+the slot, send the handle, then hand the prompt to the PrefillLoop and await its
+result. The handler owns the slot until the first token is published: it frees it when
+the prefill did not complete (error or cancel); after that the consumer releases it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -19,6 +24,7 @@ from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
 
+from .loop import PrefillLoop
 from .runner import PrefillRunner
 
 log = logging.getLogger("hybrid.prefill")
@@ -27,7 +33,8 @@ VERSION = "0.1.0"
 
 class PrefillServicer(pbg.PrefillServiceServicer):
     def __init__(self, runner: PrefillRunner, region: Any, admission: kit.Admission,
-                 lease_s: float, wait_timeout_s: float = 60.0, checksums: bool = True) -> None:
+                 lease_s: float, wait_timeout_s: float = 60.0, checksums: bool = True,
+                 loop: PrefillLoop | None = None) -> None:
         self.runner, self.region, self.admission = runner, region, admission
         self.lm = runner.lm
         self.lease_s, self.wait_timeout_s = lease_s, wait_timeout_s
@@ -35,9 +42,13 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         # Counters reported in ServiceInfo.counters: what tests and
         # operators use to see slots in use and how KV left this process.
         self.stats: Counter = Counter()
-        # Compute threads of their own (admission bounds them): FetchKv's blocking
-        # readiness waits on the default executor can never starve a prefill.
-        self.pool = ThreadPoolExecutor(admission.max_active, "prefill")
+        # The one thread that does all device work (batches the waiting prompts). FetchKv's
+        # blocking readiness waits run on the default executor: they never delay it.
+        self.loop = loop or PrefillLoop(runner)
+
+    def close(self) -> None:
+        """Stop the prefill loop; prompts not yet run fail with UNAVAILABLE."""
+        self.loop.close()
 
     # ---- Prefill -------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext):
@@ -89,22 +100,25 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                        params: Any, queue_ms: float, fields: dict):
         desc = self._alloc(ids, layout, dtype)
         self.stats["slots_allocated"] += 1
-        cancel = threading.Event()
         done = False
         try:
             yield pb.PrefillResponse(handle=pb.KvHandle(
                 request_id=rid, kv=desc.to_proto(), weights_fingerprint=self.lm.fingerprint,
                 model=self.lm.spec, lease_ms=int(self.lease_s * 1e3), prompt_ids=ids))
-            loop = asyncio.get_running_loop()
-            fut = loop.run_in_executor(self.pool, self.runner.run, ids, desc, layout, params, cancel)
+            job, fut = self.loop.submit_async(ids, desc, layout, params)
             try:
                 res = await asyncio.shield(fut)
             except asyncio.CancelledError:
-                cancel.set()  # stop at the next layer, then free the slot below
+                # Dropped if still queued, else stops at its next layer; the slot is freed
+                # below once the loop let go of it (its copies have landed).
+                self.loop.cancel(job)
                 await asyncio.wait([fut], timeout=self.wait_timeout_s)
+                if fut.done():
+                    fut.exception()  # seen (Cancelled, mostly): asyncio must not log it
                 raise
             st = res.ship
-            fields.update(kv_bytes=st.kv_bytes, queue_ms=round(queue_ms, 2),
+            queue_ms += res.queue_ms  # admission wait + wait for a batch
+            fields.update(kv_bytes=st.kv_bytes, queue_ms=round(queue_ms, 2), batch=res.batch,
                           prefill_ms=round(res.prefill_ms, 2),
                           transfer_ms=round(st.transfer_ms, 3),
                           exposed_ms=round(st.exposed_transfer_ms, 3))
@@ -130,11 +144,13 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             n_kv_heads=self.runner.config.n_kv_heads, head_dim=self.runner.config.head_dim)
 
     def warm_up(self, n_tokens: int = 16) -> float:
-        """One short prefill per slot layout through the request path (model, reshape
-        kernels, shippers, region), before the service says SERVING: the first real
-        request then finds kernels compiled, libraries initialised and buffers made
-        instead of paying for them. Leaves no slot and no counter behind; returns ms."""
+        """One short prefill per slot layout through the request path (the prefill loop's
+        thread: model, reshape kernels, shippers, region), before the service says
+        SERVING: the first real request then finds kernels compiled, libraries
+        initialised and buffers made instead of paying for them. Blocks (call it off the
+        event loop). Leaves no slot and no counter behind; returns ms."""
         t0 = time.perf_counter()
+        batch_counts = self.loop.stats.copy()  # the loop is idle before SERVING
         ids = [i % self.runner.config.vocab_size for i in range(1, n_tokens + 1)]
         for layout in ("dense", "hbm"):
             try:
@@ -143,9 +159,13 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                 log.info("warm-up: no %s slot (%s)", layout, e)
                 continue
             try:
-                self.runner.run(ids, desc, layout, SamplingParams(), threading.Event())
+                # No timeout, as a direct call had none: a slot may only be freed once
+                # the loop let go of it.
+                self.loop.run_sync(ids, desc, layout, SamplingParams())
             finally:
                 self.region.free(desc, "warm-up")
+        self.loop.stats.clear()
+        self.loop.stats.update(batch_counts)
         return (time.perf_counter() - t0) * 1e3
 
     def _fail_slot(self, desc: Any, reason: str) -> None:
@@ -237,6 +257,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         m = dict(self.stats)
         m["slots_in_use"] = self.region.stats()["slots_used"]
         m["active"], m["waiting"] = self.admission.active, self.admission.waiting
+        m.update(self.loop.stats)  # prefill_batches, prefill_batched_prompts
         return m
 
     async def _abort(self, context: grpc.aio.ServicerContext, e: Exception) -> None:

@@ -25,8 +25,10 @@ def test_decode_warm_up_leaves_nothing_open(name, opts):
         assert warm_up(backend) > 0
         info = backend.info()
         assert info.get("sessions_open", "0") == "0"
-        if opts:
-            assert backend.scheduler.rows_busy() == 0 and backend.scheduler.tokens == 3
+        if name == "gpu":
+            st = backend.engine.stats()
+            assert st["running"] == st["live"] == 0 and st["rows_computed"] == 3
+            assert st["blocks_free"] == st["blocks_total"]
     finally:
         backend.close()
 
