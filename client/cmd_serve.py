@@ -64,7 +64,7 @@ def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_ba
 
         run(PrefillOptions(port=50051 if port is None else port, region_mb=region_mb,
                            max_slots=max_slots, lease_s=lease_s, checksums=checksums,
-                           max_active=max_active or 4,
+                           max_active=max_active or 64,
                            **common))
     else:
         from fpga_service.server import DecodeOptions

@@ -5,7 +5,6 @@ import torch
 
 from engine.errors import InvalidArgument
 from engine.generate import generate
-from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.sampling import SamplingParams, filter_logits, sample, step_seed
 
