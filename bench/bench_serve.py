@@ -411,6 +411,7 @@ def pair_addresses(cfg: ServeBenchConfig, model: str):
 
     with contextlib.ExitStack() as stack:
         logs = cfg.log_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        Path(logs).mkdir(parents=True, exist_ok=True)
         pfx, dec = service_args(cfg)
         pair = ServicePair(model=model, device=cfg.device or "auto", backend=cfg.backend,
                            log_dir=logs, prefill_args=pfx, decode_args=dec)

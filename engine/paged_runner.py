@@ -30,7 +30,8 @@ class PagedRunner(StepRunner):
 
     def start(self) -> None:
         if self.lm.device.type == "cuda":
-            torch.cuda.set_device(self.lm.device)
+            dev = self.lm.device  # set_device needs an index: plain "cuda" is the current one
+            torch.cuda.set_device(dev if dev.index is not None else torch.cuda.current_device())
             self._copy = torch.cuda.Stream(self.lm.device)
         n_blocks, graphs = self._opts
         self.model = ModelRunner(self.lm, self.max_batch, n_blocks, cuda_graphs=graphs)
