@@ -25,6 +25,7 @@ import atexit
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -71,6 +72,7 @@ class DecodeEngine:
         self._ready: deque[Sequence] = deque()     # first token known, no batch row yet
         self._live: dict[int, Sequence] = {}       # every sequence not finished
         self.running: list[Sequence] = []          # (loop) the batch, in row order
+        self._pending: tuple | None = None         # (loop) the launched, unread step
         self._stopping = False
         self._dead: BaseException | None = None
         self.finished = 0
@@ -82,6 +84,10 @@ class DecodeEngine:
         # per step instead of one per token). None: consumers block on `out`.
         self.notifier: Callable[[list[Sequence]], None] | None = None
         self._touched: list[Sequence] = []
+        # The loop needs the GIL back as soon as a step's CUDA wait ends; CPython's 5 ms
+        # switch interval would let a busy consumer thread hold it for most of a step.
+        sys.setswitchinterval(min(sys.getswitchinterval(),
+                                  float(os.environ.get("HYBRID_GIL_SWITCH_S", "0.0005"))))
         self._up = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
         self._thread.start()
@@ -196,13 +202,18 @@ class DecodeEngine:
         """Finish `seq` (caller holds the lock): memory back, waiting ones admitted."""
         if seq.state is SeqState.FINISHED:
             return
-        if seq.state is not SeqState.WAITING:
+        if seq.inflight:  # a launched step may still write its KV: free after it
+            seq.release_later = True
+        elif seq.state is not SeqState.WAITING:
             self.runner.release(seq)
         seq.state = SeqState.FINISHED
         self._live.pop(seq.seq_id, None)
         self.finished += 1
         seq.out.put(end)
         self._touched.append(seq)
+        self._admit_waiting()
+
+    def _admit_waiting(self) -> None:  # caller holds the lock
         while self._waiting and self.runner.can_reserve(self._waiting[0]):
             self._admit(self._waiting.popleft())
 
@@ -228,19 +239,26 @@ class DecodeEngine:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not (self._cmds or self.running or self._stopping):
+                while not (self._cmds or self.running or self._pending or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     return
                 cmds = list(self._cmds)
                 self._cmds.clear()
+            prefills = []
             for cmd in cmds:
-                self._apply(cmd)
+                if cmd[0] == "prefill":
+                    prefills.append(cmd)
+                else:
+                    self._apply(cmd)
+            self._prefill(prefills)
             self._schedule()
             if self.running:
                 if self.fault_step_delay_s:
                     time.sleep(self.fault_step_delay_s)
                 self._step()
+            else:
+                self._collect()
             self._notify()
 
     def _notify(self) -> None:
@@ -265,8 +283,6 @@ class DecodeEngine:
                 self._write_layer(seq, *args)
             elif kind == "start":
                 self._begin(seq, *args)
-            elif kind == "prefill":
-                self._prefill(seq, *args)
         except Exception as e:
             log.exception("engine: %s of seq %d failed", kind, seq.seq_id)
             self._finish(seq, e if isinstance(e, HybridError) else StepFailed(f"{kind}: {e}"))
@@ -287,8 +303,27 @@ class DecodeEngine:
         seq.state = SeqState.READY
         self._ready.append(seq)
 
-    def _prefill(self, seq: Sequence, ids: list[int]) -> None:
-        self._begin(seq, self.runner.prefill(seq, ids), deliver=True)
+    PREFILL_TOKENS = 8192  # per packed forward: bounds how long decode steps wait
+
+    def _prefill(self, cmds: list[tuple]) -> None:
+        """Local prompts, batched: packed forwards of up to PREFILL_TOKENS tokens."""
+        live = [(seq, ids) for _, seq, ids in cmds
+                if seq.state is SeqState.INGESTING and not seq.cancelled]
+        while live:
+            n, total = 0, 0
+            while n < len(live) and (n == 0 or total + len(live[n][1]) <= self.PREFILL_TOKENS):
+                total += len(live[n][1])
+                n += 1
+            batch, live = live[:n], live[n:]
+            try:
+                firsts = self.runner.prefill([s for s, _ in batch], [ids for _, ids in batch])
+            except Exception as e:
+                log.exception("engine: prefill of %d prompts failed", len(batch))
+                for s, _ in batch:
+                    self._finish(s, e if isinstance(e, HybridError) else StepFailed(f"prefill: {e}"))
+                continue
+            for (s, _), first in zip(batch, firsts, strict=True):
+                self._begin(s, first, deliver=True)
 
     def _schedule(self) -> None:
         self.running = [s for s in self.running if not s.cancelled]
@@ -301,19 +336,59 @@ class DecodeEngine:
             self.running.append(s)
 
     def _step(self) -> None:
-        rows = list(self.running)
+        """Launch a step for the running rows; with a pipelined runner, read the
+        previous step's tokens back while this one runs on the device (one step of
+        lookahead: a row that hits EOS has run one extra step, whose token is dropped
+        and whose KV slot was reserved for it)."""
+        greedy = all(s.req.params.greedy for s in self.running)
+        if self._pending is not None and not (self.runner.pipelined and greedy):
+            self._collect()  # sampled rows need this step's logits before the next one
+        rows = [s for s in self.running if s.n_out + s.inflight < s.req.max_new_tokens]
+        if not rows:  # every row waits only for its last token
+            self._collect()
+            return
         try:
-            tokens = self.runner.step(rows)
+            launched = self.runner.launch(rows)
         except Exception as e:
             log.exception("decode step failed (%d rows)", len(rows))
+            self._collect()
             for s in rows:
                 self._finish(s, StepFailed(f"decode step failed: {type(e).__name__}: {e}"))
             return
+        for s in rows:
+            s.inflight += 1
+        self._collect()
+        self._pending = (rows, launched)
+        if not (self.runner.pipelined and greedy):
+            self._collect()
+
+    def _collect(self) -> None:
+        """Read back the step in flight (if any) and deliver its tokens."""
+        if self._pending is None:
+            return
+        rows, launched = self._pending
+        self._pending = None
+        try:
+            tokens = self.runner.collect(launched)
+        except Exception as e:
+            log.exception("decode step failed (%d rows)", len(rows))
+            tokens = [StepFailed(f"decode step failed: {type(e).__name__}: {e}")] * len(rows)
+            self.runner.reset()
         for s, tok in zip(rows, tokens, strict=True):
-            if isinstance(tok, BaseException):
+            s.inflight -= 1
+            if s.state is SeqState.FINISHED:
+                self._release_if_done(s)  # ended while the step ran: drop its token
+            elif isinstance(tok, BaseException):
                 self._finish(s, tok if isinstance(tok, HybridError) else StepFailed(str(tok)))
             else:
                 self._deliver(s, tok)
+
+    def _release_if_done(self, s: Sequence) -> None:
+        if s.release_later and not s.inflight:
+            s.release_later = False
+            with self._cond:
+                self.runner.release(s)
+                self._admit_waiting()
 
     def _deliver(self, s: Sequence, tok: int) -> None:
         s.out.put(tok)

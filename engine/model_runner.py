@@ -18,8 +18,10 @@ the next replay; a change of rows rewrites the inputs once.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -30,6 +32,18 @@ from engine.paged_kv import NULL_BLOCK, PagedBatch, PagedKVCache, table_width
 from engine.sequence import Sequence
 
 log = logging.getLogger("hybrid.engine")
+
+
+@dataclass
+class Launch:
+    """A decode step in flight: its rows, their batch slots, where its tokens land."""
+
+    rows: list[Sequence]
+    index: list[int]          # batch slot of each row
+    bucket: int
+    buf: int                  # which host output buffer
+    event: torch.cuda.Event | None
+    logits: torch.Tensor      # [bucket, vocab]; valid until the next launch
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -76,10 +90,10 @@ class ModelRunner:
         on_cuda = self.device.type == "cuda"
         self.buckets = batch_buckets(max_batch) if on_cuda and cuda_graphs else []
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._rows: list[int] | None = None  # seq ids the device inputs hold, in order
         self._bucket = 0
         self.steps = 0
         self.rows_computed = 0  # sum of real rows over steps: mean batch = rows / steps
+        self.pipelined = on_cuda  # launches return before the step is done
         if self.buckets:
             self._capture_all()
 
@@ -87,19 +101,24 @@ class ModelRunner:
     def _buffers(self) -> None:
         n, w, dev = self.max_batch, self.width, self.device
         pin = dev.type == "cuda"
-        self.h_tokens = torch.zeros(n, dtype=torch.long, pin_memory=pin)
-        self.h_positions = torch.zeros(n, dtype=torch.long, pin_memory=pin)
-        self.h_tables = torch.zeros(n, w, dtype=torch.int32, pin_memory=pin)
-        self.h_out = torch.zeros(n, dtype=torch.long, pin_memory=pin)
-        if dev.type == "cpu":
-            self.tokens, self.positions, self.tables = self.h_tokens, self.h_positions, self.h_tables
-        else:
-            self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
-            self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-            self.tables = torch.zeros(n, w, dtype=torch.int32, device=dev)
+        self.h_out = [torch.zeros(n, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        # (2n: room to spare; changes are per slot, so at most n)
+        self._staging = [{"rows": torch.zeros(2 * n, dtype=torch.long, pin_memory=pin).numpy(),
+                          "tok": torch.zeros(2 * n, dtype=torch.long, pin_memory=pin).numpy(),
+                          "pos": torch.zeros(2 * n, dtype=torch.long, pin_memory=pin).numpy(),
+                          "tab": torch.zeros(2 * n, w, dtype=torch.int32, pin_memory=pin).numpy()}
+                         for _ in range(2)]
+        self._flip = 0
+        self._row_of: dict[int, int] = {}          # seq id -> its batch slot
+        self._free_rows = list(range(n))           # a heap: lowest slot first
+        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(n, w, dtype=torch.int32, device=dev)
         self.slots = torch.zeros(n, dtype=torch.long, device=dev)
         self.ctx_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.out = torch.zeros(n, dtype=torch.long, device=dev)
+        if dev.type == "cpu":  # read back directly: no copy, no event
+            self.h_out = [self.out, self.out]
 
     def _attention_kernel(self) -> None:
         try:
@@ -159,59 +178,98 @@ class ModelRunner:
         for t in (self.tokens, self.positions, self.tables, self.slots, self.out):
             t.zero_()
         self.ctx_lens.fill_(1)
-        self._rows = None
 
     # ---- the step ------------------------------------------------------------------
     def bucket_for(self, b: int) -> int:
         return next((k for k in self.buckets if k >= b), b)
 
-    def step(self, rows: list[Sequence]) -> tuple[list[int], torch.Tensor]:
-        """One decode step for `rows` (each at its `token`/`position`, KV of positions
-        before it in its blocks). Returns each row's greedy token and the logits
-        [>= len(rows), vocab] (valid until the next step) for rows that sample."""
-        b = len(rows)
-        bucket = self.bucket_for(b)
-        ids = [s.seq_id for s in rows]
-        if ids != self._rows or bucket != self._bucket:
-            self._write_inputs(rows, bucket)
-            self._rows, self._bucket = ids, bucket
+    def launch(self, rows: list[Sequence], rewrite: frozenset[int] = frozenset()) -> Launch:
+        """Queue one decode step for `rows` and return at once (CUDA; the CPU computes
+        it here). A row keeps its batch slot while it runs, so only rows that joined or
+        left, and rows in `rewrite` (seq ids whose next token the host chose), have
+        their inputs written; the others continue from the device's own state, which
+        may be steps ahead of what the host has read back."""
+        changes = self._assign(rows, rewrite)
+        hi = max(self._row_of.values()) + 1
+        bucket = self.bucket_for(hi)
+        if changes or bucket != self._bucket:
+            self._write_rows(changes, max(bucket, self._bucket))
+        self._bucket = bucket
+        buf = self._flip = 1 - self._flip
         with torch.inference_mode():
             if bucket in self.graphs:
                 graph, logits = self.graphs[bucket]
                 graph.replay()
             else:  # eager (CPU, or graphs off): attend only over the live blocks
-                live = max(s.position for s in rows) + 1
+                live = max(s.position for s in rows) + 2  # +1: the host may lag a step
                 logits = self._forward(bucket, -(-live // self.cache.block_size))
+            event = None
+            if self.h_out[buf] is not self.out:
+                self.h_out[buf][:bucket].copy_(self.out[:bucket], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
         self.steps += 1
-        self.rows_computed += b
-        if self.h_out is self.out:
-            return self.out[:b].tolist(), logits
-        self.h_out[:b].copy_(self.out[:b])  # synchronous: the tokens are needed now
-        return self.h_out[:b].tolist(), logits
+        self.rows_computed += len(rows)
+        return Launch(list(rows), [self._row_of[s.seq_id] for s in rows], bucket, buf,
+                      event, logits)
 
-    def set_tokens(self, tokens: list[int]) -> None:
-        """Next step's input tokens for the current rows, when some row's token came
-        from the host (sampling) rather than from the device's argmax."""
-        b = len(tokens)
-        self.h_tokens[:b] = torch.tensor(tokens, dtype=torch.long)
-        if self.tokens is not self.h_tokens:
-            self.tokens[:b].copy_(self.h_tokens[:b], non_blocking=True)
+    def collect(self, step: Launch) -> list[int]:
+        """Each row's greedy token of a launched step (waits for it)."""
+        if step.event is not None:
+            step.event.synchronize()
+        out = self.h_out[step.buf][: step.bucket].tolist()
+        return [out[r] for r in step.index]
 
-    def invalidate(self) -> None:
-        """Force a full rewrite of the inputs before the next step (after a failure)."""
-        self._rows = None
+    def step(self, rows: list[Sequence]) -> tuple[list[int], torch.Tensor]:
+        """Launch and collect one step, every row's inputs written from the host
+        (tests and benchmarks); returns greedy tokens and the logits by batch slot."""
+        launch = self.launch(rows, frozenset(s.seq_id for s in rows))
+        return self.collect(launch), launch.logits[launch.index]
 
-    def _write_inputs(self, rows: list[Sequence], bucket: int) -> None:
-        tok, pos, tab = self.h_tokens.numpy(), self.h_positions.numpy(), self.h_tables.numpy()
-        tok[:bucket], pos[:bucket], tab[:bucket] = 0, 0, NULL_BLOCK
-        for i, s in enumerate(rows):
-            tok[i], pos[i] = s.token, s.position
-            tab[i, : len(s.blocks)] = np.asarray(s.blocks, dtype=np.int32)
-        if self.tokens is not self.h_tokens:
-            for d, h in ((self.tokens, self.h_tokens), (self.positions, self.h_positions),
-                         (self.tables, self.h_tables)):
-                d[:bucket].copy_(h[:bucket], non_blocking=True)
-        self._derive(bucket)
+    def reset(self) -> None:
+        """Vacate every batch slot (after a failure): the next launch rewrites all."""
+        self._row_of.clear()
+        self._free_rows = list(range(self.max_batch))
+        with torch.inference_mode():
+            self._reset_inputs()
+
+    def _assign(self, rows: list[Sequence], rewrite: frozenset[int]) -> list:
+        """Slots for `rows` (lowest free first, so buckets stay small); the changes to
+        write: (slot, token, position, blocks), blocks None for a vacated slot."""
+        want = {s.seq_id for s in rows}
+        changes: dict[int, tuple] = {}  # by slot: a slot vacated and refilled is written once
+        for sid, r in list(self._row_of.items()):
+            if sid not in want:
+                del self._row_of[sid]
+                heapq.heappush(self._free_rows, r)
+                changes[r] = (r, 0, 0, None)
+        for s in rows:
+            r = self._row_of.get(s.seq_id)
+            if r is None:
+                r = self._row_of[s.seq_id] = heapq.heappop(self._free_rows)
+            elif s.seq_id not in rewrite:
+                continue
+            changes[r] = (r, s.token, s.position, s.blocks)
+        return list(changes.values())
+
+    def _write_rows(self, changes: list, bucket: int) -> None:
+        """Scatter the changed slots' inputs into the device buffers (one small copy
+        per buffer through pinned staging, double-buffered: a launch never overwrites
+        staging that an earlier, possibly unfinished, launch still reads)."""
+        st = self._staging[self._flip]
+        k = len(changes)
+        st["tab"][:k] = NULL_BLOCK
+        for i, (r, tok, pos, blocks) in enumerate(changes):
+            st["rows"][i], st["tok"][i], st["pos"][i] = r, tok, pos
+            if blocks:
+                st["tab"][i, : len(blocks)] = np.asarray(blocks, dtype=np.int32)
+        if k:
+            idx = torch.from_numpy(st["rows"][:k]).to(self.device, non_blocking=True)
+            for dst, name in ((self.tokens, "tok"), (self.positions, "pos"), (self.tables, "tab")):
+                src = torch.from_numpy(st[name][:k]).to(self.device, non_blocking=True)
+                dst.index_copy_(0, idx, src)
+        with torch.inference_mode():
+            self._derive(bucket)
 
     # ---- KV in -----------------------------------------------------------------------
     def write_kv(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -11,7 +11,6 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.errors import HybridError
-from engine.kv_cache import KVCache
 from engine.loader import LoadedModel
 from engine.model_runner import ModelRunner
 from engine.runner_base import StepRunner
@@ -27,6 +26,7 @@ class PagedRunner(StepRunner):
         self.model: ModelRunner | None = None
         self.blocks: BlockManager | None = None
         self._copy: torch.cuda.Stream | None = None
+        self._rewrite: frozenset[int] = frozenset()  # rows whose next token the host chose
 
     def start(self) -> None:
         if self.lm.device.type == "cuda":
@@ -36,6 +36,7 @@ class PagedRunner(StepRunner):
         n_blocks, graphs = self._opts
         self.model = ModelRunner(self.lm, self.max_batch, n_blocks, cuda_graphs=graphs)
         self.blocks = BlockManager(self.model.cache.n_blocks, self.model.cache.block_size)
+        self.pipelined = self.model.pipelined
 
     # ---- memory (any thread, under the engine's lock) ---------------------------------
     def fits(self, seq: Sequence) -> str | None:
@@ -79,35 +80,45 @@ class PagedRunner(StepRunner):
         if seq.kv_ready is not None:
             torch.cuda.current_stream(self.lm.device).wait_event(seq.kv_ready)
 
-    def prefill(self, seq: Sequence, prompt_ids: list[int]) -> int:
-        lm, n = self.lm, len(prompt_ids)
-        dense = KVCache(lm.config, 1, n, lm.device, lm.dtype)
-        ids = torch.tensor(prompt_ids, dtype=torch.long, device=lm.device)
-        logits = lm.model.prefill(ids, dense)
-        slots = self._slots(seq)
-        for layer in range(lm.config.n_layers):
-            self.model.write_kv(layer, slots, dense.k[layer, 0], dense.v[layer, 0])
-        return int(sample(logits, seq.req.params, 0)[0])
+    def prefill(self, seqs: list[Sequence], prompts: list[list[int]]) -> list[int]:
+        """Prompts in one packed forward (model.prefill_packed), each layer's K/V
+        written into its sequence's blocks as it is made; first tokens sampled with
+        each sequence's params (generated index 0)."""
+        lm = self.lm
+        ids = [torch.tensor(p, dtype=torch.long, device=lm.device) for p in prompts]
+        slots = [self._slots(s) for s in seqs]
 
-    def step(self, rows: list[Sequence]) -> list[int | BaseException]:
+        def on_layer(layer: int, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.model.write_kv(layer, slots[i], k, v)
+
+        logits = lm.model.prefill_packed(ids, on_layer=on_layer)
+        return [int(sample(logits[i], s.req.params, 0)[0]) for i, s in enumerate(seqs)]
+
+    def launch(self, rows: list[Sequence]):
+        rewrite, self._rewrite = self._rewrite, frozenset()
         try:
-            greedy, logits = self.model.step(rows)
+            return self.model.launch(rows, rewrite)
         except BaseException:
-            self.model.invalidate()  # rewrite every input before the next step
+            self.model.reset()  # rewrite every input before the next step
             raise
-        out: list[int | BaseException] = list(greedy)
-        host = False
-        for i, s in enumerate(rows):
+
+    def collect(self, handle) -> list[int | BaseException]:
+        out: list[int | BaseException] = list(self.model.collect(handle))
+        sampled = []
+        for i, s in enumerate(handle.rows):
             if s.req.params.greedy:
                 continue
-            try:
-                out[i] = int(sample(logits[i], s.req.params, s.step)[0])
-                host = True
+            try:  # noise keyed by (seed, step): any run of the request draws the same
+                out[i] = int(sample(handle.logits[handle.index[i]], s.req.params, s.step)[0])
+                sampled.append(s.seq_id)
             except Exception as e:
                 out[i] = e if isinstance(e, HybridError) else HybridError(str(e))
-        if host:  # the next step's inputs: the host's samples, the device's argmax
-            self.model.set_tokens([t if isinstance(t, int) else 0 for t in out])
+        # the device fed its argmax back; these rows get the host's token next launch
+        self._rewrite = frozenset(sampled)
         return out
+
+    def reset(self) -> None:
+        self.model.reset()
 
     def stats(self) -> dict[str, int]:
         m, b = self.model, self.blocks

@@ -52,15 +52,25 @@ class StepRunner(ABC):
         """The sequence joins the batch now (e.g. wait for its KV copy's event)."""
         return None  # optional hook
 
-    @abstractmethod
-    def step(self, rows: list[Sequence]) -> list[int | BaseException]:
-        """One token for every row (each at its `token`, `position`, `step`), sampled
-        with its own params; an exception in place of a row's token fails only it.
-        Raising fails every row of the step."""
+    pipelined: bool = False  # launch returns before the step is done (one step ahead)
 
-    def prefill(self, seq: Sequence, prompt_ids: list[int]) -> int:
-        """Local generation: compute the prompt's KV into the sequence's memory and
-        return the first token (generated index 0)."""
+    @abstractmethod
+    def launch(self, rows: list[Sequence]) -> Any:
+        """Start one decode step for every row (each at its `token`, `position`,
+        `step`); returns a handle for `collect`. Raising fails every row."""
+
+    @abstractmethod
+    def collect(self, handle: Any) -> list[int | BaseException]:
+        """The launched step's token for each of its rows, sampled with the row's own
+        params; an exception in place of a token fails only that row."""
+
+    def reset(self) -> None:
+        """After a failed step: forget per-row device state (next launch rewrites)."""
+        return None  # optional hook
+
+    def prefill(self, seqs: list[Sequence], prompts: list[list[int]]) -> list[int]:
+        """Local generation: compute each prompt's KV into its sequence's memory and
+        return the first tokens (generated index 0)."""
         raise NotImplementedError(f"{type(self).__name__} does not prefill")
 
     def stats(self) -> dict[str, int]:

@@ -55,6 +55,8 @@ class Sequence:
     n_out: int = 0       # (loop) tokens delivered, the first included
     cancelled: bool = False
     error: BaseException | None = None  # why admission failed (set before `admitted`)
+    inflight: int = 0          # (loop) launched steps whose token is not read back yet
+    release_later: bool = False  # (loop) finished with a step in flight: free after it
     prompt_slots: Any = None   # (loop) pool slots of the prompt's positions, made once
     kv_ready: Any = None       # (loop) CUDA event: the prompt's KV writes are done
 

@@ -122,16 +122,16 @@ def test_cancel_mid_batch_leaves_the_others_exact(lm):
 def test_a_failing_step_fails_only_its_sequences(lm, monkeypatch):
     eng = DecodeEngine(lm, max_batch=4)
     try:
-        real = eng.runner.model.step
+        real = eng.runner.model.launch
         calls = []
 
-        def broken(rows):
+        def broken(rows, rewrite):
             calls.append(len(rows))
             if len(calls) == 1:
                 raise RuntimeError("injected")
-            return real(rows)
+            return real(rows, rewrite)
 
-        monkeypatch.setattr(eng.runner.model, "step", broken)
+        monkeypatch.setattr(eng.runner.model, "launch", broken)
         with pytest.raises(StepFailed, match="injected"):
             list(eng.submit([1, 2, 3], 5, ignore_eos=True))
         assert list(eng.submit([1, 2, 3], 5, ignore_eos=True)) == solo(lm, [1, 2, 3], 5)
