@@ -76,6 +76,7 @@ class DecodeEngine:
         self._stopping = False
         self._dead: BaseException | None = None
         self.finished = 0
+        self.loop_s: dict[str, float] = dict.fromkeys(("cmds", "prefill", "decode", "notify"), 0.0)
         # Fault injection for tests: a decode slow enough that a cancel or a SIGTERM
         # lands mid-stream (a tiny CPU model otherwise finishes 250 tokens in ~90 ms).
         self.fault_step_delay_s = float(os.environ.get("HYBRID_FAULT_TOKEN_DELAY_MS", 0)) / 1e3
@@ -130,6 +131,10 @@ class DecodeEngine:
         (k, v) [n_kv_heads, n_prompt, head_dim]); the engine owns it from now on."""
         self._command("ingest", seq, layer, payload)
 
+    def ingest_prompt(self, seq: Sequence, payload) -> None:
+        """The whole prompt's KV in one hand-over (runner.write_prompt's payload)."""
+        self._command("ingest", seq, None, payload)
+
     def start(self, seq: Sequence, first_token: int, deliver: bool = False) -> None:
         """All layers are in: decode from prefill's `first_token` (generated index 0;
         put on the token stream too when `deliver`)."""
@@ -172,7 +177,8 @@ class DecodeEngine:
         with self._cond:
             return {"running": len(self.running), "ready": len(self._ready),
                     "waiting": len(self._waiting), "live": len(self._live),
-                    "finished": self.finished} | self.runner.stats()
+                    "finished": self.finished} | self.runner.stats() | {
+                        f"loop_{k}_ms": int(v * 1e3) for k, v in self.loop_s.items()}
 
     def close(self, timeout_s: float = 30.0) -> None:
         with self._cond:
@@ -245,13 +251,16 @@ class DecodeEngine:
                     return
                 cmds = list(self._cmds)
                 self._cmds.clear()
+            t0 = time.perf_counter()
             prefills = []
             for cmd in cmds:
                 if cmd[0] == "prefill":
                     prefills.append(cmd)
                 else:
                     self._apply(cmd)
+            t1 = time.perf_counter()
             self._prefill(prefills)
+            t2 = time.perf_counter()
             self._schedule()
             if self.running:
                 if self.fault_step_delay_s:
@@ -259,7 +268,15 @@ class DecodeEngine:
                 self._step()
             else:
                 self._collect()
+            t3 = time.perf_counter()
             self._notify()
+            self._account(t0, t1, t2, t3, time.perf_counter())
+
+    def _account(self, *t: float) -> None:
+        """Where the loop's time goes (ms totals in stats()): commands (KV ingest),
+        local prefill, decode (launch + read-back + delivery), notifying readers."""
+        for name, a, b in zip(("cmds", "prefill", "decode", "notify"), t, t[1:], strict=False):
+            self.loop_s[name] += b - a
 
     def _notify(self) -> None:
         if not self._touched:
@@ -277,7 +294,9 @@ class DecodeEngine:
             self._finish(seq, DONE)
             return
         if seq.state is not SeqState.INGESTING or seq.cancelled:
-            return  # cancelled (or failed) while its commands were queued
+            if kind == "ingest":  # cancelled (or failed) while its commands were queued
+                self.runner.discard(args[1])
+            return
         try:
             if kind == "ingest":
                 self._write_layer(seq, *args)
@@ -287,8 +306,11 @@ class DecodeEngine:
             log.exception("engine: %s of seq %d failed", kind, seq.seq_id)
             self._finish(seq, e if isinstance(e, HybridError) else StepFailed(f"{kind}: {e}"))
 
-    def _write_layer(self, seq: Sequence, layer: int, payload) -> None:
-        self.runner.write_layer(seq, layer, payload)
+    def _write_layer(self, seq: Sequence, layer: int | None, payload) -> None:
+        if layer is None:
+            self.runner.write_prompt(seq, payload)
+        else:
+            self.runner.write_layer(seq, layer, payload)
 
     def _begin(self, seq: Sequence, first: int, deliver: bool) -> None:
         self.runner.kv_written(seq)  # its first step must see the KV just written

@@ -5,8 +5,13 @@ sampling (greedy on the device; temperature/top-k/top-p on the host, keyed by
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import deque
+from contextlib import nullcontext as _nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.block_manager import BlockManager
@@ -16,6 +21,7 @@ from engine.model_runner import ModelRunner
 from engine.runner_base import StepRunner
 from engine.sampling import sample
 from engine.sequence import Sequence
+from transport.alloc import FreeList  # a plain first-fit list (no I/O, no grpc)
 
 
 class PagedRunner(StepRunner):
@@ -27,6 +33,15 @@ class PagedRunner(StepRunner):
         self.blocks: BlockManager | None = None
         self._copy: torch.cuda.Stream | None = None
         self._rewrite: frozenset[int] = frozenset()  # rows whose next token the host chose
+        # Pinned staging for ingest: request threads copy a prompt's KV into a chunk
+        # (numpy, GIL released), the loop DMAs it to the device without waiting and
+        # frees the chunk when the copy's event completes.
+        self.ring: torch.Tensor | None = None
+        self._ring_free: FreeList | None = None
+        self._ring_lock = threading.Lock()
+        self._ring_busy: deque[tuple[torch.cuda.Event, int, int]] = deque()
+
+    RING_MB = 256  # pinned staging for whole prompts' KV (HYBRID_INGEST_RING_MB)
 
     def start(self) -> None:
         if self.lm.device.type == "cuda":
@@ -37,6 +52,10 @@ class PagedRunner(StepRunner):
         self.model = ModelRunner(self.lm, self.max_batch, n_blocks, cuda_graphs=graphs)
         self.blocks = BlockManager(self.model.cache.n_blocks, self.model.cache.block_size)
         self.pipelined = self.model.pipelined
+        if self._copy is not None:
+            mb = int(os.environ.get("HYBRID_INGEST_RING_MB", self.RING_MB))
+            self.ring = torch.empty(mb << 20, dtype=torch.uint8, pin_memory=True)
+            self._ring_free = FreeList(0, mb << 20, 4096)
 
     # ---- memory (any thread, under the engine's lock) ---------------------------------
     def fits(self, seq: Sequence) -> str | None:
@@ -61,6 +80,55 @@ class PagedRunner(StepRunner):
         if seq.prompt_slots is None:
             seq.prompt_slots = self.model.cache.slots_of(seq.blocks, 0, seq.req.n_prompt)
         return seq.prompt_slots
+
+    # ---- ingest staging (any thread) ---------------------------------------------------
+    def stage(self, nbytes: int) -> tuple[int, np.ndarray] | None:
+        """A pinned chunk of the ring for one prompt's KV: (offset, writable uint8
+        view), or None (CPU, or the ring is full: the caller uses plain memory)."""
+        if self._ring_free is None:
+            return None
+        with self._ring_lock:
+            off = self._ring_free.alloc(nbytes)
+        if off is None:
+            return None
+        return off, self.ring.numpy()[off : off + nbytes]
+
+    def unstage(self, off: int, nbytes: int) -> None:
+        """Give back a chunk that will not be ingested (the request failed first)."""
+        with self._ring_lock:
+            self._ring_free.free(off, nbytes)
+
+    def discard(self, payload: Any) -> None:
+        if isinstance(payload, tuple) and payload[0] == "ring":
+            self.unstage(payload[1], payload[2])
+
+    def _reap_ring(self) -> None:
+        while self._ring_busy and self._ring_busy[0][0].query():
+            _, off, n = self._ring_busy.popleft()
+            self.unstage(off, n)
+
+    def write_prompt(self, seq: Sequence, payload: Any) -> None:
+        """The whole prompt's KV at once (one DMA, one scatter per K and V for all
+        layers): payload ("ring", offset, nbytes) or a host uint8 tensor, holding the
+        dense layout layer after layer, each [K: Hkv, T, D][V: Hkv, T, D]."""
+        cfg, lm = self.lm.config, self.lm
+        if isinstance(payload, tuple):
+            _, off, n = payload
+            host = self.ring[off : off + n]
+        else:
+            host, off, n = payload, None, 0
+        shape = (cfg.n_layers, 2, cfg.n_kv_heads, seq.req.n_prompt, cfg.head_dim)
+        stream = self._copy  # None on the CPU
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            kv = host.view(lm.dtype).to(lm.device, non_blocking=True).view(shape)
+            slots = self._slots(seq)
+            self.model.cache.k.index_copy_(1, slots, kv[:, 0].transpose(1, 2))
+            self.model.cache.v.index_copy_(1, slots, kv[:, 1].transpose(1, 2))
+            if off is not None:
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                self._ring_busy.append((ev, off, n))
+        self._reap_ring()
 
     def write_layer(self, seq: Sequence, layer: int, payload: Any) -> None:
         """payload: (k, v) [n_kv_heads, n_prompt, head_dim] on any device."""
@@ -95,6 +163,7 @@ class PagedRunner(StepRunner):
         return [int(sample(logits[i], s.req.params, 0)[0]) for i, s in enumerate(seqs)]
 
     def launch(self, rows: list[Sequence]):
+        self._reap_ring()
         rewrite, self._rewrite = self._rewrite, frozenset()
         try:
             return self.model.launch(rows, rewrite)

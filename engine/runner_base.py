@@ -44,6 +44,14 @@ class StepRunner(ABC):
         """One prompt layer into the sequence's KV memory (payload: what the backend's
         session hands over; the runner owns it from now on)."""
 
+    def write_prompt(self, seq: Sequence, payload: Any) -> None:
+        """Every layer of the prompt at once (runners that support it)."""
+        raise NotImplementedError(f"{type(self).__name__} ingests layer by layer")
+
+    def discard(self, payload: Any) -> None:
+        """An ingest payload that will never be written (its request ended first)."""
+        return None  # optional hook
+
     def kv_written(self, seq: Sequence) -> None:
         """All layers were handed over: make the first step see them (e.g. an event)."""
         return None  # optional hook

@@ -119,3 +119,39 @@ async def grpc_layers(stub: Any, request_id: str, desc: Any, timeout_s: float,
     finally:
         call.cancel()
     yield -1, asm.finish()
+
+
+async def shm_into(readers: ShmReaders, desc: Any, buf: Any, timeout_s: float, pool: Executor,
+                   stats: IngestStats, stop: threading.Event) -> int:
+    """Every layer of the slot into `buf` (uint8, layer after layer, each as the slot
+    holds it), verified, each as soon as prefill marks it ready; returns the first
+    token. The copies run on `pool` threads (numpy releases the GIL)."""
+    loop = asyncio.get_running_loop()
+    reader = await loop.run_in_executor(pool, readers.get, desc.region)
+    n = len(buf) // desc.n_layers
+    for layer in range(desc.n_layers):
+        t = time.perf_counter()
+        part = buf[layer * n:(layer + 1) * n]
+        await loop.run_in_executor(pool, _sliced, _into(reader, part), desc, layer, timeout_s, stop)
+        stats.wait_ms += (time.perf_counter() - t) * 1e3
+        stats.bytes += n
+    return await loop.run_in_executor(pool, _sliced, _first_token, reader, desc, timeout_s, stop)
+
+
+def _into(reader: Any, part: Any):
+    return lambda desc, layer, timeout: reader.read_layer_into(desc, layer, part, timeout)
+
+
+async def grpc_into(stub: Any, request_id: str, desc: Any, buf: Any, timeout_s: float,
+                    stats: IngestStats) -> int:
+    """shm_into over PrefillService.FetchKv (another host)."""
+    import numpy as np
+
+    n = len(buf) // desc.n_layers
+    first = None
+    async for layer, data in grpc_layers(stub, request_id, desc, timeout_s, stats):
+        if layer < 0:
+            first = data
+            break
+        np.copyto(buf[layer * n:(layer + 1) * n], np.frombuffer(data, np.uint8))
+    return int(first)

@@ -23,7 +23,7 @@ from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
 
 from .backends.base import DecodeBackend, DecodeSpec
-from .ingest import IngestStats, ShmReaders, grpc_layers, shm_layers
+from .ingest import IngestStats, ShmReaders, grpc_into, grpc_layers, shm_into, shm_layers
 
 log = logging.getLogger("hybrid.decode")
 VERSION = "0.1.0"
@@ -224,6 +224,17 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                       stop: threading.Event):
         loop = asyncio.get_running_loop()
         ist = IngestStats()
+        if hasattr(session, "prompt_buffer"):  # the engine takes the prompt in one piece
+            buf = session.prompt_buffer()
+            if transport == "shm":
+                first = await shm_into(self.readers, desc, buf, timeout, self.pool, ist, stop)
+            else:
+                first = await grpc_into(self.prefill, request.handle.request_id, desc, buf,
+                                        timeout, ist)
+            session.ingest_staged()
+            self.stats[f"{transport}_kv_bytes"] += ist.bytes
+            self.stats[f"{transport}_requests"] += 1
+            return int(first), ist
         if transport == "shm":
             layers = shm_layers(self.readers, desc, timeout, self.pool, ist, stop)
         else:

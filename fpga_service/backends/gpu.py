@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from engine.llm_engine import DecodeEngine
@@ -80,6 +81,7 @@ class EngineSession(DecodeSession):
         c = backend.config
         self._shape = (c.n_kv_heads, spec.n_prompt, c.head_dim)  # K (and V) of one layer
         self._t0 = self._t1 = 0.0
+        self._payload = None  # a staged prompt buffer not yet handed to the engine
 
     def ingest_layer(self, layer: int, data: memoryview | bytes) -> None:
         """Hands the layer to the engine (which copies it to the device on its copy
@@ -91,6 +93,24 @@ class EngineSession(DecodeSession):
             flat = torch.frombuffer(data, dtype=self.backend.lm.dtype)
         n = flat.numel() // 2
         self.engine.ingest(self.seq, layer, (flat[:n].view(self._shape), flat[n:].view(self._shape)))
+
+    def prompt_buffer(self) -> np.ndarray:
+        """Where the caller puts the whole prompt's KV (dense layout, layer after
+        layer, each [K][V]) before `ingest_staged`: pinned staging when there is room
+        (the engine then DMAs it without waiting), else plain memory."""
+        c = self.backend.config
+        nbytes = 2 * c.n_layers * c.kv_dim * self.spec.n_prompt * self.backend.lm.dtype.itemsize
+        staged = self.engine.runner.stage(nbytes)
+        if staged is not None:
+            off, view = staged
+            self._payload = ("ring", off, nbytes)
+            return view
+        self._payload = torch.empty(nbytes, dtype=torch.uint8)
+        return self._payload.numpy()
+
+    def ingest_staged(self) -> None:
+        payload, self._payload = self._payload, None
+        self.engine.ingest_prompt(self.seq, payload)
 
     def decode(self, first_token: int) -> Iterator[int]:
         self._t0 = time.perf_counter()
@@ -112,4 +132,7 @@ class EngineSession(DecodeSession):
         return {"decode_ms": ms, "decode_ms_per_token": ms / n}
 
     def close(self) -> None:
+        if self._payload is not None:  # staged, never handed over
+            self.engine.runner.discard(self._payload)
+            self._payload = None
         self.engine.cancel(self.seq)  # idempotent; a finished sequence is left as is

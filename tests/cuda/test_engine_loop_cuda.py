@@ -94,10 +94,10 @@ def test_fp16_batched_logits_within_tolerance_of_batch1(spec):
         seqs = _seqs(lm, runner, prompts)
         want = []
         for s in seqs:
-            runner.invalidate()
+            runner.reset()
             _, logits = runner.step([s])
             want.append(logits[0].clone())
-            runner.invalidate()
+            runner.reset()
         _, batched = runner.step(seqs)
     diff = max((batched[i] - want[i]).abs().max().item() for i in range(len(seqs)))
     print(f"{spec}: max |batched - batch-1| logit = {diff:.4g}")
@@ -114,7 +114,7 @@ def test_gpt2_fp16_one_row_bucket_is_fused_and_matches_torch_ops():
         s = _seqs(lm, runner, [list(range(3, 60))])[0]
         _, fused = runner.step([s])
         fused = fused[0].clone()
-        runner.invalidate()
+        runner.reset()
         ref = lm.model.decode_step(
             torch.tensor([s.token], device="cuda"), torch.tensor([s.position], device="cuda"),
             runner.cache, _batch_of(runner, s))
