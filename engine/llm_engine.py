@@ -173,6 +173,14 @@ class DecodeEngine:
                 return
         self._command("cancel", seq, check=False)
 
+    def barrier(self, timeout_s: float = 30.0) -> None:
+        """Return once the loop has applied every command queued before this call
+        (tests and tools: e.g. a cancel's memory is free after it)."""
+        done = threading.Event()
+        self._command("barrier", None, done)
+        if not done.wait(timeout_s):
+            raise DeadlineExceeded(f"engine barrier not reached in {timeout_s:.0f}s")
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {"running": len(self.running), "ready": len(self._ready),
@@ -290,6 +298,9 @@ class DecodeEngine:
 
     def _apply(self, cmd: tuple) -> None:
         kind, seq, *args = cmd
+        if kind == "barrier":
+            args[0].set()
+            return
         if kind == "cancel":
             self._finish(seq, DONE)
             return

@@ -57,6 +57,8 @@ class Sequence:
     error: BaseException | None = None  # why admission failed (set before `admitted`)
     inflight: int = 0          # (loop) launched steps whose token is not read back yet
     release_later: bool = False  # (loop) finished with a step in flight: free after it
+    memory: Any = None         # the runner's handle on this sequence's KV (e.g. HBM area)
+    device_stats: dict = field(default_factory=dict)  # (loop) runner figures, e.g. modeled ms
     prompt_slots: Any = None   # (loop) pool slots of the prompt's positions, made once
     kv_ready: Any = None       # (loop) CUDA event: the prompt's KV writes are done
 

@@ -27,7 +27,7 @@ class DecodeOptions:
     device: str = "auto"
     dtype: str = "auto"
     backend: str = "gpu"
-    max_batch: int = 64                # gpu backend: engine batch rows
+    max_batch: int = 64                # engine batch rows
     prefill: str = "localhost:50051"   # where Release / FetchKv go
     max_active: int = 16
     max_queue: int = 128
@@ -85,13 +85,9 @@ async def _serve(opts: DecodeOptions) -> None:
 
 
 def _backend_options(opts: DecodeOptions) -> dict:
-    """Options only some backends take (the FPGA backends have no batching)."""
-    if opts.backend == "gpu":
-        return {"max_batch": opts.max_batch}
-    if opts.max_batch != DecodeOptions.max_batch:
-        log.warning("--max-batch %d ignored: backend %s does not batch", opts.max_batch,
-                    opts.backend)
-    return {}
+    """Every backend runs one engine loop; max_batch is its batch rows (on the FPGA
+    backends, sequences that take turns on the card, one kernel run each per step)."""
+    return {"max_batch": opts.max_batch}
 
 
 async def _until_signalled() -> None:

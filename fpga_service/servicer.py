@@ -340,7 +340,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         info = b.info()
         metrics = dict(self.stats) | {"active": self.admission.active,
                                       "waiting": self.admission.waiting}
-        for key in ("sessions_open", "batch_rows_busy", "batch_steps", "batch_tokens"):
+        keys = ["sessions_open", "batch_rows_busy", "batch_steps", "batch_tokens",
+                "kv_blocks_free", "kv_blocks_total", "waiting_for_kv", "waiting_for_row"]
+        for key in keys + [k for k in info if k.startswith("engine_")]:
             metrics[key] = info.get(key, "")  # optional: only backends that have them
         return pb.ServiceInfo(
             model=self.model, weights_fingerprint=self.fingerprint, device=info.get("device", ""),

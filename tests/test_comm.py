@@ -1,5 +1,5 @@
-"""LayerShipper on the CPU and the dense layout: bytes land in the slot view, handles
-are done, bad destinations are refused."""
+"""LayerShipper and BatchShipper on the CPU and the dense layout: bytes land in the slot
+views, handles are done, bad destinations are refused."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from engine.config import preset
 from engine.errors import InvalidArgument
 from kernels import reshape_ref
-from kernels.comm import Done, LayerShipper, make_layout
+from kernels.comm import BatchShipper, Done, LayerShipper, ShipTarget, kv_pair_view, make_layout
 from kernels.dense import DenseLayout, pack_dense, unpack_dense
 from kernels.hbm_layout import HbmLayout
 
@@ -84,3 +84,96 @@ def test_bad_destinations_and_layouts() -> None:
         make_layout("dense", cfg, "int8")
     with pytest.raises(InvalidArgument, match="n_kv_heads"):
         pack_dense(k[:1], v[:1], DenseLayout.for_model(cfg))
+
+
+# ---- BatchShipper: one layer of every prompt of a packed batch per call ---------------
+def _packed_kv(cfg, lens, seed, fused=True):
+    """Per prompt (k, v) [Hkv, T_i, D] as the packed forwards hand them to on_layer:
+    GPT-2 slices one fused qkv output (k, v share a storage), Llama has separate k, v."""
+    g = torch.Generator().manual_seed(seed)
+    n, h, d = sum(lens), cfg.n_kv_heads, cfg.head_dim
+    if fused:
+        qkv = torch.randn(1, n, 3 * h * d, generator=g)
+        _, k, v = (z.view(1, n, h, d).transpose(1, 2) for z in qkv.split(h * d, dim=-1))
+    else:
+        k = torch.randn(1, n, h, d, generator=g).transpose(1, 2)
+        v = torch.randn(1, h, n, d, generator=g)
+    out, s = [], 0
+    for t in lens:
+        out.append((k[0, :, s:s + t], v[0, :, s:s + t]))
+        s += t
+    return out
+
+
+def _want(layout, k, v):
+    if isinstance(layout, DenseLayout):
+        return pack_dense(k, v, layout).numpy()
+    return reshape_ref.pack_layer(k.numpy(), v.numpy(), layout)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("whole_slot", [True, False])
+def test_batch_ship_lands_every_prompt_in_its_slot(fused: bool, whole_slot: bool) -> None:
+    cfg, lens = preset("tiny-gpt2"), [8, 1, 37]
+    kinds = [("dense", "float16"), ("hbm", "float16"), ("dense", "float32")]
+    layouts = [make_layout(kind, cfg, dt) for kind, dt in kinds]
+    slots, targets, pos = [], [], 64
+    arena = torch.zeros(1 << 20, dtype=torch.uint8)
+    for lay, t in zip(layouts, lens, strict=True):
+        per = lay.layer_bytes(t)
+        slot = arena[pos:pos + cfg.n_layers * per]
+        pos += cfg.n_layers * per + 64
+        views = [slot[i * per:(i + 1) * per] for i in range(cfg.n_layers)]
+        target = (ShipTarget.from_slot(lay, t, slot, cfg.n_layers) if whole_slot
+                  else ShipTarget(lay, t, views))
+        assert target.n_layers == cfg.n_layers and (target.typed is not None) == (lay is not layouts[1])
+        slots.append(views)
+        targets.append(target)
+    shipper = BatchShipper()
+    layers = [_packed_kv(cfg, lens, seed, fused) for seed in range(cfg.n_layers)]
+    for layer, kvs in enumerate(layers):
+        if fused:
+            pair = kv_pair_view(*kvs[0])
+            assert pair is not None and torch.equal(pair[0], kvs[0][0]) and torch.equal(pair[1], kvs[0][1])
+        else:
+            assert kv_pair_view(*kvs[0]) is None
+        handle = shipper.ship(layer, [(tg, k, v) for tg, (k, v) in zip(targets, kvs, strict=True)])
+        assert isinstance(handle, Done) and handle.query() and handle.elapsed_ms() >= 0
+    for i, lay in enumerate(layouts):
+        for layer, kvs in enumerate(layers):
+            assert np.array_equal(slots[i][layer].numpy(), _want(lay, *kvs[i]))
+    assert arena[:64].eq(0).all()
+    shipper.close()
+
+
+def test_batch_ship_odd_slot_offset_goes_through_a_copy() -> None:
+    cfg = preset("tiny-gpt2")
+    shipper = BatchShipper()
+    for kind in ("dense", "hbm"):
+        lay = make_layout(kind, cfg, "float32")
+        per = lay.layer_bytes(5)
+        arena = torch.zeros(cfg.n_layers * per + 1, dtype=torch.uint8)
+        target = ShipTarget.from_slot(lay, 5, arena[1:], cfg.n_layers)
+        assert target.typed is None and not target.aligned
+        (k, v), = _packed_kv(cfg, [5], 3)
+        shipper.ship(1, [(target, k, v)])
+        assert np.array_equal(arena[1 + per:].numpy(), _want(lay, k, v))
+
+
+def test_batch_ship_refuses_what_does_not_fit() -> None:
+    cfg = preset("tiny-gpt2")
+    lay = make_layout("dense", cfg, "float32")
+    per = lay.layer_bytes(5)
+    slot = torch.zeros(cfg.n_layers * per, dtype=torch.uint8)
+    target = ShipTarget.from_slot(lay, 5, slot, cfg.n_layers)
+    (k, v), = _packed_kv(cfg, [1], 0)  # one token: a typed copy would broadcast it
+    with pytest.raises(InvalidArgument, match="k, v must be"):
+        BatchShipper().ship(0, [(target, k, v)])
+    (k, v), = _packed_kv(cfg, [5], 0)
+    with pytest.raises(InvalidArgument, match="out of range"):
+        BatchShipper().ship(cfg.n_layers, [(target, k, v)])
+    assert slot.eq(0).all()
+    with pytest.raises(InvalidArgument, match="1-D uint8 tensor"):
+        ShipTarget(lay, 5, [torch.zeros(per + 1, dtype=torch.uint8)])
+    with pytest.raises(InvalidArgument, match="slot must be"):
+        ShipTarget.from_slot(lay, 5, slot[1:], cfg.n_layers)

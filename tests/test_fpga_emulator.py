@@ -118,6 +118,7 @@ def test_request_that_does_not_fit_leaks_nothing(model, tmp_path):
     for s in held:
         s.close()
         s.close()
+    backend.engine.barrier()  # the engine frees a closed session's area in command order
     assert dev.used_bytes() == before
     with pytest.raises(InvalidArgument):
         backend.open_session(DecodeSpec("too-long", 100, lm.config.max_positions))
@@ -142,6 +143,7 @@ def test_hundred_requests_leave_hbm_where_it_started(model):
                 list(session.decode(first))
         finally:
             session.close()
+    backend.engine.barrier()  # the engine frees a closed session's area in command order
     assert dev.used_bytes() == before
 
 
@@ -166,7 +168,10 @@ def test_modeled_time_is_calibrated_to_the_source():
     assert 700e6 < nbytes < 760e6  # ~710 MB of weights + the live KV
 
 
-def test_close_from_another_thread_waits_for_the_running_step(model):
+def test_close_from_another_thread_frees_the_area_in_loop_order(model):
+    """Only the engine thread runs kernels and frees areas, so a close from another
+    thread can never free an area under a running step: it is applied in command
+    order, after the step in progress."""
     import threading
 
     _, backend, first, layers = model
@@ -177,14 +182,13 @@ def test_close_from_another_thread_waits_for_the_running_step(model):
         session.ingest_layer(layer, memoryview(data))
     gen = session.decode(first)
     next(gen)
+    area = session.kv
     closer = threading.Thread(target=session.close)
-    with session._lock:  # a step is "running": close must wait for it
-        closer.start()
-        closer.join(0.2)
-        assert closer.is_alive() and session.kv.live
+    closer.start()
     closer.join(5)
-    assert not session.kv.live and dev.used_bytes() == before
-    assert list(gen) == []  # the loop sees the close and stops without touching HBM
+    backend.engine.barrier()
+    assert not area.live and dev.used_bytes() == before
+    list(gen)  # the stream ends (no hang), whether or not the close beat the last token
 
 
 def test_concurrent_sessions_get_their_own_tokens(model):

@@ -1,7 +1,9 @@
 """The prefill engine loop (gpu_service/loop.py) with a real tiny model and a real region:
 waiting jobs run as one packed batch, each into its own slot; cancels, failures, close
 and a dying loop thread settle every job (CPU). The loop is paused while jobs are
-queued, so which jobs share a batch never depends on timing."""
+queued, so which jobs share a batch never depends on timing. The CUDA shape of ready
+marking (copies that complete later, ONE helper thread marking each layer for the
+whole batch) runs here with gated copy handles standing in for the layer events."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from engine.loader import load_model
 from engine.sampling import SamplingParams
 from gpu_service.loop import PrefillLoop
 from gpu_service.runner import Cancelled, PrefillJob, PrefillRunner, future_notify
-from kernels.comm import make_layout
+from kernels.comm import Done, make_layout
 from kernels.dense import pack_dense
 from kernels.reshape import pack_layer
 from transport import servekit as kit
@@ -162,6 +164,155 @@ def test_limits_split_the_queue_oldest_first(runner, region):
         assert loop.stats["prefill_batches"] == 4
     finally:
         loop.close()
+
+
+def test_a_job_whose_slot_is_gone_fails_alone(lm, runner, region, loop, reader):
+    loop.pause()
+    a, box_a = _submit(loop, runner, region, PROMPTS[0])
+    b, box_b = _submit(loop, runner, region, PROMPTS[1])
+    region.free(b.desc)  # e.g. its lease expired while it waited for a batch
+    loop.resume()
+    with pytest.raises(errors.Aborted):
+        box_b.result(30)
+    assert box_a.result(30).batch == 1
+    assert reader.read_layer(a.desc, lm.config.n_layers - 1, 1.0)
+
+
+# ---- ready marking: one helper thread for the loop, per layer for the whole batch ----
+class _Gated:
+    """A copy handle that completes when its gate opens (a CUDA layer event's stand-in:
+    the bytes are already in the slots, the layer must not be marked before)."""
+
+    def __init__(self, done: Done, gate: threading.Event) -> None:
+        self.done, self.gate, self.event = done, gate, None
+
+    def query(self) -> bool:
+        return self.gate.is_set()
+
+    def wait(self, timeout_s: float | None = None) -> None:
+        assert self.gate.wait(30), "gate never opened"
+
+    def elapsed_ms(self) -> float:
+        return self.done.ms
+
+
+class _GatedShipper:
+    """Wraps the runner's (CPU) BatchShipper: layer l's handle completes at gates[l]."""
+
+    def __init__(self, real, gates) -> None:
+        self.real, self.gates, self.calls = real, gates, []
+
+    def ship(self, layer, parts, compute_stream=None):
+        self.calls.append((layer, len(parts)))
+        return _Gated(self.real.ship(layer, parts), self.gates[layer])
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _record_marks(monkeypatch, region):
+    """(thread name, slot, layer) of every mark_ready, in call order."""
+    marks = []
+    real = region.mark_ready
+
+    def mark_ready(desc, layer, *a, **kw):
+        marks.append((threading.current_thread().name, desc.slot, layer))
+        return real(desc, layer, *a, **kw)
+
+    monkeypatch.setattr(region, "mark_ready", mark_ready)
+    return marks
+
+
+def _helpers():
+    return [t for t in threading.enumerate() if t.name == "prefill-ready"]
+
+
+def test_cpu_batches_mark_inline_without_a_helper_thread(monkeypatch, lm, runner, region,
+                                                         loop):
+    marks = _record_marks(monkeypatch, region)
+    loop.pause()
+    jobs = [_submit(loop, runner, region, p) for p in PROMPTS]
+    loop.resume()
+    for _, box in jobs:
+        box.result(30)
+    assert {name for name, _, _ in marks} == {"prefill-loop"} and not _helpers()
+    slots = [job.desc.slot for job, _ in jobs]
+    assert [(s, la) for _, s, la in marks] == [
+        (s, la) for la in range(lm.config.n_layers) for s in slots]
+
+
+def test_layer_marked_ready_for_all_prompts_in_order_by_one_helper(monkeypatch, lm, runner,
+                                                                   region, loop, reader):
+    """Copies that complete later (CUDA): per layer ONE ship call for the whole batch and
+    ONE helper thread (not one per prompt) that marks layer l ready for every prompt of
+    the batch once l's copy is done, layer after layer; the same thread serves the next
+    batch. Slot bytes are those of the packed forward."""
+    n = lm.config.n_layers
+    layouts = ["dense", "hbm", "dense"]
+    marks = _record_marks(monkeypatch, region)
+    real = runner.shippers.take()
+    for round_ in range(2):
+        gates = [threading.Event() for _ in range(n)]
+        shipper = _GatedShipper(real, gates)
+        monkeypatch.setattr(runner.shippers, "take", lambda s=shipper: s)
+        monkeypatch.setattr(runner.shippers, "give", lambda s: None)
+        del marks[:]
+        loop.pause()
+        jobs = [_submit(loop, runner, region, p, lay)
+                for p, lay in zip(PROMPTS, layouts, strict=True)]
+        threads_before = threading.active_count()
+        loop.resume()
+        for layer in range(n):
+            assert not any(_ready(reader, job.desc, la) for job, _ in jobs
+                           for la in range(layer, n))
+            gates[layer].set()
+            for job, _ in jobs:  # all prompts of the batch get layer l
+                reader.wait_layer(job.desc, layer, 5.0)
+            helpers = _helpers()
+            assert len(helpers) == 1  # one for the loop, not one per prompt
+            assert threading.active_count() <= threads_before + 1
+            if round_ == 0:
+                helper = helpers[0]
+            assert helpers[0] is helper  # the next batch reuses it
+        results = [box.result(30) for _, box in jobs]
+        assert shipper.calls == [(layer, 3) for layer in range(n)]  # one ship per layer
+        slots = [job.desc.slot for job, _ in jobs]
+        assert marks == [("prefill-ready", s, layer) for layer in range(n) for s in slots]
+        want = _packed_bytes(lm, PROMPTS, layouts)
+        for i, ((job, _), res) in enumerate(zip(jobs, results, strict=True)):
+            assert res.batch == 3 and res.ship.kv_bytes == job.desc.nbytes
+            assert 0 < res.ship.exposed_transfer_ms == res.ship.transfer_ms
+            assert reader.wait_first_token(job.desc, 1.0) == res.first_token
+            for layer in range(n):
+                assert reader.read_layer(job.desc, layer, 1.0) == want[i][layer]
+        for job, _ in jobs:
+            region.free(job.desc)
+    loop.close()  # stops the helper too
+    assert not _helpers()
+
+
+def test_helper_error_on_one_slot_fails_only_that_job(monkeypatch, lm, runner, region, loop,
+                                                      reader):
+    n = lm.config.n_layers
+    gates = [threading.Event() for _ in range(n)]
+    shipper = _GatedShipper(runner.shippers.take(), gates)
+    monkeypatch.setattr(runner.shippers, "take", lambda: shipper)
+    monkeypatch.setattr(runner.shippers, "give", lambda s: None)
+    loop.pause()
+    jobs = [_submit(loop, runner, region, p) for p in PROMPTS]
+    loop.resume()
+    gates[0].set()
+    for job, _ in jobs:
+        reader.wait_layer(job.desc, 0, 5.0)
+    region.free(jobs[1][0].desc)  # its consumer went away mid-prefill
+    for g in gates[1:]:
+        g.set()
+    with pytest.raises(errors.Aborted):
+        jobs[1][1].result(30)
+    for i in (0, 2):
+        job, box = jobs[i]
+        assert box.result(30).batch == 3
+        assert _ready(reader, job.desc, n - 1)
 
 
 # ---- cancels ----------------------------------------------------------------------

@@ -12,21 +12,21 @@ generation for the same logits.
 from __future__ import annotations
 
 import os
-import threading
-import time
-from collections.abc import Iterator
 
-from engine.errors import FailedPrecondition, InvalidArgument
-from engine.generate import eos_id, is_stop
-from engine.sampling import sample
+from engine.errors import InvalidArgument
+from engine.sequence import eos_id
 from fpga_service.backends.base import DecodeBackend, DecodeSession, DecodeSpec
+from fpga_service.backends.engine_session import EngineSession
 from fpga_service.device.bandwidth import BandwidthModel
 from fpga_service.device.base import CHANNEL_BYTES, HbmDevice
 
 HBM_DTYPES = ("float16", "float32")
 
 
-class FpgaSession(DecodeSession):
+class FpgaSession(EngineSession):
+    """One request on the card: a sequence of the backend's engine loop (its KV area
+    in HBM; layers in slot form, kernels.reshape.pack_layer, in order)."""
+
     def __init__(self, backend: _FpgaBackend, spec: DecodeSpec) -> None:
         if spec.n_prompt < 1 or spec.max_new_tokens < 1:
             raise InvalidArgument(f"need n_prompt >= 1 and max_new_tokens >= 1, got "
@@ -35,74 +35,32 @@ class FpgaSession(DecodeSession):
         if spec.n_prompt + spec.max_new_tokens > cfg.max_positions:
             raise InvalidArgument(f"{spec.n_prompt} + {spec.max_new_tokens} tokens exceed the "
                                   f"model's {cfg.max_positions} positions")
-        self.backend, self.spec = backend, spec
-        self.dev = backend.device
-        self.kv = self.dev.alloc_kv(spec.n_prompt + spec.max_new_tokens, spec.request_id)
+        super().__init__(backend, spec)
         self._next_layer = 0
-        self._t: dict[str, float] = {"ingest_ms": 0.0, "decode_ms": 0.0, "n_tokens": 0.0,
-                                     "modeled_device_ms": 0.0, "bytes_read": 0.0}
-        self._t_first: float | None = None
-        # close() may come from another thread (a cancelled request) while a kernel run
-        # or an ingest is writing into this KV area: it waits, so a freed area is never
-        # written (it could already belong to the next request).
-        self._lock = threading.Lock()
-        self._closed = False
 
-    def ingest_layer(self, layer: int, data: memoryview) -> None:
+    def ingest_layer(self, layer: int, data: memoryview | bytes) -> None:
         if layer != self._next_layer:
             raise InvalidArgument(f"layer {layer} arrived, expected {self._next_layer}")
-        now = time.perf_counter()
-        self._t_first = self._t_first or now
-        with self._lock:
-            self._check_open()
-            self.dev.write_kv_layer(self.kv, layer, data, self.spec.n_prompt)
+        want = self.backend.device.layout.layer_bytes(self.spec.n_prompt)
+        if len(data) != want:
+            raise InvalidArgument(f"layer {layer}: {len(data)} bytes for {self.spec.n_prompt} "
+                                  f"tokens, expected {want}")
         self._next_layer += 1
-        self._t["ingest_ms"] = (time.perf_counter() - self._t_first) * 1e3
+        self.engine.ingest(self.seq, layer, data if isinstance(data, bytes) else bytes(data))
 
-    def decode(self, first_token: int) -> Iterator[int]:
-        cfg, spec = self.backend.config, self.spec
-        if self._next_layer != cfg.n_layers:
-            raise FailedPrecondition(f"decode before all layers arrived "
-                                     f"({self._next_layer}/{cfg.n_layers})")
-        stops, eos = frozenset(spec.stop_ids), self.backend.eos_id
-        if is_stop(first_token, eos, stops, spec.ignore_eos):
-            return
-        token, pos = first_token, spec.n_prompt
-        for step in range(1, spec.max_new_tokens):
-            t0 = time.perf_counter()
-            with self._lock:
-                if self._closed:
-                    return
-                res = self.dev.run_decode(self.kv, token, pos, 1, self.backend.timeout_s)
-            token = int(sample(res.logits, spec.sampling, step)[0])
-            self._account(t0, res)
-            yield token
-            if is_stop(token, eos, stops, spec.ignore_eos):
-                return
-            pos += 1
-
-    def _account(self, t0: float, res) -> None:
-        t = self._t
-        t["decode_ms"] += (time.perf_counter() - t0) * 1e3
-        t["n_tokens"] += 1
-        t["modeled_device_ms"] += res.modeled_ms
-        t["bytes_read"] += res.bytes_read
+    @property
+    def kv(self):
+        """The request's HBM area once every layer handed over so far is written
+        (tests and tools that read or corrupt it directly)."""
+        self.engine.barrier()
+        return self.seq.memory
 
     def timings(self) -> dict[str, float]:
-        t = dict(self._t)
-        n = max(t["n_tokens"], 1.0)
-        t["decode_ms_per_token"] = t["decode_ms"] / n
-        t["modeled_device_ms_per_token"] = t["modeled_device_ms"] / n
+        t = super().timings()
+        st = self.seq.device_stats
+        n = max(1, st.get("steps", 0))
+        t["modeled_device_ms_per_token"] = st.get("modeled_ms", 0.0) / n
         return t
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise FailedPrecondition(f"session {self.spec.request_id} is closed")
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            self.kv.free()
 
 
 class _FpgaBackend(DecodeBackend):
@@ -112,7 +70,7 @@ class _FpgaBackend(DecodeBackend):
     def __init__(self, model_spec: str, device: str = "cpu", dtype: str = "float32",
                  hbm_dtype: str | None = None, channel_bytes: int = CHANNEL_BYTES,
                  bandwidth: BandwidthModel | None = None, timeout_s: float = 30.0,
-                 **opts) -> None:
+                 max_batch: int = 16, **opts) -> None:
         from engine.loader import load_model
         from kernels.hbm_layout import HbmLayout
         from kernels.weights_image import pack_weights
@@ -136,6 +94,7 @@ class _FpgaBackend(DecodeBackend):
             image = pack_weights(lm.config, lm.model.state_dict(), layout)
             del lm  # the host copy of the weights: from now on only HBM holds them
             self.device.load_model(self.config, hbm_dtype, _channel_bytes(image))
+            self._start_engine(max_batch)
         except BaseException:
             self.device.close()
             raise
@@ -149,6 +108,16 @@ class _FpgaBackend(DecodeBackend):
     def open_session(self, spec: DecodeSpec) -> DecodeSession:
         return FpgaSession(self, spec)
 
+    def _start_engine(self, max_batch: int) -> None:
+        """The card as one device queue: one engine loop drives every request."""
+        from engine.llm_engine import DecodeEngine
+
+        from .hbm_runner import HbmRunner
+
+        self.open_timeout_s = self.timeout_s
+        self.engine = DecodeEngine(runner=HbmRunner(self.device, self.config, self.timeout_s),
+                                   eos=self.eos_id, max_batch=max_batch)
+
     def info(self) -> dict[str, str]:
         dev = self.device
         return {"device": dev.name, "model": self.spec, "fingerprint": self.fingerprint,
@@ -157,6 +126,9 @@ class _FpgaBackend(DecodeBackend):
                 "hbm_capacity_bytes": str(dev.capacity_bytes())}
 
     def close(self) -> None:
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
+            self.engine = None
         self.device.close()
 
 

@@ -12,18 +12,16 @@ its token queues; no request thread ever issues CUDA work.
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from engine.llm_engine import DecodeEngine
 from engine.loader import load_model
-from engine.sequence import DecodeRequest
 
 from .base import DecodeBackend, DecodeSession, DecodeSpec
+from .engine_session import EngineSession
 
 _DTYPE_NAME = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -46,7 +44,7 @@ class GpuBackend(DecodeBackend):
         self.engine = DecodeEngine(self.lm, max_batch=max_batch, max_waiting=max_waiting)
 
     def open_session(self, spec: DecodeSpec) -> DecodeSession:
-        return EngineSession(self, spec)
+        return GpuSession(self, spec)
 
     def info(self) -> dict[str, str]:
         info = {"device": str(self.lm.device), "model": self.lm.spec,
@@ -59,6 +57,7 @@ class GpuBackend(DecodeBackend):
                         kv_blocks_free=str(st["blocks_free"]),
                         kv_blocks_total=str(st["blocks_total"]),
                         waiting_for_kv=str(st["waiting"]), waiting_for_row=str(st["ready"]))
+            info.update({f"engine_{k}": str(v) for k, v in st.items() if k.startswith("loop_")})
         return info
 
     def close(self) -> None:
@@ -68,26 +67,21 @@ class GpuBackend(DecodeBackend):
         self.lm = None  # drop the weights; idempotent
 
 
-class EngineSession(DecodeSession):
-    """One request's sequence in the backend's engine. Construction reserves its KV
-    blocks (may wait, bounded, while the pool is full: call it off the event loop)."""
+
+
+class GpuSession(EngineSession):
+    """A request on the GPU engine: KV layer by layer as (k, v) tensors, or the whole
+    prompt at once through `prompt_buffer` / `ingest_staged` (what the servicer does)."""
 
     def __init__(self, backend: GpuBackend, spec: DecodeSpec) -> None:
-        self.backend, self.spec = backend, spec
-        self.engine = backend.engine
-        req = DecodeRequest(spec.n_prompt, spec.max_new_tokens, spec.sampling,
-                            frozenset(spec.stop_ids), spec.ignore_eos, spec.request_id)
-        self.seq = self.engine.open(req, backend.open_timeout_s)
+        super().__init__(backend, spec)
         c = backend.config
         self._shape = (c.n_kv_heads, spec.n_prompt, c.head_dim)  # K (and V) of one layer
-        self._t0 = self._t1 = 0.0
         self._payload = None  # a staged prompt buffer not yet handed to the engine
 
     def ingest_layer(self, layer: int, data: memoryview | bytes) -> None:
-        """Hands the layer to the engine (which copies it to the device on its copy
-        stream) without waiting: `data` must stay unchanged, so a view is copied."""
         if not isinstance(data, bytes):
-            data = bytes(data)
+            data = bytes(data)  # the caller's buffer may change after the call
         with warnings.catch_warnings():  # bytes are read-only; the engine only reads
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(data, dtype=self.backend.lm.dtype)
@@ -112,27 +106,8 @@ class EngineSession(DecodeSession):
         payload, self._payload = self._payload, None
         self.engine.ingest_prompt(self.seq, payload)
 
-    def decode(self, first_token: int) -> Iterator[int]:
-        self._t0 = time.perf_counter()
-        self.engine.start(self.seq, first_token)
-        try:
-            yield from self.engine.tokens(self.seq)
-        finally:
-            self._t1 = time.perf_counter()
-
-    def start(self, first_token: int) -> None:
-        """The asynchronous path (the servicer reads `seq.out` itself)."""
-        self._t0 = time.perf_counter()
-        self.engine.start(self.seq, first_token)
-
-    def timings(self) -> dict[str, float]:
-        end = self._t1 or time.perf_counter()
-        ms = (end - self._t0) * 1e3 if self._t0 else 0.0
-        n = max(1, self.seq.n_out - 1)  # tokens this stage made (the first is prefill's)
-        return {"decode_ms": ms, "decode_ms_per_token": ms / n}
-
     def close(self) -> None:
         if self._payload is not None:  # staged, never handed over
             self.engine.runner.discard(self._payload)
             self._payload = None
-        self.engine.cancel(self.seq)  # idempotent; a finished sequence is left as is
+        super().close()
