@@ -108,6 +108,7 @@ def test_corrupt_weight_channel_changes_tokens(model):
 def test_request_that_does_not_fit_leaks_nothing(model, tmp_path):
     lm, backend, _, _ = model
     dev = backend.device
+    backend.engine.barrier()  # earlier tests' closes are applied in command order
     before = dev.used_bytes()
     free_tokens = (dev.channel_bytes * 32 - before) // dev.layout.bytes_per_block * 32
     big = DecodeSpec("huge", 8, 100)
@@ -127,6 +128,7 @@ def test_request_that_does_not_fit_leaks_nothing(model, tmp_path):
 def test_hundred_requests_leave_hbm_where_it_started(model):
     _, backend, first, layers = model
     dev = backend.device
+    backend.engine.barrier()  # earlier tests' closes are applied in command order
     before = dev.used_bytes()
     for i in range(100):
         session = backend.open_session(DecodeSpec(f"r{i}", len(PROMPT), 3))
@@ -176,6 +178,7 @@ def test_close_from_another_thread_frees_the_area_in_loop_order(model):
 
     _, backend, first, layers = model
     dev = backend.device
+    backend.engine.barrier()  # earlier tests' closes are applied in command order
     before = dev.used_bytes()
     session = backend.open_session(DecodeSpec("cancel", len(PROMPT), 8))
     for layer, data in enumerate(layers):
