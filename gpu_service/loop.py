@@ -22,11 +22,13 @@ Contract:
   Unavailable. `close()` stops the thread (bounded join) and fails what is left with
   Unavailable.
 - Threads: only the loop thread issues CUDA work (forward, reshape kernels, the
-  LayerShipper copy streams, sampling). The ReadyMarker helper threads (one per job on
-  CUDA) only wait on CUDA events and write the slot headers in host memory; waiting on
-  an event from another thread is safe because this process never captures a CUDA
-  graph (during a capture, another thread's event query could invalidate it). FetchKv
-  reads host memory only.
+  BatchShipper copy stream, sampling). ONE helper thread for the whole loop (the
+  runner's ReadyPublisher, started on the first CUDA batch; none on CPU, where copies
+  are synchronous and layers are marked inline) waits on each layer's copy event and
+  marks that layer ready for every prompt of the batch; it only waits on CUDA events
+  and writes the slot headers in host memory. Waiting on an event from another thread
+  is safe because this process never captures a CUDA graph (during a capture, another
+  thread's event query could invalidate it). FetchKv reads host memory only.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class PrefillLoop:
             if self._thread.is_alive():
                 log.error("prefill loop still busy after %.0f s; closing without it",
                           self.join_timeout_s)
+            elif (close := getattr(self.runner, "close", None)) is not None:
+                close()  # no batch in flight: stop the ready helper thread too
         self._fail(self._drain_queue())
 
     # ---- the loop thread -----------------------------------------------------------

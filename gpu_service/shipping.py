@@ -1,10 +1,21 @@
-"""Layer shipping for one prefill: hand each layer's K/V to the copy path and mark the
-layer ready in the slot once its copy has completed.
+"""Layer shipping for the prefill batches: hand each layer's K/V of every prompt of a
+batch to the copy path, and mark the layer ready in every prompt's slot once the copy
+has completed.
 
-The copy itself (reshape into the decoder's layout + async D2H into the pinned slot) is
-kernels.comm.LayerShipper's job. This module adds what the service needs around it: a
-small thread that waits on the copy events in layer order and flips the ready flags, and
-the latency-hiding figures (raw copy time vs the part not hidden behind compute).
+The copy itself (reshape into each decoder's layout + async D2H into the pinned slots)
+is kernels.comm.BatchShipper's job: one call and ONE CUDA event per layer for the whole
+batch. This module adds what the service needs around it:
+
+- `ReadyPublisher`: ONE helper thread for the whole prefill loop (not one per prompt)
+  that waits on the layer events in order and, as each completes, marks that layer
+  ready (region.mark_ready: xxh3 + flag + futex wake, then region.renew) for every
+  prompt of the batch that shipped it. It never issues CUDA work: it only waits on
+  events and writes slot headers in host memory.
+- `BatchMarks`: one batch's side of it (its layers in flight, its end barrier).
+- `LaneMarks`: one prompt's figures (`ShipStats`) and the error that stopped it.
+
+CPU copies are synchronous (the handle is already done): the layer is marked at once,
+inline in the calling thread, and no helper thread exists.
 """
 
 from __future__ import annotations
@@ -20,108 +31,199 @@ from engine.errors import DeadlineExceeded, HybridError
 
 
 class ShipperPool:
-    """kernels.comm.LayerShipper is not thread-safe and owns a CUDA copy stream, so each
-    concurrent prefill borrows one (created on demand, reused after)."""
+    """kernels.comm.BatchShipper is not thread-safe and owns a CUDA copy stream, so each
+    batch in flight borrows one (the service's single loop thread: always the same one;
+    concurrent `PrefillRunner.run` callers get their own). One shipper serves every
+    layout and slot dtype: the layout travels with each prompt's ShipTarget."""
 
-    def __init__(self, config: Any, device: torch.device) -> None:
-        self.config, self.device = config, device
-        self._free: dict[tuple[str, str], list[Any]] = {}
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._free: list[Any] = []
         self._lock = threading.Lock()
 
-    def take(self, layout: str, slot_dtype: str) -> Any:
+    def take(self) -> Any:
         with self._lock:
-            free = self._free.get((layout, slot_dtype))
-            if free:
-                return free.pop()
-        from kernels.comm import LayerShipper
+            if self._free:
+                return self._free.pop()
+        from kernels.comm import BatchShipper
 
-        # timing=True: each handle reports its copy-stream time (the raw transfer figure).
-        return LayerShipper.for_model(self.config, layout, slot_dtype, self.device, timing=True)
+        # timing=True: each layer's handle reports its copy-stream time (transfer_ms).
+        return BatchShipper(self.device, timing=True)
 
-    def give(self, layout: str, slot_dtype: str, shipper: Any) -> None:
+    def give(self, shipper: Any) -> None:
         with self._lock:
-            self._free.setdefault((layout, slot_dtype), []).append(shipper)
+            self._free.append(shipper)
 
 
 @dataclass
 class ShipStats:
-    transfer_ms: float = 0.0          # raw reshape + copy time, all layers
-    exposed_transfer_ms: float = 0.0  # last layer's compute end -> last copy done
+    """One request's figures.
+
+    transfer_ms: raw reshape + copy time of the layers this request shipped, where each
+      layer counts the time of that layer's copy for the WHOLE batch (all prompts of the
+      batch that shipped it: one copy-stream interval per layer on CUDA, the wall time of
+      the synchronous copies on CPU), not this prompt's share of it. So the sum over the
+      requests of a batch counts the batch's copies once per request; for a batch of 1
+      it is the request's own copy time, as before batching.
+    exposed_transfer_ms: from the end of the batch's compute (an event on the compute
+      stream after the last layer) to this request's last copy done: the copy time the
+      request still waited for. CPU: = transfer_ms (copies run inline, nothing hidden).
+    kv_bytes: bytes written into this request's slot.
+    """
+
+    transfer_ms: float = 0.0
+    exposed_transfer_ms: float = 0.0
     kv_bytes: int = 0
 
 
-class ReadyMarker:
-    """Waits on each layer's copy in order and marks the layer ready in the region.
+class LaneMarks:
+    """One prompt of a batch as the ready marking sees it. Written by whoever marks its
+    layers (the helper thread on CUDA, the batch's thread on CPU), read by the batch's
+    thread after `BatchMarks.finish`."""
 
-    CPU copies are synchronous (handle already done): the layer is marked at once, in
-    the caller's thread. CUDA copies return a pending handle: a helper thread waits on
-    them in order so the compute thread never blocks on the copy stream.
+    __slots__ = ("desc", "stats", "last", "error", "shipped", "marked")
 
-    Latency hiding is measured on the device's own clock: raw = sum of each layer's
-    copy-stream time; exposed = from an event recorded on the compute stream when the
-    whole prefill compute is done to the last layer's copy-done event (the copy time the
-    request still waits for). On CPU the copies run inline between layers, nothing
-    overlaps, and exposed = raw.
-    """
-
-    def __init__(self, region: Any, desc: Any) -> None:
-        self.region, self.desc = region, desc
+    def __init__(self, desc: Any) -> None:
+        self.desc = desc
         self.stats = ShipStats()
-        self._q: queue.Queue = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._last: Any = None  # the last layer's copy handle
+        self.last: Any = None                  # handle of its last layer marked ready
+        self.error: BaseException | None = None  # stops its marking; fails its job
+        self.shipped = self.marked = 0         # layers handed to the copy path / marked
 
-    def submit(self, layer: int, handle: Any, n_bytes: int) -> None:
-        """`handle`: what LayerShipper.ship returned (already done on CPU)."""
-        self.stats.kv_bytes += n_bytes
-        self._last = handle
-        if handle is None or handle.query():
-            self._done(layer, handle)
+    def failure(self) -> BaseException | None:
+        """The error for its job (a HybridError, so it maps to a gRPC status), or None."""
+        e = self.error
+        if e is None or isinstance(e, HybridError):
+            return e
+        return HybridError(f"KV copy failed: {e}")
+
+    def incomplete(self) -> BaseException | None:
+        """After `BatchMarks.finish`: an error if a layer was shipped but never marked
+        (cannot happen while the helper works; a guard against publishing a first token
+        for a slot whose layers are not all ready)."""
+        if self.marked == self.shipped:
+            return None
+        return HybridError(f"KV ready marking incomplete: {self.marked} of {self.shipped} layers")
+
+
+_FLUSH = object()  # an item that ends a batch: everything before it has been marked
+
+
+class BatchMarks:
+    """One batch's ready marking: `submit` each shipped layer (in layer order) with the
+    prompts it covers, then `finish` to wait until all of them are marked."""
+
+    def __init__(self, publisher: ReadyPublisher) -> None:
+        self.publisher = publisher
+        self.aborted = False              # set by the batch's thread: mark nothing more
+        self.done = threading.Event()
+        self._async = False               # a layer went to the helper thread
+
+    def submit(self, layer: int, handle: Any, lanes: list[LaneMarks]) -> None:
+        """`handle`: what BatchShipper.ship returned. A synchronous one (CPU: Done, or a
+        handle already done before any layer went async) is marked inline."""
+        if not self._async and _is_sync(handle):
+            self.publisher.mark(self, layer, handle, lanes)
             return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._wait_loop, daemon=True)
-            self._thread.start()
-        self._q.put((layer, handle))
+        self._async = True
+        self.publisher.put((self, layer, handle, lanes))
 
-    def _done(self, layer: int, handle: Any) -> None:
-        if handle is not None:
-            self.stats.transfer_ms += handle.elapsed_ms()
-        self.region.mark_ready(self.desc, layer)
-        # A producer still filling the slot keeps it alive: a prefill longer than the
-        # lease must not be reaped under its own feet.
-        self.region.renew(self.desc)
+    def finish(self, timeout_s: float) -> None:
+        """Block until every submitted layer has been marked (or skipped after an error);
+        DeadlineExceeded after `timeout_s`."""
+        if not self._async:
+            return
+        self.publisher.put((self, -1, _FLUSH, None))
+        if not self.done.wait(timeout_s):
+            raise DeadlineExceeded(f"KV copies not done after {timeout_s:.0f}s")
 
-    def _wait_loop(self) -> None:
-        while (item := self._q.get()) is not None:
-            layer, handle = item
+    def abort(self) -> None:
+        """The batch failed: its layers still queued are not marked any more (the copies
+        themselves are the batch thread's to wait for)."""
+        self.aborted = True
+
+
+def _is_sync(handle: Any) -> bool:
+    from kernels.comm import Done
+
+    return isinstance(handle, Done)
+
+
+class ReadyPublisher:
+    """ONE helper thread for the whole prefill loop: waits on each shipped layer's event
+    in submission order (so per batch in layer order) and marks the layer ready for
+    every prompt that shipped it. Started on the first asynchronous layer; lives until
+    `close()` (and starts again if used after). Blocked in a CUDA event wait it holds
+    no GIL; it takes the GIL once per layer for the batch's flags."""
+
+    def __init__(self, region: Any, name: str = "prefill-ready") -> None:
+        self.region, self.name = region, name
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._q: queue.SimpleQueue | None = None
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def put(self, item: tuple) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                if self._q is None:  # else a thread that died: its successor takes its queue
+                    self._q = queue.SimpleQueue()
+                self._thread = threading.Thread(target=self._run, args=(self._q,),
+                                                name=self.name, daemon=True)
+                self._thread.start()
+            self._q.put(item)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread after what is queued (bounded join)."""
+        with self._lock:
+            t, q = self._thread, self._q
+            self._thread = self._q = None
+        if t is not None and q is not None:
+            q.put(None)
+            if t is not threading.current_thread():
+                t.join(timeout_s)
+
+    def _run(self, q: queue.SimpleQueue) -> None:
+        while (item := q.get()) is not None:
+            batch, layer, handle, lanes = item
+            if handle is _FLUSH:
+                batch.done.set()
+                continue
             try:
-                handle.wait()
-                self._done(layer, handle)
-            except BaseException as e:  # surfaced by finish()
-                self._error = e
-                return
+                self.mark(batch, layer, handle, lanes)
+            except BaseException as e:  # never dies with a batch waiting on it
+                for lane in lanes:
+                    lane.error = lane.error or e
+            del item, batch, handle, lanes  # the K, V and views the copy kept alive
 
-    def close(self) -> None:
-        """Stop the helper thread without waiting for the result (the request failed)."""
-        if self._thread is not None:
-            self._q.put(None)
-
-    def finish(self, compute_done: Any, timeout_s: float) -> ShipStats:
-        """Wait for every copy; returns the figures. `compute_done`: a CUDA event recorded
-        on the compute stream after the whole prefill (None on CPU). Raises the helper's
-        error."""
-        if self._thread is not None:
-            self._q.put(None)
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                raise DeadlineExceeded(f"KV copies not done after {timeout_s:.0f}s")
-        if self._error is not None:
-            raise self._error if isinstance(self._error, HybridError) else HybridError(
-                f"KV copy failed: {self._error}")
-        if compute_done is not None and self._last is not None:
-            self.stats.exposed_transfer_ms = max(
-                0.0, compute_done.elapsed_time(self._last.event))
-        else:  # CPU: each copy ran inline in the compute thread, so none of it was hidden
-            self.stats.exposed_transfer_ms = self.stats.transfer_ms
-        return self.stats
+    def mark(self, batch: BatchMarks, layer: int, handle: Any, lanes: list[LaneMarks]) -> None:
+        """Wait for `handle` (one layer of `lanes`), then mark the layer ready for each
+        lane not stopped by an earlier error: region.mark_ready (checksum, flag, wake),
+        then region.renew (a producer still filling the slot keeps it alive: a prefill
+        longer than the lease must not be reaped under its own feet). An error of one
+        lane's slot stops only that lane; a failed copy stops every lane of the layer."""
+        if batch.aborted:
+            return
+        try:
+            handle.wait()  # CUDA: the layer's copy event (GIL released while waiting)
+            ms = handle.elapsed_ms()
+        except BaseException as e:
+            for lane in lanes:
+                lane.error = lane.error or e
+            return
+        region = self.region
+        for lane in lanes:
+            if lane.error is not None or batch.aborted:
+                continue
+            try:
+                region.mark_ready(lane.desc, layer)
+                region.renew(lane.desc)
+            except BaseException as e:
+                lane.error = e
+                continue
+            lane.stats.transfer_ms += ms
+            lane.last = handle
+            lane.marked += 1
