@@ -29,6 +29,8 @@ def _opt(*names: str, env: str, **kw):
 @_opt("--region-mb", env="REGION_MB", type=int, default=256, help="prefill: shared KV region size")
 @_opt("--max-slots", env="MAX_SLOTS", type=int, default=64, help="prefill: concurrent KV slots")
 @_opt("--lease-s", env="LEASE_S", type=float, default=30.0, help="prefill: slot lease")
+@_opt("--slot-wait-s", env="SLOT_WAIT_S", type=float, default=5.0,
+      help="prefill: how long a request waits in line for a slot when the region is full")
 @_opt("--checksums/--no-checksums", env="CHECKSUMS", default=True,
       help="prefill: per-layer xxh3 in the slot header (DATA_LOSS on mismatch)")
 @_opt("--max-active", env="MAX_ACTIVE", type=int, default=None, help="requests run at once")
@@ -40,21 +42,21 @@ def _opt(*names: str, env: str, **kw):
       type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
 def serve(role: str, model: str, host: str, port: int | None, device: str, dtype: str,
           backend: str, prefill_addr: str, max_batch: int, region_mb: int, max_slots: int,
-          lease_s: float, checksums: bool, max_active: int | None, max_queue: int, grace_s: float,
+          lease_s: float, slot_wait_s: float, checksums: bool, max_active: int | None, max_queue: int, grace_s: float,
           warm_up: bool, log_level: str) -> None:
     """Serve the prefill (GPU summarization) or decode (FPGA / GPU generation) stage."""
     from engine.errors import HybridError
 
     try:
         _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch,
-               region_mb, max_slots, lease_s, checksums, max_active, max_queue, grace_s, warm_up,
+               region_mb, max_slots, lease_s, slot_wait_s, checksums, max_active, max_queue, grace_s, warm_up,
                log_level)
     except HybridError as e:  # unknown model, no /dev/shm space, ...: one line, no traceback
         raise click.ClickException(f"{role}: {e}") from None
 
 
 def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch, region_mb,
-           max_slots, lease_s, checksums, max_active, max_queue, grace_s, warm_up,
+           max_slots, lease_s, slot_wait_s, checksums, max_active, max_queue, grace_s, warm_up,
            log_level) -> None:
     common = dict(model=model, host=host, device=device, dtype=dtype, max_queue=max_queue,
                   grace_s=grace_s, warm_up=warm_up, log_level=log_level)
@@ -63,7 +65,8 @@ def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_ba
         from gpu_service.server import serve as run
 
         run(PrefillOptions(port=50051 if port is None else port, region_mb=region_mb,
-                           max_slots=max_slots, lease_s=lease_s, checksums=checksums,
+                           max_slots=max_slots, lease_s=lease_s, slot_wait_s=slot_wait_s,
+                           checksums=checksums,
                            max_active=max_active or 64,
                            **common))
     else:

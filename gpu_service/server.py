@@ -44,8 +44,9 @@ class PrefillOptions:
     max_slots: int = 64
     lease_s: float = 30.0
     checksums: bool = True
-    max_active: int = 4
+    max_active: int = 64
     max_queue: int = 64
+    slot_wait_s: float = 5.0           # a request waits this long for a slot when full
     grace_s: float = 10.0
     log_level: str = "info"
     warm_up: bool = True
@@ -87,7 +88,7 @@ async def _serve(opts: PrefillOptions) -> None:
         runner = PrefillRunner(lm, region, max_batch=opts.max_batch,
                                max_batch_tokens=opts.max_batch_tokens)
         servicer = PrefillServicer(runner, region, admission, opts.lease_s,
-                                   checksums=opts.checksums)
+                                   checksums=opts.checksums, slot_wait_s=opts.slot_wait_s)
         log.info("prefill batches: up to %d prompts, %d tokens (max_active %d)", opts.max_batch,
                  opts.max_batch_tokens, opts.max_active)
         if opts.warm_up:  # the work runs on the loop's thread; this executor only waits

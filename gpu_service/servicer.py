@@ -26,6 +26,7 @@ from transport import servekit as kit
 
 from .loop import PrefillLoop
 from .runner import PrefillRunner
+from .slot_queue import SlotQueue
 
 log = logging.getLogger("hybrid.prefill")
 VERSION = "0.1.0"
@@ -34,8 +35,10 @@ VERSION = "0.1.0"
 class PrefillServicer(pbg.PrefillServiceServicer):
     def __init__(self, runner: PrefillRunner, region: Any, admission: kit.Admission,
                  lease_s: float, wait_timeout_s: float = 60.0, checksums: bool = True,
-                 loop: PrefillLoop | None = None) -> None:
+                 loop: PrefillLoop | None = None, slot_wait_s: float = 5.0) -> None:
         self.runner, self.region, self.admission = runner, region, admission
+        # requests wait in line (bounded) for a slot while the region is full
+        self.slots = SlotQueue(slot_wait_s)
         self.lm = runner.lm
         self.lease_s, self.wait_timeout_s = lease_s, wait_timeout_s
         self.checksums = checksums  # per-layer xxh3 in the slot header: DATA_LOSS on mismatch
@@ -98,7 +101,9 @@ class PrefillServicer(pbg.PrefillServiceServicer):
 
     async def _prefill(self, rid: str, ids: list[int], layout: str, dtype: str | None,
                        params: Any, queue_ms: float, fields: dict):
-        desc = self._alloc(ids, layout, dtype)
+        t_slot = time.perf_counter()
+        desc = await self.slots.alloc(lambda: self._alloc(ids, layout, dtype))
+        fields["slot_wait_ms"] = round((time.perf_counter() - t_slot) * 1e3, 2)
         self.stats["slots_allocated"] += 1
         done = False
         try:
@@ -172,6 +177,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         try:
             self.region.mark_failed(desc, reason)
             self.region.free(desc)
+            self.slots.wake_one()
             self.stats["slots_failed"] += 1
         except HybridError as e:  # already freed (stale generation): nothing to undo
             log.debug("fail_slot: %s", e)
@@ -188,6 +194,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         try:
             self.region.free(self._desc(request))
             self.stats["slots_released"] += 1
+            self.slots.wake_one()
         except Exception as e:
             await self._abort(context, e)
         log.debug("release id=%s", request.request_id)
@@ -211,6 +218,8 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                 freed = self.region.reap_expired()
                 if freed:
                     self.stats["slots_reaped"] += len(freed)
+                    for _ in freed:
+                        self.slots.wake_one()
                     log.info("lease reaper freed %d slot(s): %s", len(freed),
                              ", ".join(str(d.slot) for d in freed))
             except Exception:
@@ -257,6 +266,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         m = dict(self.stats)
         m["slots_in_use"] = self.region.stats()["slots_used"]
         m["active"], m["waiting"] = self.admission.active, self.admission.waiting
+        m["waiting_for_slot"] = self.slots.waiting
         m.update(self.loop.stats)  # prefill_batches, prefill_batched_prompts
         return m
 

@@ -292,7 +292,8 @@ def test_dead_prefill_resource_limits_then_unavailable(pair, tmp_path):
     port = free_port()
     target = f"127.0.0.1:{port}"
     proc = spawn(["serve", "prefill", "--model", MODEL, "--device", "cpu", "--port", str(port),
-                  "--max-slots", "2", "--max-active", "1", "--max-queue", "0"],
+                  "--max-slots", "2", "--max-active", "1", "--max-queue", "0",
+                  "--slot-wait-s", "0.3"],
                  log_path=str(tmp_path / "prefill2.log"))
     try:
         wait_serving(target, proc, 60)
