@@ -8,6 +8,7 @@ nn.Linear [out, in] weights.
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -152,13 +153,36 @@ def pack_prompts(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, S
     return torch.cat(ids), pos, spans
 
 
+MASKED_MAX_TOKENS = 8192  # one masked SDPA up to this many packed tokens (mask: N^2 bools)
+
+
+@functools.lru_cache(maxsize=4)
+def _block_causal(spans: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """[N, N] bool: token i may attend to token j iff both are in one prompt and j <= i."""
+    lens = torch.tensor([e - s for s, e in spans])
+    seg = torch.repeat_interleave(torch.arange(len(spans)), lens)
+    idx = torch.arange(int(lens.sum()))
+    mask = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
+    return mask.to(device)
+
+
 def packed_attention(q, k, v, spans: Spans, n_rep: int, layer: int, on_layer) -> torch.Tensor:
     """q [1, H, N, D], k, v [1, Hkv, N, D] of packed prompts -> [1, H, N, D], causal within
-    each prompt. One SDPA call per prompt: exact (each prompt sees only itself, no
-    cross-prompt mask to get wrong). Every prompt's hook runs before any attention, so
-    the copies of this layer's KV start as early as they can."""
+    each prompt. Every prompt's hook runs before any attention, so the copies of this
+    layer's KV start as early as they can. One prompt: plain causal SDPA (bit-identical to
+    `prefill`). Several: ONE SDPA with a block-diagonal causal mask: it computes N^2
+    scores instead of sum(T_i^2), but a loop of one SDPA per prompt was launch-bound
+    (measured on an H200: 32 prompts of 64 tokens, gpt2-medium: 768 attention calls made
+    the forward 48 ms)."""
     if on_layer is not None:
         for i, (s, e) in enumerate(spans):
             on_layer(layer, i, k[0, :, s:e], v[0, :, s:e])
+    if len(spans) == 1:
+        return prefill_attention(q, k, v, n_rep)
+    if q.shape[2] <= MASKED_MAX_TOKENS:
+        if n_rep > 1:  # GQA: each KV head serves n_rep query heads
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        mask = _block_causal(tuple(spans), q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     outs = [prefill_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], n_rep) for s, e in spans]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return torch.cat(outs, dim=2)
