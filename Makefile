@@ -3,7 +3,7 @@
 PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: setup demo test test-cuda lint proto clean
+.PHONY: setup demo test test-loaded test-cuda lint proto clean
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -20,6 +20,11 @@ demo: $(VENV_STAMP)
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q
+
+# The suite beside 3 busy processes, 3 times (issue 16): run before submitting changes to
+# leases, deadlines, threads or processes. BUSY=n ROUNDS=n to change.
+test-loaded: $(VENV_STAMP)
+	ROUNDS=$${ROUNDS:-3} tests/loaded.sh
 
 # On a GPU machine without this venv: PYTHONPATH=. python3 -m pytest -q -m cuda
 test-cuda:

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -40,6 +41,9 @@ class KvRegion:
                  lease_s: float) -> None:
         self.name, self.path, self.epoch, self.geometry = name, path, epoch, geom
         self.lease_s = lease_s
+        # Lease deadlines and reaping read this clock: tests swap in one they advance by
+        # hand, so a lease test does not depend on how the OS schedules its processes.
+        self.clock: Callable[[], float] = time.monotonic
         self._mm = mm
         self._u8 = memoryview(mm)
         self._u64, self._u32 = self._u8.cast("Q"), self._u8.cast("I")
@@ -240,7 +244,7 @@ class KvRegion:
 
     def _extend(self, rec: _Owned, lease: float, at_least: bool = False) -> None:
         """Deadline := now + lease (or the later of both); mirrored in the header."""
-        now, now_ns = time.monotonic(), time.monotonic_ns()
+        now, now_ns = self.clock(), time.monotonic_ns()
         rec.deadline = max(rec.deadline, now + lease) if at_least else now + lease
         w = self.geometry.slot_word(rec.desc.slot)
         self._u64[w + L.S_LEASE_DEADLINE] = max(0, now_ns + int((rec.deadline - now) * 1e9))
@@ -310,7 +314,7 @@ class KvRegion:
 
     def reap_expired(self, now: float | None = None) -> list[KvDescriptor]:
         """Free every slot whose lease expired (consumer gone); returns their descriptors."""
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         with self._lock:
             if self._closed:
                 return []
