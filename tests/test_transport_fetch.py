@@ -72,9 +72,11 @@ def test_stream_renews_lease_while_waiting(region):
     region.write_layer(desc, 0, bytes(4096))
     region.mark_ready(desc, 0)
     it = iter_chunks(region, desc, 4096, timeout_s=2.0)
-    time.sleep(0.2)  # lease 0.3 s from alloc
+    now = time.monotonic()
+    region.clock = lambda: now + shift[0]  # lease time advanced by hand, not slept
+    shift = [0.2]  # lease 0.3 s from alloc
     next(it)  # layer 0 streamed: the open stream renewed the lease
-    time.sleep(0.2)  # past the original expiry
+    shift[0] = 0.4  # past the original expiry
     assert region.reap_expired() == []
     region.write_layer(desc, 1, bytes(4096))
     region.mark_ready(desc, 1)

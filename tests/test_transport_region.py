@@ -118,13 +118,13 @@ def test_full_by_bytes_refuses_promptly_with_sizes():
         t0 = time.perf_counter()
         with pytest.raises(ResourceExhausted, match=r"no free block of 4096 bytes \(free 0"):
             r.alloc(4096, 1)
-        assert time.perf_counter() - t0 < 0.1
+        assert time.perf_counter() - t0 < 1.0  # at once: no wait (bound generous under load)
         r.free(descs[1])
         r.alloc(4096, 1)
         t0 = time.perf_counter()
         with pytest.raises(ResourceExhausted, match=r"no free block of 262144 bytes \(free 258048"):
             r.alloc(256 << 10, 1)
-        assert time.perf_counter() - t0 < 0.1
+        assert time.perf_counter() - t0 < 1.0
         with pytest.raises(ResourceExhausted, match="can never fit"):
             r.alloc(2 << 20, 1)
 
@@ -138,12 +138,14 @@ def test_alloc_reaps_expired_leases_before_giving_up(region):
 
 
 def test_renew_extends_lease(region):
+    clock = [100.0]
+    region.clock = lambda: clock[0]  # lease time advanced by hand, not slept
     d = region.alloc(4096, 1)
     for _ in range(4):
-        time.sleep(0.1)
+        clock[0] += 0.15  # within the 0.2 s lease, 0.6 s in all
         assert region.renew(d) == 0.2
         assert region.reap_expired() == []
-    assert region.reap_expired(now=time.monotonic() + 0.3) == [d]
+    assert region.reap_expired(now=clock[0] + 0.3) == [d]
     with pytest.raises(Aborted, match="lease expired"):
         region.renew(d)
 
@@ -153,7 +155,7 @@ def test_wait_is_bounded_and_does_not_spin(region, reader):
     t0, cpu0 = time.monotonic(), time.process_time()
     with pytest.raises(DeadlineExceeded, match="layer 1"):
         reader.read_layer(d, 1, 0.3)
-    assert 0.3 <= time.monotonic() - t0 < 0.5
+    assert 0.3 <= time.monotonic() - t0 < 2.0  # bounded (generous: a loaded machine)
     assert time.process_time() - cpu0 < 0.15  # sleeping, not spinning a core
     with pytest.raises(InvalidArgument, match="finite"):
         reader.read_layer(d, 1, float("inf"))
