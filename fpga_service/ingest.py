@@ -5,7 +5,6 @@ first token."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +13,7 @@ from typing import Any
 
 from engine.errors import DeadlineExceeded
 from protos import hybrid_pb2 as pb
+from transport.reader import ReaderPool
 
 
 class IngestStats:
@@ -24,44 +24,7 @@ class IngestStats:
         self.wait_ms = 0.0
 
 
-class ShmReaders:
-    """One read-only mapping per region name (a restarted prefill has a new name)."""
-
-    def __init__(self) -> None:
-        self._readers: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> Any:
-        from transport.reader import KvReader
-
-        with self._lock:
-            if name not in self._readers:
-                self._evict_gone()
-                self._readers[name] = KvReader.open(name)
-            return self._readers[name]
-
-    def mapped(self, name: str) -> bool:
-        with self._lock:
-            return name in self._readers
-
-    def _evict_gone(self) -> None:
-        """Unmap regions whose owner removed them (a restarted prefill has a new name):
-        a mapping of an unlinked segment would pin its memory for our lifetime."""
-        from transport.shm import segment_path
-
-        for name in [n for n in self._readers if not os.path.exists(segment_path(n))]:
-            self._readers.pop(name).close()
-
-    def close(self) -> None:
-        with self._lock:
-            for r in self._readers.values():
-                close = getattr(r, "close", None)
-                if close is not None:
-                    close()
-            self._readers.clear()
-
-
-async def shm_layers(readers: ShmReaders, desc: Any, timeout_s: float, pool: Executor,
+async def shm_layers(readers: ReaderPool, desc: Any, timeout_s: float, pool: Executor,
                      stats: IngestStats, stop: threading.Event
                      ) -> AsyncIterator[tuple[int, Any]]:
     """Yields (layer, bytes) from the mapped region; ends with (-1, first_token).
@@ -121,7 +84,7 @@ async def grpc_layers(stub: Any, request_id: str, desc: Any, timeout_s: float,
     yield -1, asm.finish()
 
 
-async def shm_into(readers: ShmReaders, desc: Any, buf: Any, timeout_s: float, pool: Executor,
+async def shm_into(readers: ReaderPool, desc: Any, buf: Any, timeout_s: float, pool: Executor,
                    stats: IngestStats, stop: threading.Event) -> int:
     """Every layer of the slot into `buf` (uint8, layer after layer, each as the slot
     holds it), verified, each as soon as prefill marks it ready; returns the first

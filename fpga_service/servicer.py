@@ -21,9 +21,10 @@ from engine.stop_text import StopStream, check_stops
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
+from transport.reader import ReaderPool
 
 from .backends.base import DecodeBackend, DecodeSpec
-from .ingest import IngestStats, ShmReaders, grpc_into, grpc_layers, shm_into, shm_layers
+from .ingest import IngestStats, grpc_into, grpc_layers, shm_into, shm_layers
 
 log = logging.getLogger("hybrid.decode")
 VERSION = "0.1.0"
@@ -40,7 +41,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         self.eos = eos_id(self.tokenizer, self.config)
         self.wait_timeout_s = wait_timeout_s
         self.pool = ThreadPoolExecutor(admission.max_active * 2 + 2, "decode")
-        self.readers = ShmReaders()
+        self.readers = ReaderPool()  # one read-only mapping per prefill region
         self.channel = grpc.aio.insecure_channel(prefill_addr, options=[
             ("grpc.max_receive_message_length", kit.MAX_MESSAGE_BYTES)])
         self.prefill = pbg.PrefillServiceStub(self.channel)

@@ -261,7 +261,9 @@ def _check_header(head: bytes, path: str, size: int) -> None:
 class ReaderPool:
     """One KvReader per region name for a long-lived consumer (the decode service):
     opening maps the file, so do it once per region, not per request. A reader whose
-    region was closed by its owner (restart) is dropped and unmapped on the next get."""
+    region was closed by its owner, or whose segment is gone (a restarted prefill has a
+    new name), is dropped and unmapped on the next get: a mapping of an unlinked segment
+    would pin its memory for the consumer's lifetime."""
 
     def __init__(self, **poll: float) -> None:
         self._poll = poll
@@ -272,13 +274,17 @@ class ReaderPool:
         key = name.lstrip("/")
         with self._lock:
             for other, reader in list(self._readers.items()):
-                if reader.closed_by_owner:
+                if reader.closed_by_owner or not os.path.exists(segment_path(other)):
                     del self._readers[other]
                     reader.close()
             reader = self._readers.get(key)
             if reader is None:
                 reader = self._readers[key] = KvReader.open(name, **self._poll)
             return reader
+
+    def mapped(self, name: str) -> bool:
+        with self._lock:
+            return name.lstrip("/") in self._readers
 
     def close(self) -> None:
         with self._lock:
