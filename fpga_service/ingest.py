@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
@@ -118,3 +119,59 @@ async def grpc_into(stub: Any, request_id: str, desc: Any, buf: Any, timeout_s: 
             break
         np.copyto(buf[layer * n:(layer + 1) * n], np.frombuffer(data, np.uint8))
     return int(first)
+
+
+class KvReceiver(ABC):
+    """The decode side of the KV hand-over (the seam sglang's KvReceiver and vLLM's KV
+    connectors have): one request's KV, layer by layer as prefill marks it ready, then
+    the first token. The request's transport field picks the implementation in one
+    place (DecodeServicer._receiver); everything after works on this interface."""
+
+    name = ""
+
+    def __init__(self, desc: Any, timeout_s: float, stats: IngestStats) -> None:
+        self.desc, self.timeout_s, self.stats = desc, timeout_s, stats
+
+    @abstractmethod
+    def layers(self) -> AsyncIterator[tuple[int, Any]]:
+        """(layer, bytes) in order 0..n-1, then (-1, first token). aclose() ends it."""
+
+    @abstractmethod
+    async def into(self, buf: Any) -> int:
+        """Every layer into `buf` (uint8, layer after layer); returns the first token."""
+
+
+class ShmReceiver(KvReceiver):
+    """Same host: the prefill service's shared region, read-only, futex waits."""
+
+    name = "shm"
+
+    def __init__(self, desc, timeout_s, stats, *, readers: ReaderPool, pool: Executor,
+                 stop: threading.Event) -> None:
+        super().__init__(desc, timeout_s, stats)
+        self.readers, self.pool, self.stop = readers, pool, stop
+
+    def layers(self):
+        return shm_layers(self.readers, self.desc, self.timeout_s, self.pool, self.stats,
+                          self.stop)
+
+    async def into(self, buf: Any) -> int:
+        return await shm_into(self.readers, self.desc, buf, self.timeout_s, self.pool,
+                              self.stats, self.stop)
+
+
+class FetchReceiver(KvReceiver):
+    """Another host: the same descriptor served by PrefillService.FetchKv."""
+
+    name = "grpc"
+
+    def __init__(self, desc, timeout_s, stats, *, stub: Any, request_id: str) -> None:
+        super().__init__(desc, timeout_s, stats)
+        self.stub, self.request_id = stub, request_id
+
+    def layers(self):
+        return grpc_layers(self.stub, self.request_id, self.desc, self.timeout_s, self.stats)
+
+    async def into(self, buf: Any) -> int:
+        return await grpc_into(self.stub, self.request_id, self.desc, buf, self.timeout_s,
+                               self.stats)

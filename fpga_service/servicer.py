@@ -24,7 +24,7 @@ from transport import servekit as kit
 from transport.reader import ReaderPool
 
 from .backends.base import DecodeBackend, DecodeSpec
-from .ingest import IngestStats, grpc_into, grpc_layers, shm_into, shm_layers
+from .ingest import FetchReceiver, IngestStats, KvReceiver, ShmReceiver
 
 log = logging.getLogger("hybrid.decode")
 VERSION = "0.1.0"
@@ -221,41 +221,38 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 modeled_device_ms_per_token=t.get("modeled_device_ms_per_token", 0.0),
                 n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
 
+    def _receiver(self, request, desc, transport: str, timeout: float, ist: IngestStats,
+                  stop: threading.Event) -> KvReceiver:
+        if transport == "shm":
+            return ShmReceiver(desc, timeout, ist, readers=self.readers, pool=self.pool, stop=stop)
+        return FetchReceiver(desc, timeout, ist, stub=self.prefill,
+                             request_id=request.handle.request_id)
+
     async def _ingest(self, request, session, desc, transport: str, timeout: float,
                       stop: threading.Event):
-        loop = asyncio.get_running_loop()
         ist = IngestStats()
+        rx = self._receiver(request, desc, transport, timeout, ist, stop)
         if hasattr(session, "prompt_buffer"):  # the engine takes the prompt in one piece
-            buf = session.prompt_buffer()
-            if transport == "shm":
-                first = await shm_into(self.readers, desc, buf, timeout, self.pool, ist, stop)
-            else:
-                first = await grpc_into(self.prefill, request.handle.request_id, desc, buf,
-                                        timeout, ist)
+            first = await rx.into(session.prompt_buffer())
             session.ingest_staged()
-            self.stats[f"{transport}_kv_bytes"] += ist.bytes
-            self.stats[f"{transport}_requests"] += 1
-            return int(first), ist
-        if transport == "shm":
-            layers = shm_layers(self.readers, desc, timeout, self.pool, ist, stop)
         else:
-            layers = grpc_layers(self.prefill, request.handle.request_id, desc, timeout, ist)
-        first = None
+            first = await self._ingest_layers(rx, session)
+        self.stats[f"{rx.name}_kv_bytes"] += ist.bytes
+        self.stats[f"{rx.name}_requests"] += 1
+        return int(first), ist
+
+    async def _ingest_layers(self, rx: KvReceiver, session) -> int:
+        """Layer by layer into the session (the FPGA backends write each into HBM)."""
+        layers, first = rx.layers(), None
         try:
             async for layer, data in layers:
                 if layer < 0:
                     first = data
                     break
-                if self.engine is not None:  # a hand-over to the loop: does not block
-                    session.ingest_layer(layer, data)
-                else:
-                    await loop.run_in_executor(self.pool, session.ingest_layer, layer,
-                                               memoryview(data))
+                session.ingest_layer(layer, data)  # a hand-over to the engine loop
         finally:
             await layers.aclose()  # ends a FetchKv stream at once
-        self.stats[f"{transport}_kv_bytes"] += ist.bytes
-        self.stats[f"{transport}_requests"] += 1
-        return int(first), ist
+        return first
 
     async def _chunks(self, session, first: int, stop: threading.Event):
         """Lists of tokens after `first`: from the engine's queues through the bridge,
