@@ -16,12 +16,12 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.errors import HybridError
+from engine.freelist import FreeList
 from engine.loader import LoadedModel
 from engine.model_runner import ModelRunner
 from engine.runner_base import StepRunner
 from engine.sampling import sample
 from engine.sequence import Sequence
-from transport.alloc import FreeList  # a plain first-fit list (no I/O, no grpc)
 
 
 class PagedRunner(StepRunner):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from engine.config import ModelConfig
 from engine.errors import InvalidArgument, ResourceExhausted
+from engine.freelist import FreeList
 from kernels.weight_table import (
     ELEM_BYTES,
     ENTRY_ALIGN,
@@ -228,13 +229,12 @@ class HbmLayout:
 
 
 class KvAllocator:
-    """First-fit allocator of request KV areas inside the channels' KV part.
-
-    Offsets are shared by all 32 channels. Thread-safe."""
+    """First-fit allocator of request KV areas inside the channels' KV part
+    (engine.freelist.FreeList). Offsets are shared by all 32 channels. Thread-safe."""
 
     def __init__(self, layout: HbmLayout) -> None:
         self.layout = layout
-        self._free: list[tuple[int, int]] = [(layout.kv_base, layout.channel_bytes)]
+        self._free = FreeList(layout.kv_base, layout.channel_bytes - layout.kv_base, 1)
         self._live: dict[int, KvArea] = {}
         self._lock = threading.Lock()
 
@@ -246,13 +246,10 @@ class KvAllocator:
         cap = lay.capacity_tokens(n_tokens)
         need = lay.kv_area_bytes(cap)
         with self._lock:
-            for i, (start, stop) in enumerate(self._free):
-                if stop - start >= need:
-                    self._free[i] = (start + need, stop)
-                    if start + need == stop:
-                        del self._free[i]
-                    area = self._live[start] = KvArea(start, cap, need)
-                    return area
+            start = self._free.alloc(need)
+            if start is not None:
+                area = self._live[start] = KvArea(start, cap, need)
+                return area
         free = self.free_tokens
         raise ResourceExhausted(
             f"HBM full: a request of {n_tokens} tokens needs {need} bytes per channel; "
@@ -266,21 +263,14 @@ class KvAllocator:
                 raise InvalidArgument(f"KV area at {area.offset} is not allocated here "
                                       f"(double free?)")
             del self._live[area.offset]
-            spans = sorted([*self._free, (area.offset, area.offset + area.nbytes)])
-            merged: list[tuple[int, int]] = []
-            for a, b in spans:
-                if merged and a == merged[-1][1]:
-                    merged[-1] = (merged[-1][0], b)
-                else:
-                    merged.append((a, b))
-            self._free = merged
+            self._free.free(area.offset, area.nbytes)
 
     @property
     def free_tokens(self) -> int:
         """Tokens of capacity still allocatable (summed over free spans)."""
         lay = self.layout
         with self._lock:
-            return sum((b - a) // lay.bytes_per_block for a, b in self._free) * lay.vec
+            return sum(n // lay.bytes_per_block for n in self._free.sizes()) * lay.vec
 
     @property
     def live(self) -> int:

@@ -183,9 +183,10 @@ def test_close_from_another_thread_frees_the_area_in_loop_order(model):
     session = backend.open_session(DecodeSpec("cancel", len(PROMPT), 8))
     for layer, data in enumerate(layers):
         session.ingest_layer(layer, memoryview(data))
+    area = session.kv  # held from admission until the sequence ends
+    assert area.live
     gen = session.decode(first)
     next(gen)
-    area = session.kv
     closer = threading.Thread(target=session.close)
     closer.start()
     closer.join(5)

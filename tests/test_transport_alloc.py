@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transport.alloc import FreeList
+from engine.freelist import FreeList
 
 ops = st.lists(st.tuples(st.booleans(), st.integers(1, 40_000), st.integers(0, 1000)),
                max_size=120)

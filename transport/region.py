@@ -23,9 +23,9 @@ from typing import Any
 import xxhash
 
 from engine.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
+from engine.freelist import FreeList
 from transport import cuda, futex, shm
 from transport import layout as L
-from transport.alloc import FreeList
 from transport.descriptor import KvDescriptor, check_positive
 
 

@@ -23,6 +23,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from engine.freelist import FreeList
 from fpga_service.device import abi
 from fpga_service.device.bandwidth import BandwidthModel
 from kernels.hbm_layout import HbmLayout, KvArea
@@ -33,11 +34,12 @@ ALIGN = 4096  # allocation granularity: a DMA-friendly page
 
 
 class ChannelAllocator:
-    """First-fit allocator over one channel's address range; frees coalesce."""
+    """One channel's address range: engine.freelist.FreeList (first fit, coalescing)
+    plus the size of each live block, so a free needs only its offset."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._free: list[tuple[int, int]] = [(0, capacity)]  # sorted (offset, size)
+        self._free = FreeList(0, capacity, ALIGN)
         self._used: dict[int, int] = {}
 
     @property
@@ -45,25 +47,13 @@ class ChannelAllocator:
         return sum(self._used.values())
 
     def alloc(self, size: int) -> int | None:
-        size = max(ALIGN, -(-size // ALIGN) * ALIGN)
-        for i, (off, n) in enumerate(self._free):
-            if n >= size:
-                self._free[i : i + 1] = [(off + size, n - size)] if n > size else []
-                self._used[off] = size
-                return off
-        return None
+        off = self._free.alloc(size)
+        if off is not None:
+            self._used[off] = self._free.round(size)
+        return off
 
     def free(self, offset: int) -> None:
-        size = self._used.pop(offset)
-        self._free.append((offset, size))
-        self._free.sort()
-        merged: list[tuple[int, int]] = []
-        for off, n in self._free:
-            if merged and merged[-1][0] + merged[-1][1] == off:
-                merged[-1] = (merged[-1][0], merged[-1][1] + n)
-            else:
-                merged.append((off, n))
-        self._free = merged
+        self._free.free(offset, self._used.pop(offset))
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""First-fit allocator over the payload bytes of a region (owner process only).
-
-A sorted list of free (offset, size) blocks, coalesced on free. Requests are rounded up
-to `align`. Slot counts are small (tens to hundreds), so a list is plenty.
+"""The project's one first-fit allocator: a sorted list of free (offset, size) blocks,
+coalesced on free, requests rounded up to `align`. It places the KV region's slots
+(transport/region.py), the U55C's per-channel buffers (fpga_service/device/base.py),
+KV areas inside the HBM channels (kernels/hbm_layout.py) and chunks of the decode
+engine's pinned ingest ring (engine/paged_runner.py). Counts are small (tens to
+hundreds of live blocks), so a list is plenty. Not thread-safe: callers lock.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class FreeList:
         if i > 0 and self._offs[i - 1] + self._sizes[i - 1] == off:  # merge left
             self._sizes[i - 1] += self._sizes.pop(i)
             self._offs.pop(i)
+
+    def sizes(self) -> list[int]:
+        """The free blocks' sizes."""
+        return list(self._sizes)
 
     @property
     def free_bytes(self) -> int:
