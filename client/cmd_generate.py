@@ -1,7 +1,8 @@
-"""`hybrid generate`: one prompt in, tokens out, streamed to stdout.
+"""`hybrid generate`: a prompt in, tokens out, streamed to stdout.
 
-`--local` runs the whole model in this process (engine only). Without it the request
+`--local` runs the whole model in this process (the engine loop). Without it the request
 goes to the prefill and decode services through `client.remote.generate_remote`.
+Several prompts (`--local` only) run at once: the engine decodes them in one batch.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import sys
 import click
 
 from client.inputs import GenerateOptions, check_options, fail, parse_prompt_ids
-from engine.errors import HybridError, Unavailable
+from engine.errors import HybridError, InvalidArgument, Unavailable
 
 DEFAULT_MODEL = "synthetic:gpt2"
 
 
 @click.command("generate")
-@click.argument("prompt", required=False)
+@click.argument("prompts", nargs=-1)
 @click.option("--local", is_flag=True, help="Run prefill and decode in this process (no services).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
               help="Local HF directory, hub id (online only) or synthetic:<preset>[:seed].")
@@ -42,10 +43,11 @@ DEFAULT_MODEL = "synthetic:gpt2"
 @click.option("--stop-id", "stop_ids", type=click.IntRange(min=0), multiple=True,
               help="Stop token id (repeatable): ends after that token, which is kept.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
-def generate(prompt, local, model, max_new_tokens, prompt_ids, temperature, top_k, top_p, seed,
+def generate(prompts, local, model, max_new_tokens, prompt_ids, temperature, top_k, top_p, seed,
              device, dtype, as_json, prefill, decode, kv_transport, timeout, stop, stop_ids,
              ignore_eos) -> None:
-    """Generate text from PROMPT (or --prompt-ids)."""
+    """Generate text from PROMPTS (or --prompt-ids); several prompts need --local."""
+    prompt = prompts[0] if prompts else None  # several: checked like the first
     try:
         opts = GenerateOptions(
             prompt=prompt, prompt_ids=parse_prompt_ids(prompt_ids), model=model,
@@ -54,6 +56,12 @@ def generate(prompt, local, model, max_new_tokens, prompt_ids, temperature, top_
             decode=decode, kv_transport=kv_transport, timeout=timeout, stop=tuple(stop),
             stop_ids=tuple(stop_ids), ignore_eos=ignore_eos)
         check_options(opts)
+        if len(prompts) > 1:
+            if not local or opts.prompt_ids is not None:
+                raise InvalidArgument("several PROMPTS run with --local (and without "
+                                      "--prompt-ids); through the services send one per call")
+            print_many(run_local_many(opts, list(prompts)), as_json)
+            return
         printer = TokenPrinter(as_json)
         result = run_local(opts, printer) if local else run_remote(opts, printer)
     except Unavailable as e:
@@ -125,6 +133,39 @@ def run_local(opts: GenerateOptions, printer: TokenPrinter) -> dict:
         "token_ids": res.token_ids, "text": res.text, "finish_reason": res.finish_reason,
         "timings": {k: round(v, 3) for k, v in res.timings.items()}, "path": "local",
     }
+
+
+def run_local_many(opts: GenerateOptions, prompts: list[str]) -> list[dict]:
+    """Every prompt at once through the model's engine loop (one batch), in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.generate import check_request
+    from engine.generate import generate as engine_generate
+    from engine.loader import load_model
+
+    lm = load_model(opts.model, opts.device, opts.dtype)
+    ids = [lm.tokenizer.encode(p) for p in prompts]
+    for one in ids:
+        check_request(lm.config, one, opts.max_new_tokens)
+    notice(lm)
+
+    def run(one: list[int]) -> dict:
+        res = engine_generate(lm, one, opts.max_new_tokens, opts.sampling(), opts.stop_ids,
+                              ignore_eos=opts.ignore_eos, stop=opts.stop)
+        return {"model": lm.spec, "prompt_ids": one, "token_ids": res.token_ids,
+                "text": res.text, "finish_reason": res.finish_reason,
+                "timings": {k: round(v, 3) for k, v in res.timings.items()}, "path": "local"}
+
+    with ThreadPoolExecutor(len(ids)) as pool:
+        return list(pool.map(run, ids))
+
+
+def print_many(results: list[dict], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(results))
+        return
+    for i, r in enumerate(results):
+        click.echo(f"[{i}] {r['text']}")
 
 
 def notice(lm) -> None:

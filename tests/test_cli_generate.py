@@ -71,6 +71,7 @@ BAD = [
     (["hi", *TINY, "--dtype", "int8"], "unknown dtype"),
     (["hi", *TINY, "--device", "tpu"], "device"),
     (["hi", "--prompt-ids", "1", *TINY], "not both"),
+    (["hi", "there", "--model", "synthetic:tiny-gpt2"], "several PROMPTS run with --local"),
 ]
 
 
@@ -114,3 +115,18 @@ def test_stop_id_option():
     k = max(i for i, t in enumerate(full) if t not in full[:i])  # last first-occurrence
     out = json.loads(run(*llama, "--max-new-tokens", "12", "--stop-id", str(full[k])).stdout)
     assert out["token_ids"] == full[: k + 1] and out["finish_reason"] == "stop"
+
+
+def test_several_prompts_local_run_together_and_equal_one_at_a_time():
+    """`hybrid generate A B C --local`: the engine batches them; each prompt's tokens
+    equal its own run."""
+    prompts = ["hello", "a longer second prompt", "x"]
+    r = run(*prompts, *TINY, "--max-new-tokens", "8", "--json")
+    assert r.exit_code == 0, r.stderr
+    many = json.loads(r.stdout)
+    assert [m["prompt_ids"] for m in many] == [list(p.encode()) for p in prompts]
+    for p, m in zip(prompts, many, strict=True):
+        one = json.loads(run(p, *TINY, "--max-new-tokens", "8", "--json").stdout)
+        assert m["token_ids"] == one["token_ids"]
+    text = run(*prompts, *TINY, "--max-new-tokens", "8").stdout
+    assert text.startswith("[0] ") and text.index("\n[1] ") < text.index("\n[2] ")
