@@ -25,10 +25,10 @@ from transport.reader import ReaderPool
 
 from .backends.base import DecodeBackend, DecodeSpec
 from .ingest import FetchReceiver, IngestStats, KvReceiver, ShmReceiver
+from .token_bridge import TokenBridge
 
 log = logging.getLogger("hybrid.decode")
 VERSION = "0.1.0"
-_END = object()
 
 
 class DecodeServicer(pbg.DecodeServiceServicer):
@@ -47,18 +47,11 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         self.prefill = pbg.PrefillServiceStub(self.channel)
         # Reported as Info trailing metadata: how KV reached us (shm vs grpc), sessions.
         self.stats: Counter = Counter()
-        # Fault injection for tests: a decode slow enough that a cancel or a SIGTERM
-        # always lands mid-stream (a tiny CPU model otherwise finishes 250 tokens in ~90 ms).
-        self.fault_token_delay_s = float(os.environ.get("HYBRID_FAULT_TOKEN_DELAY_MS", 0)) / 1e3
-        # Backends with an engine loop (gpu) stream through the bridge; the others run
-        # their session's blocking decode iterator on a pool thread.
-        self.engine = getattr(backend, "engine", None)
-        self.bridge = None
-        if self.engine is not None:
-            from .token_bridge import TokenBridge
-
-            self.bridge = TokenBridge(asyncio.get_running_loop())
-            self.engine.notifier = self.bridge.notify
+        # Every backend decodes in its engine loop (engine/llm_engine.py): tokens reach
+        # this event loop through the bridge, one wake-up per engine step.
+        self.engine = backend.engine
+        self.bridge = TokenBridge(asyncio.get_running_loop())
+        self.engine.notifier = self.bridge.notify
 
     async def close(self) -> None:
         await self.channel.close()
@@ -196,13 +189,10 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             finish = "stop" if hit else finish
             yield self._done(session, finish or "length", n, ingest_ms, ist, fields)
         finally:
-            stop.set()  # a cancelled client stops the decode thread at its next token
+            stop.set()  # ends a pool thread still waiting on a layer
             if tokens is not None:
-                await tokens.aclose()  # returns once the decode thread has stopped
-            if self.engine is not None:
-                session.close()  # a cancel command to the loop: does not block
-            else:
-                await loop.run_in_executor(self.pool, session.close)
+                await tokens.aclose()
+            session.close()  # a cancel command to the engine loop: does not block
             released = await release if release is not None else False
             if not released:
                 fields["released"] = True
@@ -255,42 +245,10 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         return first
 
     async def _chunks(self, session, first: int, stop: threading.Event):
-        """Lists of tokens after `first`: from the engine's queues through the bridge,
-        or from the backend's blocking iterator on a pool thread."""
-        if self.bridge is None:
-            async for tok in self._decode(session, first, stop):
-                yield [tok]
-            return
+        """Lists of tokens after `first`, from the engine's queue through the bridge."""
         session.start(first)
         async for chunk in self.bridge.chunks(session.seq, self.wait_timeout_s):
             yield chunk
-
-    async def _decode(self, session, first: int, stop: threading.Event):
-        """Runs session.decode in a pool thread; tokens cross to the loop via a queue."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-
-        def run() -> None:
-            try:
-                for tok in session.decode(first):
-                    loop.call_soon_threadsafe(q.put_nowait, tok)
-                    if stop.is_set():
-                        break
-                    if self.fault_token_delay_s:
-                        time.sleep(self.fault_token_delay_s)
-                loop.call_soon_threadsafe(q.put_nowait, _END)
-            except BaseException as e:
-                loop.call_soon_threadsafe(q.put_nowait, e)
-
-        fut = loop.run_in_executor(self.pool, run)
-        try:
-            while (item := await q.get()) is not _END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            await asyncio.wait([fut], timeout=self.wait_timeout_s)
 
     async def _release(self, request, rid: str) -> bool:
         """Give the slot back to prefill now that its bytes are in device memory."""
