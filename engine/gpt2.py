@@ -121,9 +121,7 @@ class GPT2(nn.Module):
         return self._last_logits(x, spans)
 
     def _last_logits(self, x: torch.Tensor, spans: Spans) -> torch.Tensor:
-        if len(spans) == 1:  # the very ops of prefill(): one prompt stays bit-identical
-            return self._logits(x[0, -1])[None]
-        return self._logits(x[0, [end - 1 for _, end in spans]])
+        return last_logits(self._logits, x, spans)
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -139,6 +137,14 @@ class GPT2(nn.Module):
 
 # The two helpers below serve Llama too (engine.llama imports them); their natural home
 # is engine/attention.py.
+def last_logits(logits_fn, x: torch.Tensor, spans: Spans) -> torch.Tensor:
+    """[n, vocab]: logits of each packed prompt's last position. One prompt runs the
+    very ops of prefill() (x[0, -1]), so it stays bit-identical."""
+    if len(spans) == 1:
+        return logits_fn(x[0, -1])[None]
+    return logits_fn(x[0, [end - 1 for _, end in spans]])
+
+
 def pack_prompts(ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Spans]:
     """[LongTensor[T_i]] -> (tokens [N], positions [N], spans). Positions are built on the
     host and copied once: one transfer instead of a kernel per prompt."""

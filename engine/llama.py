@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from engine.attention import DecodeIndex, decode_attention, prefill_attention, store_prefill_kv
 from engine.config import ModelConfig
-from engine.gpt2 import Spans, pack_prompts, packed_attention
+from engine.gpt2 import Spans, last_logits, pack_prompts, packed_attention
 from engine.kv_cache import KVCache
 
 
@@ -150,9 +150,7 @@ class Llama(nn.Module):
         cos, sin = self._rope(pos, x.dtype)  # [N, D]
         for i, block in enumerate(self.layers):
             x = block.prefill_packed(x, cos, sin, spans, i, on_layer)
-        if len(spans) == 1:  # the very ops of prefill(): one prompt stays bit-identical
-            return self._logits(x[0, -1])[None]
-        return self._logits(x[0, [end - 1 for _, end in spans]])
+        return last_logits(self._logits, x, spans)
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,

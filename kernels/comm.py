@@ -125,14 +125,12 @@ def pack_into(k: torch.Tensor, v: torch.Tensor, layout: Layout, out: torch.Tenso
     return pack_layer(k, v, layout, out=out, stream=stream)
 
 
-class LayerShipper:
-    """Reshape + asynchronous copy of one layer at a time into slot memory.
+class _InFlight:
+    """What both shippers share: the device, a copy stream of their own on CUDA, the
+    done-events of shipped layers (oldest first) and one device staging buffer."""
 
-    Not thread-safe: one shipper per prefill runner (calls come from its thread)."""
-
-    def __init__(self, layout: Layout, device: torch.device | str = "cpu",
+    def __init__(self, device: torch.device | str = "cpu",
                  copy_stream: torch.cuda.Stream | None = None, timing: bool = False) -> None:
-        self.layout = layout
         self.timing = timing
         self.device = torch.device(device)
         self.copy_stream = None
@@ -140,6 +138,33 @@ class LayerShipper:
             self.copy_stream = copy_stream or torch.cuda.Stream(self.device)
         self._inflight: deque[torch.cuda.Event] = deque()
         self._staging: torch.Tensor | None = None
+
+    def _reap(self) -> None:
+        """Forget finished layers. Copies finish in stream order, so only the oldest
+        entries are queried (one query per call in the steady state)."""
+        while self._inflight and self._inflight[0].query():
+            self._inflight.popleft()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for ev in self._inflight if not ev.query())
+
+    def synchronize(self) -> None:
+        """Wait for every layer shipped so far."""
+        for ev in self._inflight:
+            ev.synchronize()
+        self._inflight.clear()
+
+
+class LayerShipper(_InFlight):
+    """Reshape + asynchronous copy of one layer at a time into slot memory.
+
+    Not thread-safe: one shipper per prefill runner (calls come from its thread)."""
+
+    def __init__(self, layout: Layout, device: torch.device | str = "cpu",
+                 copy_stream: torch.cuda.Stream | None = None, timing: bool = False) -> None:
+        super().__init__(device, copy_stream, timing)
+        self.layout = layout
 
     @classmethod
     def for_model(cls, config: ModelConfig, kind: str, dtype: str,
@@ -223,24 +248,8 @@ class LayerShipper:
             self._staging.record_stream(self.copy_stream)
         return self._staging[:nbytes]
 
-    def _reap(self) -> None:
-        """Forget finished layers. Copies finish in stream order, so only the oldest
-        entries are queried (one query per call in the steady state)."""
-        while self._inflight and self._inflight[0].query():
-            self._inflight.popleft()
-
-    @property
-    def in_flight(self) -> int:
-        return sum(1 for ev in self._inflight if not ev.query())
-
-    def synchronize(self) -> None:
-        """Wait for every layer shipped so far."""
-        for ev in self._inflight:
-            ev.synchronize()
-
     def close(self) -> None:
         self.synchronize()
-        self._inflight.clear()
         self._staging = None
 
 
@@ -341,7 +350,7 @@ def kv_pair_view(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
     return k.as_strided((2, *k.shape), (delta, *st), off)
 
 
-class BatchShipper:
+class BatchShipper(_InFlight):
     """Ships one layer of EVERY prompt of a packed batch per call: reshape into each
     prompt's layout + copy into its slot.
 
@@ -354,16 +363,6 @@ class BatchShipper:
     the returned Done is already complete.
 
     Not thread-safe: one shipper per batch in flight (calls come from one thread)."""
-
-    def __init__(self, device: torch.device | str = "cpu",
-                 copy_stream: torch.cuda.Stream | None = None, timing: bool = False) -> None:
-        self.timing = timing
-        self.device = torch.device(device)
-        self.copy_stream = None
-        if self.device.type == "cuda":
-            self.copy_stream = copy_stream or torch.cuda.Stream(self.device)
-        self._inflight: deque[torch.cuda.Event] = deque()
-        self._staging: torch.Tensor | None = None
 
     def ship(self, layer: int, parts: Sequence[tuple[ShipTarget, torch.Tensor, torch.Tensor]],
              compute_stream: torch.cuda.Stream | None = None) -> Done | CudaShipment:
@@ -454,19 +453,6 @@ class BatchShipper:
             self._staging.record_stream(self.copy_stream)
         return self._staging[:nbytes]
 
-    def _reap(self) -> None:
-        while self._inflight and self._inflight[0].query():
-            self._inflight.popleft()
-
-    @property
-    def in_flight(self) -> int:
-        return sum(1 for ev in self._inflight if not ev.query())
-
-    def synchronize(self) -> None:
-        """Wait for every layer shipped so far (all prompts)."""
-        for ev in self._inflight:
-            ev.synchronize()
-        self._inflight.clear()
 
     def close(self) -> None:
         self.synchronize()
