@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engine import errors
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams  # torch-free: the client never needs torch
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 

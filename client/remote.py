@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 from .api import HybridClient, RemoteResult
 
