@@ -25,7 +25,6 @@ import atexit
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 import weakref
@@ -34,13 +33,15 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from engine.batch_steps import BatchSteps, StepFailed
-from engine.errors import DeadlineExceeded, HybridError, ResourceExhausted, Unavailable
+from engine.batch_steps import BatchSteps, StepFailed, failure
+from engine.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from engine.gil import short_gil_switch
 from engine.loader import LoadedModel
 from engine.runner_base import StepRunner
 from engine.sampling import SamplingParams
 from engine.sequence import DONE, DecodeRequest, SeqState, Sequence, eos_id
 
+__all__ = ["DecodeEngine", "LLMEngine", "LocalRequest", "StepFailed"]
 log = logging.getLogger("hybrid.engine")
 
 
@@ -82,10 +83,7 @@ class DecodeEngine(BatchSteps):
         # per step instead of one per token). None: consumers block on `out`.
         self.notifier: Callable[[list[Sequence]], None] | None = None
         self._touched: list[Sequence] = []
-        # The loop needs the GIL back as soon as a step's CUDA wait ends; CPython's 5 ms
-        # switch interval would let a busy consumer thread hold it for most of a step.
-        sys.setswitchinterval(min(sys.getswitchinterval(),
-                                  float(os.environ.get("HYBRID_GIL_SWITCH_S", "0.0005"))))
+        short_gil_switch()  # the loop needs the GIL back as soon as a CUDA wait ends
         self._up = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
         self._thread.start()
@@ -312,7 +310,7 @@ class DecodeEngine(BatchSteps):
                 self._begin(seq, *args)
         except Exception as e:
             log.exception("engine: %s of seq %d failed", kind, seq.seq_id)
-            self._finish(seq, e if isinstance(e, HybridError) else StepFailed(f"{kind}: {e}"))
+            self._finish(seq, failure(e, kind))
 
     def _write_layer(self, seq: Sequence, layer: int | None, payload) -> None:
         if layer is None:

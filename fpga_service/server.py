@@ -100,5 +100,4 @@ async def _until_signalled() -> None:
 
 def serve(opts: DecodeOptions) -> None:
     kit.setup_logging(opts.log_level)
-    kit.short_gil_switch()
     asyncio.run(_serve(opts))

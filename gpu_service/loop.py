@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from engine.errors import Unavailable
+from engine.gil import short_gil_switch
 from engine.sampling import SamplingParams
 
 from .runner import Cancelled, Outcome, PrefillJob, PrefillResult, PrefillRunner, future_notify
@@ -64,6 +65,7 @@ class PrefillLoop:
         self._running: list[PrefillJob] = []
         self._paused = self._closing = False
         self._dead: str | None = None  # why new jobs fail (Unavailable) once the loop is gone
+        short_gil_switch()  # the loop needs the GIL back as soon as a CUDA wait ends
         self._thread = threading.Thread(target=self._main, name="prefill-loop", daemon=True)
         self._thread.start()
 

@@ -110,5 +110,4 @@ async def _serve(opts: PrefillOptions) -> None:
 
 def serve(opts: PrefillOptions) -> None:
     kit.setup_logging(opts.log_level)
-    kit.short_gil_switch()
     asyncio.run(_serve(opts))

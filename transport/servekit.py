@@ -34,20 +34,6 @@ def setup_logging(level: str) -> None:
     )
 
 
-def short_gil_switch(interval_s: float | None = None) -> None:
-    """A service process has one device loop thread and the grpc event-loop thread.
-    When the loop's CUDA wait ends it needs the GIL back at once, but CPython hands it
-    over only every switch interval (5 ms by default) while the other thread computes:
-    a decode step of ~1-2 ms would wait up to 5 ms for its token bookkeeping. Lower it
-    (HYBRID_GIL_SWITCH_S, default 0.5 ms)."""
-    import os
-    import sys
-
-    if interval_s is None:
-        interval_s = float(os.environ.get("HYBRID_GIL_SWITCH_S", "0.0005"))
-    sys.setswitchinterval(min(sys.getswitchinterval(), interval_s))
-
-
 def status_of(exc: BaseException) -> grpc.StatusCode:
     """The gRPC status an exception maps to; bad input never becomes UNKNOWN."""
     if isinstance(exc, HybridError):
