@@ -20,6 +20,12 @@ class StepFailed(HybridError):
     """A decode step raised: its sequences end with INTERNAL."""
 
 
+def failure(e: BaseException, what: str) -> HybridError:
+    """The error a sequence ends with: ours as they are (they carry their status),
+    anything else as a StepFailed (INTERNAL) naming what failed."""
+    return e if isinstance(e, HybridError) else StepFailed(f"{what}: {type(e).__name__}: {e}")
+
+
 class BatchSteps:
     """Mixed into DecodeEngine: needs `runner`, `running`, `_ready`, `_pending`, `_cond`,
     `eos`, `_touched`, `_end(seq, end)` and `_admit_waiting()` from it."""
@@ -54,7 +60,7 @@ class BatchSteps:
             except Exception as e:
                 log.exception("engine: prefill of %d prompts failed", len(batch))
                 for s, _ in batch:
-                    self._finish(s, e if isinstance(e, HybridError) else StepFailed(f"prefill: {e}"))
+                    self._finish(s, failure(e, "prefill"))
                 continue
             for (s, _), first in zip(batch, firsts, strict=True):
                 self._begin(s, first, deliver=True)
@@ -113,7 +119,7 @@ class BatchSteps:
             if s.state is SeqState.FINISHED:
                 self._release_if_done(s)  # ended while the step ran: drop its token
             elif isinstance(tok, BaseException):
-                self._finish(s, tok if isinstance(tok, HybridError) else StepFailed(str(tok)))
+                self._finish(s, failure(tok, "decode"))
             else:
                 self._deliver(s, tok)
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.batch_steps import failure
 from engine.block_manager import BlockManager
-from engine.errors import HybridError
 from engine.freelist import FreeList
 from engine.loader import LoadedModel
 from engine.model_runner import ModelRunner
@@ -118,26 +118,27 @@ class PagedRunner(StepRunner):
         else:
             host, off, n = payload, None, 0
         shape = (cfg.n_layers, 2, cfg.n_kv_heads, seq.req.n_prompt, cfg.head_dim)
-        stream = self._copy  # None on the CPU
-        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+        with self._on_copy_stream():
             kv = host.view(lm.dtype).to(lm.device, non_blocking=True).view(shape)
             slots = self._slots(seq)
             self.model.cache.k.index_copy_(1, slots, kv[:, 0].transpose(1, 2))
             self.model.cache.v.index_copy_(1, slots, kv[:, 1].transpose(1, 2))
             if off is not None:
                 ev = torch.cuda.Event()
-                ev.record(stream)
+                ev.record(self._copy)
                 self._ring_busy.append((ev, off, n))
         self._reap_ring()
 
     def write_layer(self, seq: Sequence, layer: int, payload: Any) -> None:
         """payload: (k, v) [n_kv_heads, n_prompt, head_dim] on any device."""
         k, v = payload
-        if self._copy is None:
+        with self._on_copy_stream():
             self.model.write_kv(layer, self._slots(seq), k, v)
-            return
-        with torch.cuda.stream(self._copy):  # overlaps the batch's decode steps
-            self.model.write_kv(layer, self._slots(seq), k, v)
+
+    def _on_copy_stream(self):
+        """KV writes go on the loop's copy stream (CUDA), overlapping the batch's decode
+        steps; kv_written/before_step order the sequence's first step after them."""
+        return torch.cuda.stream(self._copy) if self._copy is not None else _nullcontext()
 
     def kv_written(self, seq: Sequence) -> None:
         if self._copy is not None:
@@ -181,7 +182,7 @@ class PagedRunner(StepRunner):
                 out[i] = int(sample(handle.logits[handle.index[i]], s.req.params, s.step)[0])
                 sampled.append(s.seq_id)
             except Exception as e:
-                out[i] = e if isinstance(e, HybridError) else HybridError(str(e))
+                out[i] = failure(e, "sampling")
         # the device fed its argmax back; these rows get the host's token next launch
         self._rewrite = frozenset(sampled)
         return out

@@ -169,7 +169,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             yield _tokens([first], piece)
             n, finish = 1, "stop" if hit else _finish(first, spec, self.eos)
             if finish is None and spec.max_new_tokens > 1:
-                tokens = self._chunks(session, first, stop)
+                tokens = self._chunks(session, first)
                 async for chunk in tokens:
                     ids, pieces = [], []
                     for tok in chunk:
@@ -244,7 +244,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             await layers.aclose()  # ends a FetchKv stream at once
         return first
 
-    async def _chunks(self, session, first: int, stop: threading.Event):
+    async def _chunks(self, session, first: int):
         """Lists of tokens after `first`, from the engine's queue through the bridge."""
         session.start(first)
         async for chunk in self.bridge.chunks(session.seq, self.wait_timeout_s):
