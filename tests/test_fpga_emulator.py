@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.errors import InvalidArgument, ResourceExhausted
+from engine.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from engine.loader import load_model
 from engine.sampling import SamplingParams
 from fpga_service.backends import make_backend
@@ -157,6 +157,9 @@ def test_ingest_rejects_wrong_sizes_and_order(model):
             session.ingest_layer(1, memoryview(layers[1]))
         with pytest.raises(InvalidArgument):
             session.ingest_layer(0, memoryview(layers[0][:-64]))
+        session.ingest_layer(0, memoryview(layers[0]))
+        with pytest.raises(FailedPrecondition, match="before all layers"):
+            list(session.decode(1))  # the card would decode from a half-written area
     finally:
         session.close()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from engine.errors import InvalidArgument
+from engine.errors import FailedPrecondition, InvalidArgument
 from engine.sequence import eos_id
 from fpga_service.backends.base import DecodeBackend, DecodeSession, DecodeSpec
 from fpga_service.backends.engine_session import EngineSession
@@ -46,7 +46,13 @@ class FpgaSession(EngineSession):
             raise InvalidArgument(f"layer {layer}: {len(data)} bytes for {self.spec.n_prompt} "
                                   f"tokens, expected {want}")
         self._next_layer += 1
-        self.engine.ingest(self.seq, layer, data if isinstance(data, bytes) else bytes(data))
+        super().ingest_layer(layer, data)
+
+    def start(self, first_token: int) -> None:
+        if self._next_layer != self.backend.config.n_layers:
+            raise FailedPrecondition(f"decode before all layers arrived "
+                                     f"({self._next_layer}/{self.backend.config.n_layers})")
+        super().start(first_token)
 
     @property
     def kv(self):

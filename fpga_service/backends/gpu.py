@@ -67,8 +67,6 @@ class GpuBackend(DecodeBackend):
         self.lm = None  # drop the weights; idempotent
 
 
-
-
 class GpuSession(EngineSession):
     """A request on the GPU engine: KV layer by layer as (k, v) tensors, or the whole
     prompt at once through `prompt_buffer` / `ingest_staged` (what the servicer does)."""
