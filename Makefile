@@ -3,7 +3,7 @@
 PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: setup demo test test-loaded test-cuda lint proto clean
+.PHONY: setup demo test test-loaded test-cuda lint proto certs clean
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -35,6 +35,31 @@ lint: $(VENV_STAMP)
 
 proto: $(VENV_STAMP)
 	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. protos/hybrid.proto
+
+# TLS material for docker-compose.tls.yml and `hybrid serve --tls-*` (README, "Securing the
+# services"): a CA, one server certificate for both services (SANs localhost, 127.0.0.1,
+# prefill, decode; also a client certificate, since decode presents it to prefill), a
+# client certificate and a bearer token. Into ./certs (git-ignored); never overwrites.
+CERTS ?= certs
+SAN ?= DNS:localhost,IP:127.0.0.1,DNS:prefill,DNS:decode
+certs:
+	@if [ -e $(CERTS)/ca.pem ]; then echo "$(CERTS)/ already has a CA; remove $(CERTS)/ for new ones"; exit 1; fi
+	mkdir -p $(CERTS) && chmod 700 $(CERTS)
+	openssl req -x509 -newkey rsa:3072 -nodes -days 3650 -subj "/CN=hybrid-llm CA" \
+	  -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+	  -keyout $(CERTS)/ca.key -out $(CERTS)/ca.pem
+	printf 'subjectAltName=$(SAN)\nextendedKeyUsage=serverAuth,clientAuth\n' > $(CERTS)/server.ext
+	printf 'subjectAltName=DNS:hybrid-client\nextendedKeyUsage=clientAuth\n' > $(CERTS)/client.ext
+	for n in server client; do \
+	  openssl req -newkey rsa:3072 -nodes -subj "/CN=hybrid-llm $$n" \
+	    -keyout $(CERTS)/$$n.key -out $(CERTS)/$$n.csr && \
+	  openssl x509 -req -in $(CERTS)/$$n.csr -CA $(CERTS)/ca.pem -CAkey $(CERTS)/ca.key \
+	    -CAcreateserial -days 825 -sha256 -extfile $(CERTS)/$$n.ext -out $(CERTS)/$$n.pem || exit 1; \
+	done
+	openssl rand -hex 32 > $(CERTS)/token
+	rm -f $(CERTS)/*.csr $(CERTS)/*.ext $(CERTS)/*.srl
+	chmod 600 $(CERTS)/*.key $(CERTS)/token
+	@echo "$(CERTS)/: ca.pem, server.pem/.key, client.pem/.key, token (keep ca.key offline)"
 
 clean:
 	rm -rf .venv .pytest_cache

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +80,7 @@ class ServeBenchConfig:
     log_dir: str | None = None
     prefill_args: tuple[str, ...] = ()  # extra flags for a started pair (they come last,
     decode_args: tuple[str, ...] = ()   # so they override the bench's own)
+    security: object = None             # transport.security.Security of running services
 
     def __post_init__(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]
@@ -324,7 +325,8 @@ class PairTarget:
 
         idx = lane // self.cfg.clients_per_channel
         if idx not in self.clients:
-            self.clients[idx] = HybridClient(*self.addrs, timeout_s=self.cfg.timeout_s)
+            self.clients[idx] = HybridClient(*self.addrs, timeout_s=self.cfg.timeout_s,
+                                             security=self.cfg.security)
         return self.clients[idx]
 
     async def describe(self) -> dict:
@@ -535,7 +537,8 @@ def run(cfg: ServeBenchConfig) -> dict:
 
 
 def _config_json(cfg: ServeBenchConfig) -> dict:
-    d = asdict(cfg)
+    d = asdict(replace(cfg, security=None))  # never the token or key into a report
+    d["security"] = cfg.security.describe(server=False) if cfg.security else "plaintext"
     d["points"] = [p.to_json() for p in cfg.points()]
     return d
 

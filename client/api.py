@@ -11,6 +11,7 @@ while prefill still computes -> tokens stream in -> PrefillDone and GenerateDone
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -23,6 +24,7 @@ from engine import errors
 from engine.sampling_params import SamplingParams  # torch-free: the client never needs torch
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
+from transport.security import Security, open_channel
 
 _MAX_MSG = [("grpc.max_receive_message_length", 64 << 20)]
 TRANSPORTS = {"shm": pb.KV_TRANSPORT_SHM, "grpc": pb.KV_TRANSPORT_GRPC}
@@ -74,10 +76,11 @@ class HybridClient:
     """One client for a prefill + decode pair. Create inside a running event loop."""
 
     def __init__(self, prefill: str = "localhost:50051", decode: str = "localhost:50052",
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, security: Security | None = None) -> None:
+        """`security`: TLS / mutual TLS / bearer token for both channels (None: plaintext)."""
         self.timeout_s = timeout_s
-        self._pch = grpc.aio.insecure_channel(prefill, options=_MAX_MSG)
-        self._dch = grpc.aio.insecure_channel(decode, options=_MAX_MSG)
+        self._pch = open_channel(prefill, _MAX_MSG, security)
+        self._dch = open_channel(decode, _MAX_MSG, security)
         self.prefill, self.decode = pbg.PrefillServiceStub(self._pch), pbg.DecodeServiceStub(self._dch)
         self._decode_info: pb.ServiceInfo | None = None
 
@@ -131,7 +134,7 @@ class HybridClient:
             max_new_tokens=max_new_tokens, expected_fingerprint=info.weights_fingerprint,
             kv_dtype=info.dtype),  # the decoder's slot dtype; UNSPECIFIED = prefill's default
             timeout=_left(deadline))
-        gcall = pdone_task = None
+        gcall = pdone_task = handle = None
         acc = _Tokens(t0)
         try:
             handle = await _first_handle(pcall)
@@ -150,6 +153,8 @@ class HybridClient:
                 gcall.cancel()
             if pdone_task is not None and not pdone_task.done():
                 pdone_task.cancel()
+            if handle is not None and acc.done is None:  # decode may never release it
+                await _release_quietly(self.prefill, rid, handle)
         yield _result(rid, handle, acc, pdone, (time.perf_counter() - t0) * 1e3, info)
 
 
@@ -180,6 +185,15 @@ class _Tokens:
             raise
         if self.done is None:
             raise errors.Unavailable("decode stream ended without its timings")
+
+
+async def _release_quietly(prefill, rid: str, handle: pb.KvHandle) -> None:
+    """Give the slot back when this request did not finish: a decode service that died
+    or refused the request would otherwise leave it held until its lease ends, and a
+    decode restart would find the region full. A repeated release is harmless."""
+    with contextlib.suppress(grpc.aio.AioRpcError):
+        await asyncio.shield(prefill.Release(pb.LeaseRequest(request_id=rid, kv=handle.kv),
+                                             timeout=2.0))
 
 
 async def _first_handle(pcall) -> pb.KvHandle:
@@ -236,9 +250,11 @@ def _result(rid, handle, acc: _Tokens, pdone, total_ms, info) -> RemoteResult:
                         f"prefill {pdone.device}, decode {info.device}", dtype)
 
 
-async def health(target: str, service: str = "", timeout_s: float = 5.0) -> str:
-    """The grpc.health.v1 status name of `target` ("SERVING", "NOT_SERVING", ...)."""
-    async with grpc.aio.insecure_channel(target) as ch:
+async def health(target: str, service: str = "", timeout_s: float = 5.0,
+                 security: Security | None = None) -> str:
+    """The grpc.health.v1 status name of `target` ("SERVING", "NOT_SERVING", ...). Health
+    needs no token, but a TLS server needs `security`'s CA (and client cert for mTLS)."""
+    async with open_channel(target, None, security) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         try:
             r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)

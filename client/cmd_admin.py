@@ -7,6 +7,7 @@ import json
 
 import click
 
+from client.security_opts import pop_security, security_options, security_or_exit
 from protos import hybrid_pb2 as pb
 
 _TARGETS = {"prefill": "localhost:50051", "decode": "localhost:50052"}
@@ -24,6 +25,7 @@ _addrs = [click.option("--prefill", default=_TARGETS["prefill"], show_default=Tr
 
 
 def _with_addrs(f):
+    f = security_options(f)  # innermost: listed after the addresses in --help
     for o in reversed(_addrs):
         f = o(f)
     return _which(f)
@@ -31,14 +33,16 @@ def _with_addrs(f):
 
 @click.command()
 @_with_addrs
-def health(prefill: str, decode: str, which: str) -> None:
-    """grpc.health.v1 status of each service; exits 1 unless all are SERVING."""
+def health(prefill: str, decode: str, which: str, **tls: str | None) -> None:
+    """grpc.health.v1 status of each service; exits 1 unless all are SERVING. Needs the
+    TLS options of TLS services, but no token (health is exempt)."""
     from client.api import health as check
 
+    security = security_or_exit(**pop_security(tls))
     bad = False
     for name, target in _targets(prefill, decode, which).items():
         try:
-            status = asyncio.run(check(target))
+            status = asyncio.run(check(target, security=security))
         except Exception as e:
             status = f"UNREACHABLE ({e})"
         bad |= status != "SERVING"
@@ -50,14 +54,15 @@ def health(prefill: str, decode: str, which: str) -> None:
 @click.command()
 @_with_addrs
 @click.option("--json", "as_json", is_flag=True, help="one JSON object")
-def info(prefill: str, decode: str, which: str, as_json: bool) -> None:
+def info(prefill: str, decode: str, which: str, as_json: bool, **tls: str | None) -> None:
     """Model, weights fingerprint, device, backend, KV layout and counters of each service."""
     from google.protobuf.json_format import MessageToDict
 
+    security = security_or_exit(**pop_security(tls))
     out = {}
     for name, target in _targets(prefill, decode, which).items():
         try:
-            msg = asyncio.run(_info(name, target))
+            msg = asyncio.run(_info(name, target, security))
         except Exception as e:
             raise click.ClickException(f"{name} at {target}: {e}") from None
         # MessageToDict writes uint64 as strings: keep the counters as numbers, sorted.
@@ -72,13 +77,14 @@ def info(prefill: str, decode: str, which: str, as_json: bool) -> None:
             click.echo(f"  {k:22s} {v}")
 
 
-async def _info(name: str, target: str):
+async def _info(name: str, target: str, security=None):
     import grpc
 
     from client.api import error_from_rpc
     from protos import hybrid_pb2_grpc as pbg
+    from transport.security import open_channel
 
-    async with grpc.aio.insecure_channel(target) as ch:
+    async with open_channel(target, None, security) as ch:
         stub = (pbg.PrefillServiceStub if name == "prefill" else pbg.DecodeServiceStub)(ch)
         try:
             return await stub.Info(pb.InfoRequest(), timeout=10.0)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from client.security_opts import pop_security, security_options, security_or_exit
+
 
 def _repo_on_path() -> None:
     # bench/ sits beside client/ in the repository; it is not an installed package
@@ -125,14 +127,22 @@ _OPT_PATH = dict(default=None, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "json_path", **_OPT_PATH)
 @click.option("--md", "md_path", **_OPT_PATH)
 @click.option("--png", "png_path", **_OPT_PATH)
+@security_options
 def serve(**kw) -> None:
     """Serving benchmark (like vLLM's benchmark_serving): TTFT, TPOT, ITL, E2E, throughput
-    and goodput under closed-loop concurrency and open-loop Poisson load."""
+    and goodput under closed-loop concurrency and open-loop Poisson load. The TLS and
+    token options apply to running services (--prefill/--decode)."""
     _repo_on_path()
     from bench import bench_serve as bs
     from bench.serve_stats import Slo, markdown
 
     outs = {k: kw.pop(k) for k in ("json_path", "md_path", "png_path")}
+    kw["security"] = security_or_exit(**pop_security(kw))
+    if kw["security"] is not None and kw["prefill_addr"] is None:
+        err = click.ClickException("--tls-*/--token-file/HYBRID_TOKEN apply to running "
+                                   "services: give --prefill and --decode")
+        err.exit_code = 2
+        raise err
     try:
         cfg = _config(bs, Slo, kw)
     except ValueError as e:

@@ -13,6 +13,7 @@ import sys
 import click
 
 from client.inputs import GenerateOptions, check_options, fail, parse_prompt_ids
+from client.security_opts import build_security, security_options
 from engine.errors import HybridError, InvalidArgument, Unavailable
 
 DEFAULT_MODEL = "synthetic:gpt2"
@@ -43,9 +44,10 @@ DEFAULT_MODEL = "synthetic:gpt2"
 @click.option("--stop-id", "stop_ids", type=click.IntRange(min=0), multiple=True,
               help="Stop token id (repeatable): ends after that token, which is kept.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@security_options
 def generate(prompts, local, model, max_new_tokens, prompt_ids, temperature, top_k, top_p, seed,
              device, dtype, as_json, prefill, decode, kv_transport, timeout, stop, stop_ids,
-             ignore_eos) -> None:
+             ignore_eos, tls_ca, tls_cert, tls_key, token_file) -> None:
     """Generate text from PROMPTS (or --prompt-ids); several prompts need --local."""
     prompt = prompts[0] if prompts else None  # several: checked like the first
     try:
@@ -54,7 +56,8 @@ def generate(prompts, local, model, max_new_tokens, prompt_ids, temperature, top
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, device=device, dtype=dtype, json=as_json, local=local, prefill=prefill,
             decode=decode, kv_transport=kv_transport, timeout=timeout, stop=tuple(stop),
-            stop_ids=tuple(stop_ids), ignore_eos=ignore_eos)
+            stop_ids=tuple(stop_ids), ignore_eos=ignore_eos,
+            security=None if local else build_security(tls_ca, tls_cert, tls_key, token_file))
         check_options(opts)
         if len(prompts) > 1:
             if not local or opts.prompt_ids is not None:
@@ -69,7 +72,9 @@ def generate(prompts, local, model, max_new_tokens, prompt_ids, temperature, top
             fail(e)
         # the usual cause: nothing listening at --prefill/--decode
         fail(Unavailable(f"{e} (services at --prefill {prefill} and --decode {decode}: "
-                         f"start them with `hybrid serve prefill|decode`, or use --local)"))
+                         f"start them with `hybrid serve prefill|decode`, or use --local; "
+                         f"TLS services: check --tls-ca, and --tls-cert/--tls-key for "
+                         f"mutual TLS)"))
     except (HybridError, OSError) as e:
         fail(e)
     except KeyboardInterrupt:

@@ -31,6 +31,8 @@ def _opt(*names: str, env: str, **kw):
 @_opt("--lease-s", env="LEASE_S", type=float, default=30.0, help="prefill: slot lease")
 @_opt("--slot-wait-s", env="SLOT_WAIT_S", type=float, default=5.0,
       help="prefill: how long a request waits in line for a slot when the region is full")
+@_opt("--slots-per-client", env="SLOTS_PER_CLIENT", type=click.IntRange(min=0), default=0,
+      help="prefill: KV slots one client (peer host) may hold at once; 0 = half of --max-slots")
 @_opt("--checksums/--no-checksums", env="CHECKSUMS", default=True,
       help="prefill: per-layer xxh3 in the slot header (DATA_LOSS on mismatch)")
 @_opt("--max-active", env="MAX_ACTIVE", type=int, default=None, help="requests run at once")
@@ -40,32 +42,58 @@ def _opt(*names: str, env: str, **kw):
       help="run a short request through the service before reporting SERVING")
 @_opt("--log-level", env="LOG_LEVEL", default="info",
       type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
+@_opt("--tls-cert", env="TLS_CERT", default=None,
+      help="certificate (PEM) of this service: TLS on; decode also presents it to prefill")
+@_opt("--tls-key", env="TLS_KEY", default=None, help="private key (PEM) of --tls-cert")
+@_opt("--tls-ca", env="TLS_CA", default=None,
+      help="CA (PEM) client certificates must chain to: mutual TLS required; decode also "
+           "verifies prefill with it")
+@_opt("--token-file", env="TOKEN_FILE", default=None,
+      help="accepted bearer tokens, one a line (# comments), re-read when it changes; "
+           "or one token in HYBRID_TOKEN. Health needs none. Decode sends the first to prefill")
+@_opt("--reflection/--no-reflection", env="REFLECTION", default=False,
+      help="serve gRPC server reflection (behind the token when tokens are on)")
 def serve(role: str, model: str, host: str, port: int | None, device: str, dtype: str,
           backend: str, prefill_addr: str, max_batch: int, region_mb: int, max_slots: int,
           lease_s: float, slot_wait_s: float, checksums: bool, max_active: int | None, max_queue: int, grace_s: float,
-          warm_up: bool, log_level: str) -> None:
+          warm_up: bool, log_level: str, tls_cert: str | None, tls_key: str | None,
+          tls_ca: str | None, token_file: str | None, reflection: bool,
+          slots_per_client: int = 0) -> None:
     """Serve the prefill (GPU summarization) or decode (FPGA / GPU generation) stage."""
     from engine.errors import HybridError
 
     try:
+        security = _server_security(tls_cert, tls_key, tls_ca, token_file)
         _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch,
                region_mb, max_slots, lease_s, slot_wait_s, checksums, max_active, max_queue, grace_s, warm_up,
-               log_level)
+               log_level, security, reflection, slots_per_client)
     except HybridError as e:  # unknown model, no /dev/shm space, ...: one line, no traceback
         raise click.ClickException(f"{role}: {e}") from None
 
 
+def _server_security(tls_cert, tls_key, tls_ca, token_file):
+    """The options (and HYBRID_TOKEN) as a Security, checked before any weights load."""
+    from transport.security import Security
+
+    security = Security.from_options(tls_cert, tls_key, tls_ca, token_file)
+    if security is not None:
+        security.check_server()
+    return security
+
+
 def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch, region_mb,
            max_slots, lease_s, slot_wait_s, checksums, max_active, max_queue, grace_s, warm_up,
-           log_level) -> None:
+           log_level, security=None, reflection=False, slots_per_client=0) -> None:
     common = dict(model=model, host=host, device=device, dtype=dtype, max_queue=max_queue,
-                  grace_s=grace_s, warm_up=warm_up, log_level=log_level)
+                  grace_s=grace_s, warm_up=warm_up, log_level=log_level, security=security,
+                  reflection=reflection)
     if role == "prefill":
         from gpu_service.server import PrefillOptions
         from gpu_service.server import serve as run
 
         run(PrefillOptions(port=50051 if port is None else port, region_mb=region_mb,
                            max_slots=max_slots, lease_s=lease_s, slot_wait_s=slot_wait_s,
+                           slots_per_client=slots_per_client,
                            checksums=checksums,
                            max_active=max_active or 64,
                            **common))

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 
 from engine.errors import HybridError, InvalidArgument, NotFound
+
+if TYPE_CHECKING:  # grpc is imported only where a channel is opened
+    from transport.security import Security
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILURE = 1
@@ -41,6 +45,7 @@ class GenerateOptions:
     stop: tuple[str, ...] = ()  # stop strings
     stop_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    security: Security | None = None  # TLS / token towards the services (None: plaintext)
 
     def sampling(self):
         from engine.sampling import SamplingParams

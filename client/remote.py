@@ -12,11 +12,14 @@ import asyncio
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.sampling_params import SamplingParams
 
 from .api import HybridClient, RemoteResult
+
+if TYPE_CHECKING:
+    from transport.security import Security
 
 
 def run_remote(
@@ -25,13 +28,14 @@ def run_remote(
     prefill: str = "localhost:50051", decode: str = "localhost:50052",
     kv_transport: str = "shm", stop_ids: Iterable[int] = (), ignore_eos: bool = False,
     stop: Iterable[str] = (), on_chunk: Callable[[list[int], str], None] | None = None,
-    timeout_s: float = 120.0,
+    timeout_s: float = 120.0, security: Security | None = None,
 ) -> RemoteResult:
     """Generate through the services; each (ids, text piece) goes to `on_chunk` as it
-    arrives. Raises the engine.errors class of the gRPC status (one clear message)."""
+    arrives. Raises the engine.errors class of the gRPC status (one clear message).
+    `security`: TLS / mutual TLS / bearer token for both channels (None: plaintext)."""
 
     async def run() -> RemoteResult:
-        async with HybridClient(prefill, decode, timeout_s) as client:
+        async with HybridClient(prefill, decode, timeout_s, security=security) as client:
             return await client.generate(
                 prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, params=params,
                 stop_ids=stop_ids, ignore_eos=ignore_eos, kv_transport=kv_transport,
@@ -54,7 +58,8 @@ def generate_remote(opts: Any, printer: Any) -> dict:
         opts.prompt, prompt_ids=opts.prompt_ids, max_new_tokens=opts.max_new_tokens,
         params=opts.sampling(), prefill=opts.prefill, decode=opts.decode,
         kv_transport=opts.kv_transport, stop=opts.stop, stop_ids=opts.stop_ids,
-        ignore_eos=opts.ignore_eos, on_chunk=on_chunk, timeout_s=opts.timeout)
+        ignore_eos=opts.ignore_eos, on_chunk=on_chunk, timeout_s=opts.timeout,
+        security=opts.security)
     if res.synthetic:  # as the local path does: never mistake synthetic output for a model's
         print(f"note: {res.model}: synthetic weights or byte tokenizer (served)", file=sys.stderr)
     out = res.to_json()

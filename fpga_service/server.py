@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 
 from engine.errors import Unavailable
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
+from transport.security import Security
 
 log = logging.getLogger("hybrid.decode")
 SERVICE = pb.DESCRIPTOR.services_by_name["DecodeService"].full_name
@@ -35,6 +37,10 @@ class DecodeOptions:
     grace_s: float = 10.0
     log_level: str = "info"
     warm_up: bool = True               # a short request through the backend before SERVING
+    # TLS / mutual TLS / bearer tokens (None: plaintext). Also decode's own client side
+    # towards prefill: its cert/key as client cert, its CA to verify prefill, its token.
+    security: Security | None = None
+    reflection: bool = False           # server reflection: off unless asked for
 
 
 async def _serve(opts: DecodeOptions) -> None:
@@ -45,10 +51,11 @@ async def _serve(opts: DecodeOptions) -> None:
     admission = kit.Admission(opts.max_active, opts.max_queue)
     holder: dict = {}
     server, health = kit.make_server(
-        lambda s: pbg.add_DecodeServiceServicer_to_server(
-            kit.late_servicer(pbg.DecodeServiceServicer, holder, ("Generate",), ("Info",)), s),
-        [SERVICE])
-    port = server.add_insecure_port(f"{opts.host}:{opts.port}")
+        lambda s: kit.add_service(s, "DecodeService", kit.late_servicer(
+            pbg.DecodeServiceServicer, holder, ("Generate",), ("Info",))),
+        [SERVICE], security=opts.security, reflection=opts.reflection,
+        max_rpcs=opts.max_active + opts.max_queue + kit.SPARE_RPCS)
+    port = kit.add_port(server, f"{opts.host}:{opts.port}", opts.security)
     await server.start()  # health answers NOT_SERVING while the backend loads
     log.info("decode listening on %s:%d (backend %s, %s on %s/%s)", opts.host, port,
              opts.backend, opts.model, device, dtype)
@@ -63,7 +70,10 @@ async def _serve(opts: DecodeOptions) -> None:
                       opts.backend, e)
             await _until_signalled()
             return
-        servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s)
+        # the name a restart of this service keeps (prefill reclaims by it): host:port
+        servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s,
+                                  security=opts.security,
+                                  consumer=f"{socket.gethostname()}:{port}")
         premap = asyncio.create_task(servicer.premap_region())  # not a condition of SERVING
         if opts.warm_up:
             from .warmup import warm_up
@@ -101,3 +111,4 @@ async def _until_signalled() -> None:
 def serve(opts: DecodeOptions) -> None:
     kit.setup_logging(opts.log_level)
     asyncio.run(_serve(opts))
+    kit.exit_watchdog()

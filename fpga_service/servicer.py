@@ -6,20 +6,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
 
-from engine.errors import FailedPrecondition, HybridError, InvalidArgument
+from engine.errors import FailedPrecondition, HybridError, InvalidArgument, Unavailable
 from engine.generate import eos_id, is_stop
 from engine.stop_text import StopStream, check_stops
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
+from transport import limits
 from transport import servekit as kit
 from transport.reader import ReaderPool
 
@@ -33,7 +34,7 @@ VERSION = "0.1.0"
 
 class DecodeServicer(pbg.DecodeServiceServicer):
     def __init__(self, backend: DecodeBackend, prefill_addr: str, admission: kit.Admission,
-                 wait_timeout_s: float = 60.0) -> None:
+                 wait_timeout_s: float = 60.0, security=None, consumer: str = "") -> None:
         self.backend, self.admission = backend, admission
         info = backend.info()
         self.fingerprint, self.model = info["fingerprint"], info["model"]
@@ -42,8 +43,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         self.wait_timeout_s = wait_timeout_s
         self.pool = ThreadPoolExecutor(admission.max_active * 2 + 2, "decode")
         self.readers = ReaderPool()  # one read-only mapping per prefill region
-        self.channel = grpc.aio.insecure_channel(prefill_addr, options=[
-            ("grpc.max_receive_message_length", kit.MAX_MESSAGE_BYTES)])
+        # decode is a client of prefill: its cert as client cert, its CA, its token
+        self.channel = kit.channel(prefill_addr, [
+            ("grpc.max_receive_message_length", kit.MAX_MESSAGE_BYTES)], security)
         self.prefill = pbg.PrefillServiceStub(self.channel)
         # Reported as Info trailing metadata: how KV reached us (shm vs grpc), sessions.
         self.stats: Counter = Counter()
@@ -52,6 +54,15 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         self.engine = backend.engine
         self.bridge = TokenBridge(asyncio.get_running_loop())
         self.engine.notifier = self.bridge.notify
+        # Who we are to prefill (Attach): a name that survives a restart (host:port) and
+        # this instance's epoch. A restarted instance attaches with a later epoch and
+        # prefill frees at once the slots its dead predecessor held.
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.consumer_epoch = time.time_ns()
+        self.paired: tuple[str, int] | None = None  # (region, epoch): the only one we read
+        self._attach_lock = asyncio.Lock()
+        self._attached_at = 0.0
+        self._background: set[asyncio.Task] = set()  # releases that outlive their request
 
     async def close(self) -> None:
         await self.channel.close()
@@ -60,12 +71,14 @@ class DecodeServicer(pbg.DecodeServiceServicer):
 
     # ---- Generate ------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        rid = request.request_id or request.handle.request_id or uuid.uuid4().hex[:16]
+        rid = limits.printable(request.request_id)  # for the log line until checked
         t0 = time.perf_counter()
         fields: dict[str, Any] = {}
         lease = None
         try:
+            rid = limits.request_id(request.request_id or request.handle.request_id)
             spec, desc, transport = self._check(request, rid)
+            await self._check_paired(desc)
             fields.update(n_prompt=spec.n_prompt, max_new=spec.max_new_tokens, kv=transport)
             # the slot stays ours however long this request waits here (admission, KV
             # blocks): renewed until its bytes are ingested and it is released
@@ -76,9 +89,12 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                     yield msg
             fields["status"] = "OK"
             self.stats[f"finish_{fields.get('finish', 'none')}"] += 1
-        except (asyncio.CancelledError, GeneratorExit):  # client gone: task cancelled or stream closed
-            fields["status"] = "CANCELLED"
+        except (asyncio.CancelledError, GeneratorExit):  # client gone: an expected end,
+            fields["status"] = "CANCELLED"               # one INFO line, no traceback
             self.stats["cancelled"] += 1
+            if not fields.get("released") and request.handle.HasField("kv"):
+                fields["released"] = True  # we noticed: the slot goes back now, not at lease end
+                self._in_background(self._release(request, rid))
             raise
         except Exception as e:
             code = kit.status_of(e)
@@ -96,18 +112,51 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             log.info("generate id=%s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
 
     async def _keep_lease(self, request, rid: str, fields: dict) -> None:
-        """Renew the slot's lease (a third of it apart) until it is released."""
+        """Claim the slot for this instance at once (a restart of ours then reclaims it),
+        then renew its lease a third of it apart until it is released."""
         period = max(0.05, request.handle.lease_ms / 3e3) if request.handle.lease_ms else 5.0
+        claim = pb.LeaseRequest(request_id=rid, kv=request.handle.kv, consumer=self.consumer,
+                                consumer_epoch=self.consumer_epoch)
         while not fields.get("released"):
-            await asyncio.sleep(period)
-            if fields.get("released"):
-                return
             try:
-                await self.prefill.RenewLease(pb.LeaseRequest(request_id=rid, kv=request.handle.kv),
-                                              timeout=5.0)
+                await self.prefill.RenewLease(claim, timeout=5.0)
             except grpc.aio.AioRpcError as e:  # the read reports a lost slot precisely
                 log.debug("renew id=%s: %s", rid, e.code().name)
                 return
+            await asyncio.sleep(period)
+
+    def _in_background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def attach(self) -> tuple[str, int]:
+        """Attach to the prefill service: learn the one region this decode may read (a
+        handle naming any other is refused before a file is opened), and have prefill
+        free what an earlier instance of ours held. Again when prefill restarts."""
+        async with self._attach_lock:
+            reply = await self.prefill.Attach(pb.AttachRequest(
+                consumer=self.consumer, consumer_epoch=self.consumer_epoch), timeout=5.0)
+            paired = (reply.region.lstrip("/"), reply.region_epoch)
+            if paired != self.paired:
+                log.info("attached to prefill region %s epoch %d (was %s); prefill freed %d "
+                         "slot(s) an earlier instance held", reply.region, reply.region_epoch,
+                         self.paired, reply.reclaimed)
+            self.paired, self._attached_at = paired, time.monotonic()
+            return paired
+
+    async def _check_paired(self, desc: Any) -> None:
+        """The handle must name our prefill's region and epoch. A mismatch re-asks
+        prefill (it may have restarted), at most twice a second."""
+        key = (desc.region.lstrip("/"), desc.epoch)
+        if key != self.paired and time.monotonic() - self._attached_at > 0.5:
+            try:
+                await self.attach()
+            except grpc.aio.AioRpcError as e:
+                raise Unavailable(f"prefill service unreachable: {e.code().name}") from None
+        if key != self.paired:
+            raise InvalidArgument("KV handle is not from this decode service's prefill "
+                                  "service (or from before it restarted)")
 
     def _check(self, request: pb.GenerateRequest, rid: str) -> tuple[DecodeSpec, Any, str]:
         from transport.descriptor import KvDescriptor
@@ -122,6 +171,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         if request.max_new_tokens < 1:
             raise InvalidArgument("max_new_tokens must be >= 1")
         check_stops(request.stop)
+        stop_ids = limits.stop_ids(request.stop_ids)
         kv = h.kv
         want = kit.LAYOUTS[self.backend.kv_layout]
         if kv.layout != want:
@@ -142,7 +192,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             raise InvalidArgument(f"unknown kv transport {request.transport}")
         spec = DecodeSpec(rid, kv.n_tokens, request.max_new_tokens,
                           kit.sampling_from_proto(request.sampling),
-                          tuple(request.stop_ids), request.ignore_eos)
+                          stop_ids, request.ignore_eos)
         return spec, KvDescriptor.from_proto(kv), transport
 
     async def _generate(self, request, spec: DecodeSpec, desc: Any, transport: str,
@@ -261,7 +311,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             return e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND)
 
     async def premap_region(self, attempts: int = 300, period_s: float = 0.2) -> str | None:
-        """Map the prefill service's region before the first request needs it (best
+        """Attach to prefill and map its region before the first request needs it (best
         effort, in the background). The mapping pre-faults the whole region's page tables
         (MAP_POPULATE: 20-60 ms for 256 MiB on this machine), which the first request
         would pay otherwise. None when prefill never answers, is on another host (no
@@ -271,23 +321,23 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         loop = asyncio.get_running_loop()
         for _ in range(attempts):
             try:
-                info = await self.prefill.Info(pb.InfoRequest(), timeout=2.0)
+                region, _ = await self.attach()
             except grpc.aio.AioRpcError:  # not up yet (services may start in any order)
                 await asyncio.sleep(period_s)
                 continue
             try:
-                if not info.region or not os.path.exists(segment_path(info.region)):
+                if not region or not os.path.exists(segment_path(region)):
                     return None
-                if self.readers.mapped(info.region):  # a request was quicker
-                    return info.region
+                if self.readers.mapped(region):  # a request was quicker
+                    return region
                 t0 = time.perf_counter()
-                await loop.run_in_executor(self.pool, self.readers.get, info.region)
+                await loop.run_in_executor(self.pool, self.readers.get, region)
             except HybridError as e:
-                log.info("prefill region %s not mapped ahead: %s", info.region, e)
+                log.info("prefill region %s not mapped ahead: %s", region, e)
                 return None
-            log.info("mapped prefill region %s ahead of requests in %.1f ms", info.region,
+            log.info("mapped prefill region %s ahead of requests in %.1f ms", region,
                      (time.perf_counter() - t0) * 1e3)
-            return info.region
+            return region
         return None
 
     # ---- Info ----------------------------------------------------------------------

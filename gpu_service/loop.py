@@ -85,6 +85,10 @@ class PrefillLoop:
         """From the asyncio loop: the job and the future its outcome resolves."""
         aloop = asyncio.get_running_loop()
         fut = aloop.create_future()
+        # A handler whose client left may stop awaiting this (a second cancel while it
+        # waits for the loop to let go): the outcome is then of no interest, but asyncio
+        # would log "Future exception was never retrieved" with a traceback for each.
+        fut.add_done_callback(_seen)
         job = PrefillJob(ids, desc, layout, params, _asyncio_notify(aloop, fut))
         return self.submit(job), fut
 
@@ -222,6 +226,11 @@ class PrefillLoop:
         reason = self._dead or "prefill loop stopped"
         for job in jobs:
             job.settle(Unavailable(reason))
+
+
+def _seen(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _asyncio_notify(aloop: asyncio.AbstractEventLoop, fut: asyncio.Future):

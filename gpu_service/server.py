@@ -14,9 +14,10 @@ from engine.errors import InvalidArgument
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import servekit as kit
+from transport.security import Security
 
 log = logging.getLogger("hybrid.prefill")
-STREAMS, UNARIES = ("Prefill", "FetchKv"), ("RenewLease", "Release", "Info")
+STREAMS, UNARIES = ("Prefill", "FetchKv"), ("RenewLease", "Release", "Info", "Attach")
 SERVICE = pb.DESCRIPTOR.services_by_name["PrefillService"].full_name
 
 
@@ -47,6 +48,7 @@ class PrefillOptions:
     max_active: int = 64
     max_queue: int = 64
     slot_wait_s: float = 5.0           # a request waits this long for a slot when full
+    slots_per_client: int = 0          # slots one client (peer host) may hold; 0 = half
     grace_s: float = 10.0
     log_level: str = "info"
     warm_up: bool = True
@@ -56,6 +58,8 @@ class PrefillOptions:
     max_batch: int = field(default_factory=lambda: _env_int("HYBRID_PREFILL_MAX_BATCH", 32))
     max_batch_tokens: int = field(
         default_factory=lambda: _env_int("HYBRID_PREFILL_MAX_TOKENS", 4096))
+    security: Security | None = None   # TLS / mutual TLS / bearer tokens (None: plaintext)
+    reflection: bool = False           # server reflection: off unless asked for
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_batch_tokens < 1:
@@ -66,6 +70,7 @@ class PrefillOptions:
 async def _serve(opts: PrefillOptions) -> None:
     from engine.loader import load_model
     from transport.region import KvRegion
+    from transport.shm import sweep_stale
 
     from .runner import PrefillRunner
     from .servicer import PrefillServicer
@@ -74,21 +79,28 @@ async def _serve(opts: PrefillOptions) -> None:
     admission = kit.Admission(opts.max_active, opts.max_queue)
     holder: dict = {}
     server, health = kit.make_server(
-        lambda s: pbg.add_PrefillServiceServicer_to_server(
-            kit.late_servicer(pbg.PrefillServiceServicer, holder, STREAMS, UNARIES), s), [SERVICE])
-    port = server.add_insecure_port(f"{opts.host}:{opts.port}")
+        lambda s: kit.add_service(s, "PrefillService", kit.late_servicer(
+            pbg.PrefillServiceServicer, holder, STREAMS, UNARIES)), [SERVICE],
+        security=opts.security, reflection=opts.reflection,
+        max_rpcs=opts.max_active + opts.max_queue + kit.SPARE_RPCS)
+    port = kit.add_port(server, f"{opts.host}:{opts.port}", opts.security)
     await server.start()  # health answers NOT_SERVING while the weights load
     log.info("prefill listening on %s:%d (loading %s on %s/%s)", opts.host, port,
              opts.model, device, dtype)
     region = servicer = None
     try:
         lm = await asyncio.to_thread(load_model, opts.model, device, dtype)
+        # What a SIGKILLed predecessor left in /dev/shm (owner gone; this user's, our
+        # prefix only): otherwise each crash leaks a whole region of shared memory.
+        for name in sweep_stale():
+            log.info("removed stale KV region %s (its owner is gone)", name)
         region = KvRegion.create(opts.region_mb << 20, opts.max_slots, lm.config.n_layers,
                                  opts.lease_s)
         runner = PrefillRunner(lm, region, max_batch=opts.max_batch,
                                max_batch_tokens=opts.max_batch_tokens)
         servicer = PrefillServicer(runner, region, admission, opts.lease_s,
-                                   checksums=opts.checksums, slot_wait_s=opts.slot_wait_s)
+                                   checksums=opts.checksums, slot_wait_s=opts.slot_wait_s,
+                                   slots_per_client=opts.slots_per_client or None)
         log.info("prefill batches: up to %d prompts, %d tokens (max_active %d)", opts.max_batch,
                  opts.max_batch_tokens, opts.max_active)
         if opts.warm_up:  # the work runs on the loop's thread; this executor only waits
@@ -111,3 +123,4 @@ async def _serve(opts: PrefillOptions) -> None:
 def serve(opts: PrefillOptions) -> None:
     kit.setup_logging(opts.log_level)
     asyncio.run(_serve(opts))
+    kit.exit_watchdog()

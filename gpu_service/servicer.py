@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -22,23 +22,32 @@ from engine.errors import FailedPrecondition, HybridError, InvalidArgument
 from engine.sampling import SamplingParams
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
+from transport import limits
 from transport import servekit as kit
+from transport.descriptor import KvDescriptor
 
+from .client_slots import ClientSlots, client_of
 from .loop import PrefillLoop
 from .runner import PrefillRunner
 from .slot_queue import SlotQueue
 
 log = logging.getLogger("hybrid.prefill")
 VERSION = "0.1.0"
+_CONSUMER_RE = re.compile(r"^[A-Za-z0-9._:@\[\]-]{1,128}$")
 
 
 class PrefillServicer(pbg.PrefillServiceServicer):
     def __init__(self, runner: PrefillRunner, region: Any, admission: kit.Admission,
                  lease_s: float, wait_timeout_s: float = 60.0, checksums: bool = True,
-                 loop: PrefillLoop | None = None, slot_wait_s: float = 5.0) -> None:
+                 loop: PrefillLoop | None = None, slot_wait_s: float = 5.0,
+                 slots_per_client: int | None = None) -> None:
         self.runner, self.region, self.admission = runner, region, admission
         # requests wait in line (bounded) for a slot while the region is full
         self.slots = SlotQueue(slot_wait_s)
+        # ... and while their client holds its share: one client cannot fill the region
+        cap = slots_per_client or max(1, region.geometry.max_slots // 2)
+        self.clients = ClientSlots(cap, slot_wait_s)
+        self._holders: dict[tuple[int, bytes], str] = {}  # (slot, secret) -> client
         self.lm = runner.lm
         self.lease_s, self.wait_timeout_s = lease_s, wait_timeout_s
         self.checksums = checksums  # per-layer xxh3 in the slot header: DATA_LOSS on mismatch
@@ -55,20 +64,23 @@ class PrefillServicer(pbg.PrefillServiceServicer):
 
     # ---- Prefill -------------------------------------------------------------------
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext):
-        rid = request.request_id or uuid.uuid4().hex[:16]
+        rid = limits.printable(request.request_id)  # for the log line until checked
         t0 = time.perf_counter()
         fields: dict[str, Any] = {}
         try:
+            rid = limits.request_id(request.request_id)
             layout, ids, params = self._check(request)
             dtype = self._requested_dtype(request)
             self.runner.layer_bytes(layout, 1, dtype)  # InvalidArgument for a bad layout/dtype pair
             fields.update(layout=layout, dtype=self.runner.slot_dtype(layout, dtype), n_prompt=len(ids))
+            client = client_of(context.peer())
             async with self.admission.slot() as queue_ms:
-                async for msg in self._prefill(rid, ids, layout, dtype, params, queue_ms, fields):
+                async for msg in self._prefill(rid, client, ids, layout, dtype, params,
+                                               queue_ms, fields):
                     yield msg
             fields["status"] = "OK"
-        except (asyncio.CancelledError, GeneratorExit):  # client gone: task cancelled or stream closed
-            fields["status"] = "CANCELLED"
+        except (asyncio.CancelledError, GeneratorExit):  # client gone: an expected end,
+            fields["status"] = "CANCELLED"               # one INFO line, no traceback
             raise
         except Exception as e:
             fields["status"] = kit.status_of(e).name
@@ -99,10 +111,10 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         except InvalidArgument as e:
             raise InvalidArgument(f"PrefillRequest.kv_dtype: {e}") from None
 
-    async def _prefill(self, rid: str, ids: list[int], layout: str, dtype: str | None,
-                       params: Any, queue_ms: float, fields: dict):
+    async def _prefill(self, rid: str, client: str, ids: list[int], layout: str,
+                       dtype: str | None, params: Any, queue_ms: float, fields: dict):
         t_slot = time.perf_counter()
-        desc = await self.slots.alloc(lambda: self._alloc(ids, layout, dtype))
+        desc = await self._hold_slot(client, lambda: self._alloc(ids, layout, dtype))
         fields["slot_wait_ms"] = round((time.perf_counter() - t_slot) * 1e3, 2)
         self.stats["slots_allocated"] += 1
         done = False
@@ -140,6 +152,24 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             if not done:
                 self._fail_slot(desc, "prefill did not complete")
 
+    async def _hold_slot(self, client: str, alloc: Any) -> KvDescriptor:
+        """A slot for `client`: within its share, then in line for the region."""
+        await self.clients.acquire(client)
+        try:
+            desc = await self.slots.alloc(alloc)
+        except BaseException:
+            self.clients.release(client)
+            raise
+        self._holders[(desc.slot, desc.secret)] = client
+        return desc
+
+    def _freed(self, desc: KvDescriptor) -> None:
+        """Every path that frees a slot ends here: its client's share and a waiter."""
+        client = self._holders.pop((desc.slot, desc.secret), None)
+        if client is not None:
+            self.clients.release(client)
+        self.slots.wake_one()
+
     def _alloc(self, ids: list[int], layout: str, dtype: str | None) -> Any:
         n_layers = self.runner.config.n_layers
         layer_bytes = self.runner.layer_bytes(layout, len(ids), dtype)
@@ -176,39 +206,60 @@ class PrefillServicer(pbg.PrefillServiceServicer):
     def _fail_slot(self, desc: Any, reason: str) -> None:
         try:
             self.region.mark_failed(desc, reason)
-            self.region.free(desc)
-            self.slots.wake_one()
+            if self.region.free(desc):
+                self._freed(desc)
             self.stats["slots_failed"] += 1
         except HybridError as e:  # already freed (stale generation): nothing to undo
             log.debug("fail_slot: %s", e)
 
     # ---- leases --------------------------------------------------------------------
     async def RenewLease(self, request: pb.LeaseRequest, context):
+        """Renew a slot's lease; with `consumer` set (a decode service), also claim it
+        for that instance, so its restart reclaims the slot at once (Attach)."""
         try:
-            self.region.renew(self._desc(request))
+            desc = self._desc(request)
+            if request.consumer:
+                self.region.claim(desc, _consumer(request.consumer), request.consumer_epoch)
+            else:
+                self.region.renew(desc)
         except Exception as e:
             await self._abort(context, e)
         return pb.LeaseReply(lease_ms=int(self.lease_s * 1e3))
 
     async def Release(self, request: pb.LeaseRequest, context):
+        """Free the slot now. Idempotent for its holder: a repeated release is OK."""
         try:
-            self.region.free(self._desc(request))
-            self.stats["slots_released"] += 1
-            self.slots.wake_one()
+            desc = self._desc(request)
+            if self.region.free(desc):
+                self.stats["slots_released"] += 1
+                self._freed(desc)
         except Exception as e:
             await self._abort(context, e)
-        log.debug("release id=%s", request.request_id)
         return pb.LeaseReply(lease_ms=0)
 
-    def _desc(self, request: Any) -> Any:
-        from transport.descriptor import KvDescriptor
+    async def Attach(self, request: pb.AttachRequest, context):
+        """A decode service (re)starting: free the slots earlier instances of it held
+        (they died mid-request: nothing will read or release them), and tell it which
+        region it may read."""
+        try:
+            name = _consumer(request.consumer)
+            if request.consumer_epoch < 1:
+                raise InvalidArgument("consumer_epoch must be >= 1")
+            dead = self.region.reclaim(name, request.consumer_epoch)
+        except Exception as e:
+            await self._abort(context, e)
+        for desc in dead:
+            self._freed(desc)
+        self.stats["slots_reclaimed"] += len(dead)
+        log.info("attach consumer=%s epoch=%d reclaimed=%d", name, request.consumer_epoch,
+                 len(dead))
+        return pb.AttachReply(region=self.region.name, region_epoch=self.region.epoch,
+                              reclaimed=len(dead), weights_fingerprint=self.lm.fingerprint)
 
+    def _desc(self, request: Any) -> KvDescriptor:
         if not request.HasField("kv"):
             raise InvalidArgument("missing kv descriptor")
-        desc = KvDescriptor.from_proto(request.kv)
-        if desc.region != self.region.name:
-            raise InvalidArgument(f"descriptor names region {desc.region!r}, not ours")
-        return desc
+        return KvDescriptor.from_proto(request.kv)
 
     async def reap_leases(self, period_s: float) -> None:
         """Free slots whose consumer stopped renewing (e.g. a decoder that died)."""
@@ -218,8 +269,8 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                 freed = self.region.reap_expired()
                 if freed:
                     self.stats["slots_reaped"] += len(freed)
-                    for _ in freed:
-                        self.slots.wake_one()
+                    for desc in freed:
+                        self._freed(desc)
                     log.info("lease reaper freed %d slot(s): %s", len(freed),
                              ", ".join(str(d.slot) for d in freed))
             except Exception:
@@ -227,13 +278,16 @@ class PrefillServicer(pbg.PrefillServiceServicer):
 
     # ---- FetchKv -------------------------------------------------------------------
     async def FetchKv(self, request: pb.FetchKvRequest, context):
-        from transport.fetch import iter_chunks
+        from transport.fetch import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, iter_chunks
 
         t0, n, status = time.perf_counter(), 0, "OK"
+        rid = limits.printable(request.request_id)
         try:
             desc = self._desc(request)
+            self.region.check(desc)  # the capability, before anything else
+            chunk = limits.chunk_bytes(request.chunk_bytes, DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES)
             timeout = min(self.wait_timeout_s, context.time_remaining() or self.wait_timeout_s)
-            it = iter_chunks(self.region, desc, request.chunk_bytes or (1 << 20), timeout)
+            it = iter_chunks(self.region, desc, chunk, timeout)
             loop = asyncio.get_running_loop()
             end = object()
             while (chunk := await loop.run_in_executor(None, next, it, end)) is not end:
@@ -248,8 +302,8 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             status = kit.status_of(e).name
             await self._abort(context, e)
         finally:
-            log.info("fetch id=%s bytes=%d status=%s total_ms=%.2f", request.request_id, n,
-                     status, (time.perf_counter() - t0) * 1e3)
+            log.info("fetch id=%s bytes=%d status=%s total_ms=%.2f", rid, n, status,
+                     (time.perf_counter() - t0) * 1e3)
 
     # ---- Info ----------------------------------------------------------------------
     async def Info(self, request: pb.InfoRequest, context):
@@ -260,13 +314,14 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             dtype=kit.DTYPES[self.runner.compute_dtype], region=self.region.name,
             region_bytes=self.region.total_bytes, max_positions=c.max_positions,
             synthetic=self.lm.synthetic, n_layers=c.n_layers, version=VERSION,
-            counters=kit.counters_proto(self.metrics()))
+            counters=kit.counters_proto(self.metrics()), region_epoch=self.region.epoch)
 
     def metrics(self) -> dict[str, int]:
         m = dict(self.stats)
         m["slots_in_use"] = self.region.stats()["slots_used"]
         m["active"], m["waiting"] = self.admission.active, self.admission.waiting
         m["waiting_for_slot"] = self.slots.waiting
+        m["clients_holding"] = len(self.clients.held)
         m.update(self.loop.stats)  # prefill_batches, prefill_batched_prompts
         return m
 
@@ -275,3 +330,10 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error")
         await context.abort(code, str(e) or type(e).__name__)
+
+
+def _consumer(name: str) -> str:
+    if not _CONSUMER_RE.match(name):
+        raise InvalidArgument(f"consumer must be 1-128 characters of [A-Za-z0-9._:@[]-], "
+                              f"got {limits.printable(name)}")
+    return name

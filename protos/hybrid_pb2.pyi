@@ -45,7 +45,7 @@ class LayerRange(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class KvDescriptor(_message.Message):
-    __slots__ = ("region", "epoch", "slot", "offset", "length", "generation", "layout", "dtype", "n_layers", "n_tokens", "layers", "n_kv_heads", "head_dim", "checksums")
+    __slots__ = ("region", "epoch", "slot", "offset", "length", "generation", "layout", "dtype", "n_layers", "n_tokens", "layers", "n_kv_heads", "head_dim", "checksums", "secret")
     REGION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,7 @@ class KvDescriptor(_message.Message):
     N_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
     region: str
     epoch: int
     slot: int
@@ -74,7 +75,8 @@ class KvDescriptor(_message.Message):
     n_kv_heads: int
     head_dim: int
     checksums: bool
-    def __init__(self, region: _Optional[str] = ..., epoch: _Optional[int] = ..., slot: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., n_layers: _Optional[int] = ..., n_tokens: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., n_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., checksums: _Optional[bool] = ...) -> None: ...
+    secret: bytes
+    def __init__(self, region: _Optional[str] = ..., epoch: _Optional[int] = ..., slot: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., n_layers: _Optional[int] = ..., n_tokens: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., n_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., checksums: _Optional[bool] = ..., secret: _Optional[bytes] = ...) -> None: ...
 
 class KvHandle(_message.Message):
     __slots__ = ("request_id", "kv", "weights_fingerprint", "model", "lease_ms", "prompt_ids")
@@ -159,12 +161,36 @@ class PrefillResponse(_message.Message):
     def __init__(self, handle: _Optional[_Union[KvHandle, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
-    __slots__ = ("request_id", "kv")
+    __slots__ = ("request_id", "kv", "consumer", "consumer_epoch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KV_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kv: KvDescriptor
-    def __init__(self, request_id: _Optional[str] = ..., kv: _Optional[_Union[KvDescriptor, _Mapping]] = ...) -> None: ...
+    consumer: str
+    consumer_epoch: int
+    def __init__(self, request_id: _Optional[str] = ..., kv: _Optional[_Union[KvDescriptor, _Mapping]] = ..., consumer: _Optional[str] = ..., consumer_epoch: _Optional[int] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("consumer", "consumer_epoch")
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    consumer: str
+    consumer_epoch: int
+    def __init__(self, consumer: _Optional[str] = ..., consumer_epoch: _Optional[int] = ...) -> None: ...
+
+class AttachReply(_message.Message):
+    __slots__ = ("region", "region_epoch", "reclaimed", "weights_fingerprint")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    REGION_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RECLAIMED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    region: str
+    region_epoch: int
+    reclaimed: int
+    weights_fingerprint: str
+    def __init__(self, region: _Optional[str] = ..., region_epoch: _Optional[int] = ..., reclaimed: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
 
 class LeaseReply(_message.Message):
     __slots__ = ("lease_ms",)
@@ -201,7 +227,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("model", "weights_fingerprint", "device", "backend", "kv_layout", "dtype", "region", "region_bytes", "max_positions", "synthetic", "n_layers", "version", "counters")
+    __slots__ = ("model", "weights_fingerprint", "device", "backend", "kv_layout", "dtype", "region", "region_bytes", "max_positions", "synthetic", "n_layers", "version", "counters", "region_epoch")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +248,7 @@ class ServiceInfo(_message.Message):
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    REGION_EPOCH_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights_fingerprint: str
     device: str
@@ -235,7 +262,8 @@ class ServiceInfo(_message.Message):
     n_layers: int
     version: str
     counters: _containers.ScalarMap[str, int]
-    def __init__(self, model: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., region: _Optional[str] = ..., region_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., synthetic: _Optional[bool] = ..., n_layers: _Optional[int] = ..., version: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    region_epoch: int
+    def __init__(self, model: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., region: _Optional[str] = ..., region_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., synthetic: _Optional[bool] = ..., n_layers: _Optional[int] = ..., version: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., region_epoch: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "handle", "sampling", "max_new_tokens", "stop_ids", "transport", "ignore_eos", "stop")

@@ -60,6 +60,11 @@ class PrefillServiceStub:
                 request_serializer=protos_dot_hybrid__pb2.InfoRequest.SerializeToString,
                 response_deserializer=protos_dot_hybrid__pb2.ServiceInfo.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/hybrid.v1.PrefillService/Attach',
+                request_serializer=protos_dot_hybrid__pb2.AttachRequest.SerializeToString,
+                response_deserializer=protos_dot_hybrid__pb2.AttachReply.FromString,
+                _registered_method=True)
 
 
 class PrefillServiceServicer:
@@ -96,6 +101,12 @@ class PrefillServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrefillServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +134,11 @@ def add_PrefillServiceServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=protos_dot_hybrid__pb2.InfoRequest.FromString,
                     response_serializer=protos_dot_hybrid__pb2.ServiceInfo.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=protos_dot_hybrid__pb2.AttachRequest.FromString,
+                    response_serializer=protos_dot_hybrid__pb2.AttachReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +277,33 @@ class PrefillService:
             '/hybrid.v1.PrefillService/Info',
             protos_dot_hybrid__pb2.InfoRequest.SerializeToString,
             protos_dot_hybrid__pb2.ServiceInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hybrid.v1.PrefillService/Attach',
+            protos_dot_hybrid__pb2.AttachRequest.SerializeToString,
+            protos_dot_hybrid__pb2.AttachReply.FromString,
             options,
             channel_credentials,
             insecure,

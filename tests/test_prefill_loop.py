@@ -449,7 +449,7 @@ def test_servicer_requests_share_a_batch_and_report_it(lm, runner, region, reade
     fields = [{} for _ in PROMPTS]
 
     async def one(i, ids):
-        msgs = [m async for m in servicer._prefill(f"r{i}", ids, "dense", None,
+        msgs = [m async for m in servicer._prefill(f"r{i}", "test", ids, "dense", None,
                                                      SamplingParams(), 1.5, fields[i])]
         return msgs[0].handle, msgs[1].done
 
@@ -495,7 +495,7 @@ def test_servicer_cancel_while_queued_frees_the_slot_without_running(runner, reg
 
     async def go():
         servicer.loop.pause()
-        gen = servicer._prefill("r", PROMPTS[0], "dense", None, SamplingParams(), 0.0, {})
+        gen = servicer._prefill("r", "test", PROMPTS[0], "dense", None, SamplingParams(), 0.0, {})
         await gen.__anext__()  # the handle: the slot is allocated
         task = asyncio.create_task(gen.__anext__())
         while servicer.loop.waiting < 1:

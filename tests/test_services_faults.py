@@ -123,10 +123,12 @@ GENERATE_BAD = {
                           C.INVALID_ARGUMENT),
     "too many stop strings": (lambda h: dict(handle=h, max_new_tokens=4, stop=["x"] * 17),
                               C.INVALID_ARGUMENT),
+    # not this decode's prefill: refused before any file is opened
     "unknown region": (lambda h: dict(handle=_edit(h, region="/hybrid-kv-1-1"), max_new_tokens=4),
-                       C.NOT_FOUND),
+                       C.INVALID_ARGUMENT),
+    # not a live capability: the one answer that names no slot (issue 13)
     "slot out of range": (lambda h: dict(handle=_edit(h, slot=10**6), max_new_tokens=4),
-                          C.INVALID_ARGUMENT),
+                          C.ABORTED),
     "stale generation": (lambda h: dict(handle=_edit(h, generation=h.kv.generation + 5),
                                         max_new_tokens=4), C.ABORTED),
 }
@@ -247,9 +249,11 @@ def test_decode_killed_mid_request(tmp_path):
         # The client hung up its Prefill call too, so prefill stops at the next layer and
         # frees the slot itself; a consumer dying after prefill completed is the
         # reaper's case (test_abandoned_handle_freed_within_lease).
-        assert wait_until(lambda: slots_in_use(prefill) == 0, LEASE_S)
+        # The client saw Generate fail and released the slot itself (issue 13): free at
+        # once, not at the end of a lease.
+        assert wait_until(lambda: slots_in_use(prefill) == 0, 2.0)
         c = counters(prefill, "prefill")
-        assert c["slots-failed"] + c["slots-reaped"] == 1
+        assert c["slots-failed"] + c["slots-reaped"] + c["slots-released"] == 1
     finally:
         for p in reversed(procs):
             stop(p)
@@ -293,7 +297,7 @@ def test_dead_prefill_resource_limits_then_unavailable(pair, tmp_path):
     target = f"127.0.0.1:{port}"
     proc = spawn(["serve", "prefill", "--model", MODEL, "--device", "cpu", "--port", str(port),
                   "--max-slots", "2", "--max-active", "1", "--max-queue", "0",
-                  "--slot-wait-s", "0.3"],
+                  "--slot-wait-s", "0.3", "--slots-per-client", "2"],
                  log_path=str(tmp_path / "prefill2.log"))
     try:
         wait_serving(target, proc, 60)
@@ -324,16 +328,20 @@ def test_prefill_killed_mid_request(pair, tmp_path):
     never be ready: the client gets UNAVAILABLE well within its deadline."""
     from transport.shm import sweep_stale
 
-    port = free_port()
-    target = f"127.0.0.1:{port}"
+    port, dport = free_port(), free_port()
+    target, decode = f"127.0.0.1:{port}", f"127.0.0.1:{dport}"
     proc = spawn(["serve", "prefill", "--model", MODEL, "--device", "cpu", "--port", str(port)],
                  env={"HYBRID_FAULT_LAYER_DELAY_MS": "1500"},
                  log_path=str(tmp_path / "prefill3.log"))
+    # a decode reads only its own prefill's region: this one is paired with the victim
+    dproc = spawn(["serve", "decode", "--model", MODEL, "--device", "cpu", "--port", str(dport),
+                   "--prefill", target], log_path=str(tmp_path / "decode4.log"))
     try:
         wait_serving(target, proc, 60)
+        wait_serving(decode, dproc, 60)
 
         async def go():
-            async with HybridClient(target, pair.decode, timeout_s=20) as c:
+            async with HybridClient(target, decode, timeout_s=20) as c:
                 calls = c.stream(prompt_ids=[1, 2, 3], max_new_tokens=4)
                 killer = asyncio.get_running_loop().call_later(0.5, os.kill, proc.pid,
                                                                signal.SIGKILL)
@@ -348,6 +356,7 @@ def test_prefill_killed_mid_request(pair, tmp_path):
             asyncio.run(go())
         assert time.monotonic() - t0 < 10
     finally:
+        stop(dproc)
         stop(proc)
         sweep_stale()
     assert wait_until(lambda: counters(pair.decode, "decode")["active"] == 0, 5)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from engine.errors import Aborted, HybridError, InvalidArgument
 from protos import hybrid_pb2 as pb
-from transport.descriptor import KvDescriptor, LayerRange
+from transport.descriptor import INVALID_HANDLE, KvDescriptor, LayerRange
 from transport.reader import KvReader
 from transport.region import KvRegion
 
@@ -20,7 +20,8 @@ U64 = (1 << 64) - 1
 def _desc(**kw) -> KvDescriptor:
     base = dict(region="/hybrid-kv-1-2", epoch=2, slot=0, offset=8192, length=8192,
                 generation=1, layout="dense", dtype="float16", n_layers=2, n_tokens=4,
-                layers=((0, 2048), (2048, 2048)), n_kv_heads=4, head_dim=32, checksums=True)
+                layers=((0, 2048), (2048, 2048)), n_kv_heads=4, head_dim=32, checksums=True,
+                secret=bytes(range(16)))
     return KvDescriptor(**{**base, **kw})
 
 
@@ -109,17 +110,42 @@ def live():
 @pytest.mark.parametrize("changes,error", [
     ({"epoch": 1}, Aborted),                                   # another incarnation
     ({"region": "/hybrid-kv-9-9"}, InvalidArgument),           # another region
-    ({"slot": 5}, InvalidArgument),                            # past max_slots
+    ({"slot": 5}, Aborted),                                    # past max_slots: no hint
     ({"layers": ((0, 4096), (4096, 4096), (8192, 4096), (12288, 2048))}, InvalidArgument),
-    ({"n_tokens": 16, "n_kv_heads": 2}, InvalidArgument),      # digest differs
-    ({"checksums": False}, InvalidArgument),                   # digest differs
+    ({"n_tokens": 16, "n_kv_heads": 2}, Aborted),              # digest differs
+    ({"checksums": False}, Aborted),                           # digest differs
     ({"offset": 0}, InvalidArgument),                          # header bytes
+    ({"secret": bytes(16)}, Aborted),                          # every field right but this
+    ({"secret": b""}, Aborted),                                # a handle from before secrets
 ])
 def test_reader_refuses_forged_descriptor(live, changes, error):
     _, desc, reader = live
     with pytest.raises(error):
         reader.read_layer(replace(desc, **changes), 0, 0.01)
     assert reader.read_layer(desc, 0, 0.01) == bytes(4096)
+
+
+@pytest.mark.parametrize("changes", [{"secret": bytes(16)}, {"secret": b"x" * 15},
+                                     {"slot": 3}, {"generation": 2}, {"offset": 0}])
+def test_forged_handle_learns_nothing(live, changes):
+    """Without the secret, owner and reader answer with one fixed message: no slot,
+    generation, offset or payload range to probe with (issue 13, finding 1)."""
+    region, desc, reader = live
+    forged = replace(desc, **{"secret": bytes(16), **changes})
+    for call in (lambda: reader.read_layer(forged, 0, 0.01), lambda: region.renew(forged),
+                 lambda: region.free(forged), lambda: region.check(forged)):
+        with pytest.raises(Aborted) as e:
+            call()
+        assert str(e.value) == INVALID_HANDLE
+    assert reader.read_layer(desc, 0, 0.01) == bytes(4096)  # the holder's handle still works
+
+
+def test_secret_is_fresh_per_allocation_and_never_printed(live):
+    region, desc, _ = live
+    assert len(desc.secret) == 16 and desc.secret.hex() not in repr(desc)
+    other = region.alloc(4096, 1)
+    assert other.secret != desc.secret
+    region.free(other)
 
 
 _u64 = st.one_of(st.integers(0, 64), st.integers(0, U64), st.sampled_from([U64, U64 - 1, 1 << 63]))

@@ -74,7 +74,7 @@ def test_alloc_layout_and_generation_bump(region, reader):
     assert region.free(d) is False  # idempotent for the same generation
     d2 = region.alloc(4096, 1)
     assert d2.slot == d.slot and d2.generation == 2
-    with pytest.raises(Aborted, match="generation 1, now 2"):
+    with pytest.raises(Aborted, match="not valid"):
         reader.read_layer(d, 0, 0.1)
     with pytest.raises(Aborted):
         region.free(d)  # stale: the slot was reused since
@@ -146,7 +146,7 @@ def test_renew_extends_lease(region):
         assert region.renew(d) == 0.2
         assert region.reap_expired() == []
     assert region.reap_expired(now=clock[0] + 0.3) == [d]
-    with pytest.raises(Aborted, match="lease expired"):
+    with pytest.raises(Aborted, match="not valid"):
         region.renew(d)
 
 
@@ -214,7 +214,7 @@ def test_zero_copy_view_and_read_into(region, reader):
 def test_zero_copy_view_detects_free_during_use(region, reader):
     d = region.alloc(4096, 1)
     _fill(region, d)
-    with pytest.raises(Aborted, match="freed while reading"), reader.layer(d, 0, 0.1):
+    with pytest.raises(Aborted, match="not valid"), reader.layer(d, 0, 0.1):
         region.free(d)
 
 

@@ -4,17 +4,25 @@ The dataclass mirrors protos `hybrid.v1.KvDescriptor` (enums as strings). A desc
 arrives over the network, so `validate` checks every field against the region's own
 geometry before anything is read, and the reader additionally compares its `digest()`
 with the one the owner stored in the slot header at allocation time.
+
+`secret` makes a descriptor a capability: 16 random bytes drawn per allocation, kept in
+the slot header, carried only by the request's handle. Everything else in a descriptor
+is guessable (region and epoch come from Info, slots and generations are small
+integers), so every service compares the secret first (constant time) and answers a
+mismatch with one fixed message that says nothing about which slots are live.
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import xxhash
 
-from engine.errors import InvalidArgument
+from engine.errors import Aborted, InvalidArgument
 from protos import hybrid_pb2 as pb
 from transport.layout import U64_MAX
 from transport.shm import segment_path
@@ -27,6 +35,23 @@ _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 U32_MAX = (1 << 32) - 1
 _U32_FIELDS = ("slot", "n_layers", "n_tokens", "n_kv_heads", "head_dim")
 _U64_FIELDS = ("epoch", "offset", "length", "generation")
+SECRET_BYTES = 16  # 128 bits: guessing one is hopeless, and it fits two header words
+# The one answer to any handle that is not a live capability (forged, altered, released,
+# expired): it names no slot, generation or offset, so probing learns nothing.
+INVALID_HANDLE = "KV handle is not valid (released, expired, or not issued by this service)"
+
+
+def new_secret() -> bytes:
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def invalid_handle() -> Aborted:
+    return Aborted(INVALID_HANDLE)
+
+
+def same_secret(a: bytes, b: bytes) -> bool:
+    """Constant-time equality of two secrets; an empty or short one never matches."""
+    return len(a) == len(b) == SECRET_BYTES and hmac.compare_digest(a, b)
 
 
 def check_positive(**values: object) -> None:
@@ -58,6 +83,7 @@ class KvDescriptor:
     n_kv_heads: int = 0
     head_dim: int = 0
     checksums: bool = False  # per-layer xxh3_64 in the slot header
+    secret: bytes = field(default=b"", repr=False)  # the capability; never printed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(LayerRange(*r) for r in self.layers))
@@ -81,7 +107,8 @@ class KvDescriptor:
             length=self.length, generation=self.generation, layout=LAYOUTS[self.layout],
             dtype=DTYPES[self.dtype], n_layers=self.n_layers, n_tokens=self.n_tokens,
             layers=[pb.LayerRange(offset=r.offset, length=r.length) for r in self.layers],
-            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, checksums=self.checksums)
+            n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, checksums=self.checksums,
+            secret=self.secret)
 
     @classmethod
     def from_proto(cls, msg: pb.KvDescriptor) -> KvDescriptor:
@@ -94,7 +121,8 @@ class KvDescriptor:
             length=msg.length, generation=msg.generation, layout=_LAYOUT_NAMES[msg.layout],
             dtype=_DTYPE_NAMES[msg.dtype], n_layers=msg.n_layers, n_tokens=msg.n_tokens,
             layers=tuple(LayerRange(r.offset, r.length) for r in msg.layers),
-            n_kv_heads=msg.n_kv_heads, head_dim=msg.head_dim, checksums=msg.checksums)
+            n_kv_heads=msg.n_kv_heads, head_dim=msg.head_dim, checksums=msg.checksums,
+            secret=bytes(msg.secret))
 
     def to_bytes(self) -> bytes:
         return self.to_proto().SerializeToString()
@@ -133,6 +161,8 @@ class KvDescriptor:
                 raise InvalidArgument(f"descriptor {name}={v!r} not an integer in [0, {top}]")
         if type(self.checksums) is not bool:
             raise InvalidArgument(f"descriptor checksums={self.checksums!r} not a bool")
+        if type(self.secret) is not bytes or len(self.secret) != SECRET_BYTES:
+            raise invalid_handle()
 
     def _check_extent(self, region_bytes: int, payload_offset: int) -> None:
         end = self.offset + self.length
@@ -172,8 +202,9 @@ class KvDescriptor:
                 f"{h} heads x {t} tokens x {d} x {self.dtype} is {want}")
 
     def digest(self) -> int:
-        """xxh3_64 over every field but the region name (the epoch stands for it): the
-        owner stores it in the slot header, the reader compares."""
+        """xxh3_64 over every field but the region name (the epoch stands for it) and the
+        secret (compared on its own, in constant time): the owner stores it in the slot
+        header, the reader compares."""
         head = struct.pack("<QIQQQBBIIIIB", self.epoch, self.slot, self.offset, self.length,
                            self.generation, LAYOUTS[self.layout], DTYPES[self.dtype],
                            self.n_layers, self.n_tokens, self.n_kv_heads, self.head_dim,

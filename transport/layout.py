@@ -18,7 +18,7 @@ from dataclasses import dataclass
 MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 MAGIC = b"HYBRIDKV"
-VERSION = 1
+VERSION = 2  # 2: slot headers carry the handle secret
 PAGE = 4096
 REGION_HEADER_BYTES = PAGE
 ALLOC_ALIGN = PAGE          # slot payloads start and end on 4 KiB boundaries
@@ -41,6 +41,7 @@ REGION_LIVE, REGION_CLOSED = 1, 2
 S_GENERATION, S_STATE, S_OFFSET, S_LENGTH = 0, 1, 2, 3
 S_N_LAYERS, S_FLAGS, S_FIRST_TOKEN, S_LEASE_DEADLINE, S_DIGEST = 4, 5, 6, 7, 8
 S_EVENTS_BYTE = 72          # u32 event counter: bumped on every change (futex word)
+S_SECRET_BYTE = 80          # 16 bytes: the allocation's handle secret (zeros when free)
 S_REASON_BYTE = 96          # 64 bytes of UTF-8, NUL padded
 S_READY_BYTE = 160          # max_layers u8 flags, then (8-aligned) max_layers u64 checksums
 
@@ -103,6 +104,10 @@ class Geometry:
 
     def events_byte(self, slot: int) -> int:
         return self.slot_table_offset + slot * self.slot_bytes + S_EVENTS_BYTE
+
+    def secret_range(self, slot: int) -> tuple[int, int]:
+        start = self.slot_table_offset + slot * self.slot_bytes + S_SECRET_BYTE
+        return start, start + 16
 
     def reason_range(self, slot: int) -> tuple[int, int]:
         start = self.slot_table_offset + slot * self.slot_bytes + S_REASON_BYTE

@@ -32,7 +32,7 @@ from engine.errors import (
 )
 from transport import futex
 from transport import layout as L
-from transport.descriptor import KvDescriptor
+from transport.descriptor import KvDescriptor, invalid_handle, same_secret
 from transport.shm import SHM_DIR, open_readonly, segment_path
 
 FUTEX_SLICE_S = 0.05  # longest single futex sleep: bounds how stale a liveness check gets
@@ -96,15 +96,28 @@ class KvReader:
 
     # -- checks -----------------------------------------------------------------
     def validate(self, desc: KvDescriptor) -> None:
-        """Every descriptor field against this region; InvalidArgument / Aborted."""
+        """Every descriptor field against this region; InvalidArgument / Aborted. The
+        secret is compared before anything else, so only a handle's holder ever sees a
+        message about its fields."""
         if desc.region.lstrip("/") != self.name.lstrip("/"):
             raise InvalidArgument(f"descriptor for region {desc.region!r}, reader has {self.name!r}")
-        g = self.geometry
-        desc.validate(g.total_bytes, payload_offset=g.payload_offset, max_slots=g.max_slots,
-                      max_layers=g.max_layers)
         if desc.epoch != self.epoch:
             raise Aborted(f"descriptor epoch {desc.epoch}, region epoch {self.epoch}: "
                           "the region was recreated")
+        self._check_secret(desc)
+        g = self.geometry
+        desc.validate(g.total_bytes, payload_offset=g.payload_offset, max_slots=g.max_slots,
+                      max_layers=g.max_layers)
+
+    def _stored_secret(self, slot: int) -> bytes:
+        a, b = self.geometry.secret_range(slot)
+        return bytes(self._u8[a:b])
+
+    def _check_secret(self, desc: KvDescriptor) -> None:
+        slot = desc.slot
+        if type(slot) is not int or not 0 <= slot < self.geometry.max_slots or \
+                not same_secret(desc.secret, self._stored_secret(slot)):
+            raise invalid_handle()
 
     def _validated_digest(self, desc: KvDescriptor) -> int:
         """validate() + digest(), cached: both depend only on the descriptor and the
@@ -123,30 +136,27 @@ class KvReader:
         return digest
 
     def _check_live(self, desc: KvDescriptor, digest: int) -> None:
-        """Region open, slot still at the descriptor's generation, not failed, and the
-        descriptor exactly the one the owner published for it. Seqlock: the state and
-        digest read here belong to the descriptor's generation only if the generation
-        is unchanged after reading them (else a free + re-alloc slipped in between)."""
+        """Region open, slot still this allocation (its secret and generation), not
+        failed, and the descriptor exactly the one the owner published for it. Seqlock:
+        what is read here belongs to the descriptor's generation only if the generation
+        is unchanged after reading it (else a free + re-alloc slipped in between)."""
         u64, w = self._u64, self.geometry.slot_word(desc.slot)
         if u64[L.H_STATE] != L.REGION_LIVE:
             raise Unavailable(f"KV region {self.name} was closed by its owner")
         gen = u64[w + L.S_GENERATION]
         state, stored = u64[w + L.S_STATE], u64[w + L.S_DIGEST]
+        secret = self._stored_secret(desc.slot)
         reason = self._reason(desc.slot) if state == L.SLOT_FAILED else ""
-        if gen != desc.generation or state == L.SLOT_FREE or u64[w + L.S_GENERATION] != gen:
-            raise Aborted(f"stale descriptor: slot {desc.slot} generation {desc.generation}, "
-                          f"now {u64[w + L.S_GENERATION]} ({self._reason(desc.slot) or 'freed'})")
+        if gen != desc.generation or state == L.SLOT_FREE or u64[w + L.S_GENERATION] != gen \
+                or not same_secret(desc.secret, secret) or stored != digest:
+            raise invalid_handle()
         if state == L.SLOT_FAILED:
             raise Unavailable(f"prefill failed: {reason}")
-        if stored != digest:
-            raise InvalidArgument(f"descriptor fields do not match slot {desc.slot} "
-                                  "(forged or corrupted descriptor)")
 
     def _check_after(self, desc: KvDescriptor) -> None:
         gen = self._u64[self.geometry.slot_word(desc.slot) + L.S_GENERATION]
-        if gen != desc.generation:
-            raise Aborted(f"slot {desc.slot} was freed while reading (generation "
-                          f"{desc.generation} -> {gen}): discard what was read")
+        if gen != desc.generation:  # freed while we read: discard what was read
+            raise invalid_handle()
 
     def _reason(self, slot: int) -> str:
         a, b = self.geometry.reason_range(slot)

@@ -22,11 +22,17 @@ from typing import Any
 
 import xxhash
 
-from engine.errors import Aborted, InvalidArgument, ResourceExhausted, Unavailable
+from engine.errors import HybridError, InvalidArgument, ResourceExhausted, Unavailable
 from engine.freelist import FreeList
 from transport import cuda, futex, shm
 from transport import layout as L
-from transport.descriptor import KvDescriptor, check_positive
+from transport.descriptor import (
+    KvDescriptor,
+    check_positive,
+    invalid_handle,
+    new_secret,
+    same_secret,
+)
 
 
 @dataclass
@@ -34,6 +40,7 @@ class _Owned:
     desc: KvDescriptor
     lease: float     # seconds a renewal (or producer activity) extends it by
     deadline: float  # time.monotonic() at which the lease expires
+    consumer: tuple[str, int] | None = None  # (name, epoch) of the decoder that claimed it
 
 
 class KvRegion:
@@ -51,6 +58,7 @@ class KvRegion:
         self._lock = threading.RLock()
         self._free = FreeList(geom.payload_offset, geom.payload_bytes, L.ALLOC_ALIGN)
         self._owned: list[_Owned | None] = [None] * geom.max_slots
+        self._last_secret: list[bytes] = [b""] * geom.max_slots  # for repeated releases
         self._owner_pid = os.getpid()
         self._tensor: Any = None
         self._registered_ptr: int | None = None
@@ -207,7 +215,7 @@ class KvRegion:
                                     f"{g.payload_bytes}-byte payload area")
         probe = KvDescriptor(region=self.name, epoch=self.epoch, slot=0, offset=g.payload_offset,
                              length=length, generation=1, n_layers=n_layers, layers=ranges,
-                             **meta)
+                             secret=new_secret(), **meta)
         return probe.validate(g.total_bytes, payload_offset=g.payload_offset,
                               max_slots=g.max_slots, max_layers=g.max_layers)
 
@@ -232,6 +240,8 @@ class KvRegion:
         u64[w + L.S_FLAGS] = L.FLAG_CHECKSUMS if desc.checksums else 0
         u64[w + L.S_FIRST_TOKEN] = L.to_u64(L.FIRST_TOKEN_UNSET)
         u64[w + L.S_DIGEST] = desc.digest()
+        a, b = g.secret_range(desc.slot)
+        self._u8[a:b] = desc.secret
         a, b = g.reason_range(desc.slot)
         self._u8[a:b] = bytes(b - a)
         r = g.ready_byte(desc.slot, 0)
@@ -261,32 +271,35 @@ class KvRegion:
             raise Unavailable(f"KV region {self.name} is closed")
 
     def _current(self, desc: KvDescriptor) -> _Owned:
-        """Owner record of `desc`: Aborted if stale, InvalidArgument if not ours."""
+        """Owner record of `desc`. The secret is compared first: anything that is not a
+        live capability (forged, altered, released, expired) gets the same Aborted,
+        which names no slot, generation or offset."""
         self._check_open()
         if desc.region.lstrip("/") != self.name.lstrip("/") or desc.epoch != self.epoch:
-            raise InvalidArgument(f"descriptor for region {desc.region} epoch {desc.epoch}, "
-                                  f"this is {self.name} epoch {self.epoch}")
-        if type(desc.slot) is not int or not 0 <= desc.slot < self.geometry.max_slots:
-            raise InvalidArgument(f"slot {desc.slot!r} out of range [0, {self.geometry.max_slots})")
-        rec = self._owned[desc.slot]
-        if rec is None or rec.desc.generation != desc.generation:
-            now = self._u64[self.geometry.slot_word(desc.slot)]
-            raise Aborted(f"stale descriptor: slot {desc.slot} generation {desc.generation}, "
-                          f"now {now} (freed or lease expired)")
-        if rec.desc != desc:
-            raise InvalidArgument(f"descriptor fields do not match slot {desc.slot}")
+            raise InvalidArgument("KV handle names another region (or a restarted one): "
+                                  f"this service's is {self.name} epoch {self.epoch}")
+        slot = desc.slot
+        rec = self._owned[slot] if type(slot) is int and 0 <= slot < len(self._owned) else None
+        if rec is None or not same_secret(desc.secret, rec.desc.secret) or rec.desc != desc:
+            raise invalid_handle()
         return rec
+
+    def check(self, desc: KvDescriptor) -> None:
+        """Raise unless `desc` is a live capability of this region (Aborted otherwise)."""
+        with self._lock:
+            self._current(desc)
 
     def free(self, desc: KvDescriptor, reason: str = "released") -> bool:
         """Free the slot (generation bumps first). True if this call freed it; False if
-        that generation was already freed and the slot not reused since; Aborted if the
-        descriptor is stale otherwise."""
+        this very allocation was freed already (a repeated release); Aborted otherwise."""
         with self._lock:
             try:
                 self._current(desc)
-            except Aborted:
-                now = self._u64[self.geometry.slot_word(desc.slot)]
-                if self._owned[desc.slot] is None and desc.generation == now - 1:
+            except HybridError:
+                slot = desc.slot
+                known = type(slot) is int and 0 <= slot < len(self._owned)
+                if known and self._owned[slot] is None and same_secret(
+                        desc.secret, self._last_secret[slot]):
                     return False
                 raise
             self._release(desc.slot, reason)
@@ -298,6 +311,9 @@ class KvRegion:
         assert rec is not None
         u64[w + L.S_GENERATION] = rec.desc.generation + 1  # first: readers now see stale
         u64[w + L.S_STATE] = L.SLOT_FREE
+        a, b = g.secret_range(slot)
+        self._u8[a:b] = bytes(b - a)
+        self._last_secret[slot] = rec.desc.secret
         a, b = g.reason_range(slot)
         self._u8[a:b] = L.encode_reason(reason)
         self._owned[slot] = None
@@ -311,6 +327,28 @@ class KvRegion:
             lease = rec.lease if lease_s is None else lease_s
             self._extend(rec, lease)
         return lease
+
+    def claim(self, desc: KvDescriptor, consumer: str, epoch: int) -> float:
+        """renew(), and record the decode instance now responsible for the slot, so a
+        restarted instance of it can reclaim the slot at once (reclaim)."""
+        with self._lock:
+            rec = self._current(desc)
+            rec.consumer = (consumer, epoch)
+            self._extend(rec, rec.lease)
+            return rec.lease
+
+    def reclaim(self, consumer: str, epoch: int) -> list[KvDescriptor]:
+        """Free every slot claimed by another instance of `consumer` than `epoch` (the
+        one attaching now: an earlier one died, and nothing will read or release its
+        slots). Returns their descriptors."""
+        with self._lock:
+            if self._closed:
+                return []
+            dead = [o.desc for o in self._owned if o is not None and o.consumer is not None
+                    and o.consumer[0] == consumer and o.consumer[1] != epoch]
+            for desc in dead:
+                self._release(desc.slot, "consumer restarted")
+        return dead
 
     def reap_expired(self, now: float | None = None) -> list[KvDescriptor]:
         """Free every slot whose lease expired (consumer gone); returns their descriptors."""

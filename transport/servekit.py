@@ -16,15 +16,18 @@ from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection as grpc_reflection
 
 from engine.errors import HybridError, ResourceExhausted
+from transport.security import Security, open_channel
 
 log = logging.getLogger("hybrid.server")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Largest message either side sends: KvChunk of FetchKv (default 1 MiB) with headroom.
 MAX_MESSAGE_BYTES = 64 << 20
+# Calls beyond the requests admission lets run or wait: Info, leases, FetchKv, health.
+SPARE_RPCS = 128
 
 
 def setup_logging(level: str) -> None:
@@ -86,24 +89,48 @@ class Admission:
 
 
 def make_server(
-    add_servicers: Callable[[grpc.aio.Server], None], service_names: Iterable[str]
+    add_servicers: Callable[[grpc.aio.Server], None], service_names: Iterable[str], *,
+    security: Security | None = None, reflection: bool = False, max_rpcs: int | None = None,
 ) -> tuple[grpc.aio.Server, health.HealthServicer]:
-    """A grpc.aio server with health (NOT_SERVING for now) and reflection."""
+    """A grpc.aio server with health (NOT_SERVING for now), the bearer-token check when
+    `security` has tokens, and server reflection only when asked for: reflection lists
+    every method and message, which is a map for an attacker, so it is off by default.
+    The port is bound by `add_port` (TLS or not).
+
+    Requests are small (limits.MAX_REQUEST_BYTES): the gRPC core refuses a larger one
+    with RESOURCE_EXHAUSTED before it is parsed, and at most `max_rpcs` calls run at
+    once (beyond: RESOURCE_EXHAUSTED at once), so a flood of huge prompts can neither
+    grow the process by gigabytes nor stall the event loop health answers on."""
+    from transport.limits import MAX_REQUEST_BYTES
+
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         ("grpc.so_reuseport", 0),
-    ])
+    ], interceptors=security.server_interceptors() if security else None,
+        maximum_concurrent_rpcs=max_rpcs)
     add_servicers(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names)
     for name in ["", *names]:
         health_servicer.set(name, NOT_SERVING)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME], server)
+    if reflection:
+        grpc_reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             grpc_reflection.SERVICE_NAME], server)
     return server, health_servicer
+
+
+def add_port(server: grpc.aio.Server, address: str, security: Security | None = None) -> int:
+    """Bind `address`: TLS (mutual when the security has a CA) or plaintext."""
+    return (security or Security()).add_port(server, address)
+
+
+def channel(target: str, options: list | None = None,
+            security: Security | None = None) -> grpc.aio.Channel:
+    """A channel from one service to another (decode -> prefill), secured like a client."""
+    return open_channel(target, options, security)
 
 
 def set_health(health_servicer: health.HealthServicer, names: Iterable[str], status) -> None:
@@ -140,6 +167,24 @@ async def run_until_signalled(
     await asyncio.sleep(0.2)
     await server.stop(max(0.5, deadline - loop.time()))
     log.info("shutdown: stopped")
+
+
+def exit_watchdog(grace_s: float = 5.0) -> None:
+    """Call once the server stopped. Interpreter exit joins every worker thread; one
+    stuck in a call that cannot be interrupted (a device call that hangs, a blocking
+    open) would keep the process alive after "shutdown: stopped" until SIGKILL. This
+    ends it `grace_s` later, whatever still runs (exit status 0: the drain finished)."""
+    import os
+    import threading
+
+    def force() -> None:
+        log.warning("shutdown: worker threads still busy after %.0f s; exiting anyway", grace_s)
+        logging.shutdown()
+        os._exit(0)
+
+    timer = threading.Timer(grace_s, force)
+    timer.daemon = True
+    timer.start()
 
 
 # Proto enums <-> the names engine/, kernels/ and the backends use.
@@ -207,11 +252,49 @@ def sampling_from_proto(msg: object):
     return SamplingParams(temperature=t, top_k=int(k), top_p=p or 1.0, seed=seed).with_seed()
 
 
+class Undecodable:
+    """What a request deserializer returns for bytes that are no valid message (garbage,
+    invalid UTF-8 in a string field). Raising there would end the call as UNKNOWN with
+    an ERROR traceback from the gRPC runtime; the servicer answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _parser(cls: type) -> Callable[[bytes], object]:
+    def parse(raw: bytes) -> object:
+        try:
+            return cls.FromString(raw)
+        except Exception as e:  # protobuf's DecodeError, UnicodeDecodeError, ...
+            return Undecodable(f"undecodable {cls.DESCRIPTOR.name}: {type(e).__name__}")
+    return parse
+
+
+def add_service(server: grpc.aio.Server, service: str, servicer: object) -> None:
+    """Register `servicer` for hybrid.v1 `service` like the generated add_*_to_server,
+    but with parsers that hand undecodable bytes to the servicer as Undecodable."""
+    from protos import hybrid_pb2 as pb
+
+    desc = pb.DESCRIPTOR.services_by_name[service]
+    handlers = {}
+    for m in desc.methods:
+        make = (grpc.unary_stream_rpc_method_handler if m.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[m.name] = make(
+            getattr(servicer, m.name), request_deserializer=_parser(getattr(pb, m.input_type.name)),
+            response_serializer=getattr(pb, m.output_type.name).SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(desc.full_name,
+                                                                          handlers),))
+
+
 def late_servicer(base: type, holder: dict, streams: Iterable[str], unaries: Iterable[str]):
     """A servicer registered before the weights load (so health answers at once) that
-    forwards each call to `holder["servicer"]` once it exists, UNAVAILABLE before."""
+    forwards each call to `holder["servicer"]` once it exists, UNAVAILABLE before.
+    Register it with add_service: an Undecodable request is INVALID_ARGUMENT here."""
 
-    async def real(context):
+    async def real(request, context):
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
         svc = holder.get("servicer")
         if svc is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "weights are still loading")
@@ -219,13 +302,13 @@ def late_servicer(base: type, holder: dict, streams: Iterable[str], unaries: Ite
 
     def stream(name: str):
         async def method(self, request, context):
-            async for msg in getattr(await real(context), name)(request, context):
+            async for msg in getattr(await real(request, context), name)(request, context):
                 yield msg
         return method
 
     def unary(name: str):
         async def method(self, request, context):
-            return await getattr(await real(context), name)(request, context)
+            return await getattr(await real(request, context), name)(request, context)
         return method
 
     attrs = {n: stream(n) for n in streams} | {n: unary(n) for n in unaries}

@@ -75,21 +75,32 @@ def create_segment(path: str, size: int, mode: int = 0o600, shm_dir: str = SHM_D
     return fd
 
 
-def open_readonly(path: str) -> tuple[int, int]:
-    """(fd, size) of an existing segment, read-only, without following symlinks."""
+def open_readonly(path: str, owner_uid: int | None = None) -> tuple[int, int]:
+    """(fd, size) of an existing segment, read-only. The name comes off the network,
+    so this never blocks and never follows anything: O_NOFOLLOW refuses a symlink,
+    O_NONBLOCK makes a FIFO's open return at once (then refused as not a regular file),
+    and the file must belong to `owner_uid` (default: our effective uid), so another
+    local user cannot plant a region for us to read."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise NotFound(f"KV region {path} does not exist (owner gone or restarted)") from None
     except PermissionError as e:
         raise Unavailable(f"cannot open KV region {path}: {e} (run both services as "
                           "the same user or widen the region's mode)") from e
-    except OSError as e:
-        raise InvalidArgument(f"cannot open KV region {path}: {e}") from e
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
+    except OSError as e:  # ELOOP: a symlink; ENXIO: a FIFO or socket with no peer
+        raise InvalidArgument(f"{path} is not a KV region (not a plain file)") from e
+    try:
+        st = os.fstat(fd)
+        uid = os.geteuid() if owner_uid is None else owner_uid
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidArgument(f"{path} is not a KV region (not a plain file)")
+        if st.st_uid != uid:
+            raise InvalidArgument(f"{path} is not a KV region of this user (uid {uid})")
+    except BaseException:
         os.close(fd)
-        raise InvalidArgument(f"{path} is not a regular file")
+        raise
     return fd, st.st_size
 
 
@@ -127,11 +138,14 @@ def pid_alive(pid: int) -> bool:
 def _owner_of(path: str) -> tuple[int, int] | None:
     """(pid, start ticks) from a region header, None when it is no region of ours."""
     from transport.layout import H_OWNER_PID, H_OWNER_START, MAGIC
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8 * (H_OWNER_START + 1))
-    except OSError:
+    try:  # never blocks or follows (a FIFO planted under our prefix), ours only
+        fd, _ = open_readonly(path)
+    except (OSError, InvalidArgument, NotFound, Unavailable):
         return None
+    try:
+        head = os.pread(fd, 8 * (H_OWNER_START + 1), 0)
+    finally:
+        os.close(fd)
     if len(head) < 8 * (H_OWNER_START + 1) or head[:8] != MAGIC:
         return None
     word = lambda i: int.from_bytes(head[8 * i: 8 * i + 8], "little")  # noqa: E731
@@ -152,8 +166,8 @@ def sweep_stale(prefix: str = "hybrid-kv", shm_dir: str = SHM_DIR) -> list[str]:
         pid = int(m.group(1))
         path = os.path.join(shm_dir, entry)
         owner = _owner_of(path)
-        if pid == os.getpid() or (owner is not None and owner[0] != pid):
-            continue
+        if pid == os.getpid() or owner is None or owner[0] != pid:
+            continue  # ours alive, or not a region of this user's (never touch those)
         stale = not pid_alive(pid)
         if not stale and owner is not None and owner[1]:
             now = process_start_ticks(pid)
