@@ -32,7 +32,8 @@ def _opt(*names: str, env: str, **kw):
 @_opt("--slot-wait-s", env="SLOT_WAIT_S", type=float, default=5.0,
       help="prefill: how long a request waits in line for a slot when the region is full")
 @_opt("--slots-per-client", env="SLOTS_PER_CLIENT", type=click.IntRange(min=0), default=0,
-      help="prefill: KV slots one client (peer host) may hold at once; 0 = half of --max-slots")
+      help="prefill: KV slots one client (peer host) may hold before a decoder claims "
+           "them; 0 = half of --max-slots")
 @_opt("--checksums/--no-checksums", env="CHECKSUMS", default=True,
       help="prefill: per-layer xxh3 in the slot header (DATA_LOSS on mismatch)")
 @_opt("--max-active", env="MAX_ACTIVE", type=int, default=None, help="requests run at once")

@@ -1,11 +1,14 @@
-"""How many KV slots each client holds, bounded, so one client cannot lock out the rest.
+"""How many unclaimed KV slots each client holds, bounded, so one client cannot lock out
+the rest.
 
 A slot is held from its Prefill until the decoder releases it (or its lease ends). A
 client that prefills and never generates (or renews the leases itself) would otherwise
 fill the region for everyone: 64 one-token prefills plus a RenewLease every 10 s locked
-all other traffic out. Each client may hold at most `cap` slots; its next request waits
-(bounded, like a full region) until one of its own slots is freed, then
-RESOURCE_EXHAUSTED. Other clients are not held up by it.
+all other traffic out. Each client may hold at most `cap` slots that no decode service
+has claimed yet; its next request waits (bounded, like a full region) until one of them
+is claimed or freed, then RESOURCE_EXHAUSTED. Other clients are not held up by it, and
+a busy client is not either: a decoder claims a slot within milliseconds of its handle
+(the client sends Generate at once), so only abandoned slots pile up against the cap.
 
 A client is the peer's host as gRPC reports it: every connection from one machine
 counts together (a client can open many connections, not many addresses). Behind a

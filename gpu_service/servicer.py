@@ -163,11 +163,18 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         self._holders[(desc.slot, desc.secret)] = client
         return desc
 
-    def _freed(self, desc: KvDescriptor) -> None:
-        """Every path that frees a slot ends here: its client's share and a waiter."""
+    def _claimed(self, desc: KvDescriptor) -> None:
+        """A decoder took the slot on: it no longer counts against the client's share.
+        The share bounds slots nobody consumes (a client that prefills and never
+        generates), not a busy client's traffic: behind a gateway every user is one
+        client, and its slots are claimed within milliseconds of their handles."""
         client = self._holders.pop((desc.slot, desc.secret), None)
         if client is not None:
             self.clients.release(client)
+
+    def _freed(self, desc: KvDescriptor) -> None:
+        """Every path that frees a slot ends here: its client's share and a waiter."""
+        self._claimed(desc)
         self.slots.wake_one()
 
     def _alloc(self, ids: list[int], layout: str, dtype: str | None) -> Any:
@@ -220,6 +227,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             desc = self._desc(request)
             if request.consumer:
                 self.region.claim(desc, _consumer(request.consumer), request.consumer_epoch)
+                self._claimed(desc)
             else:
                 self.region.renew(desc)
         except Exception as e:
