@@ -424,3 +424,51 @@ def test_token_on_plaintext_loopback_and_reflection_flag(tmp_path):
     assert asyncio.run(codes(secured, False)) == ("UNAUTHENTICATED", "OK", "UNIMPLEMENTED", "OK")
     assert asyncio.run(codes(secured, True)) == ("UNAUTHENTICATED", "OK", "OK", "OK")
     assert asyncio.run(codes(None, False)) == ("OK", "OK", "UNIMPLEMENTED", "OK")
+
+
+class _Leases(pbg.PrefillServiceServicer):
+    """Answers the lease calls and Attach: the role check runs before any servicer."""
+
+    async def Attach(self, request, context):
+        return pb.AttachReply(region="/r")
+
+    async def Release(self, request, context):
+        return pb.LeaseReply()
+
+    async def RenewLease(self, request, context):
+        return pb.LeaseReply(lease_ms=1)
+
+
+def test_service_role_guards_the_calls_only_decode_makes(tmp_path):
+    """With a token marked `service` in the file, a client's token can prefill and
+    release, but not claim or renew slots (it would escape its slot share), reclaim a
+    consumer's slots or stream KV: PERMISSION_DENIED. The service token can."""
+    f = tmp_path / "tokens"
+    f.write_text("client-tok\nsvc-tok service  # the decode service's\n")
+    (tmp_path / "client").write_text("client-tok\n")
+    (tmp_path / "svc").write_text("svc-tok service\n")
+
+    async def codes(who: str) -> list[str]:
+        security = Security(token_file=str(f))
+        server, _ = kit.make_server(lambda s: kit.add_service(s, "PrefillService", _Leases()),
+                                    ["hybrid.v1.PrefillService"], security=security)
+        port = kit.add_port(server, "127.0.0.1:0", security)
+        await server.start()
+        out = []
+        async with Security(token_file=str(tmp_path / who)).channel(f"127.0.0.1:{port}") as ch:
+            stub = pbg.PrefillServiceStub(ch)
+            for call in (lambda: stub.Release(pb.LeaseRequest()),
+                         lambda: stub.RenewLease(pb.LeaseRequest()),
+                         lambda: stub.Attach(pb.AttachRequest())):
+                try:
+                    await call()
+                    out.append("OK")
+                except grpc.aio.AioRpcError as e:
+                    out.append(e.code().name)
+        await server.stop(0)
+        return out
+
+    assert asyncio.run(codes("client")) == ["OK", "PERMISSION_DENIED", "PERMISSION_DENIED"]
+    assert asyncio.run(codes("svc")) == ["OK", "OK", "OK"]
+    with pytest.raises(InvalidArgument, match="role 'service'"):
+        sec.parse_token_lines("tok admin\n", "x")

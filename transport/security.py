@@ -84,16 +84,35 @@ def _check_pair(cert: str, key: str, ca: str | None) -> None:
             raise InvalidArgument(f"{_named('--tls-ca')} {ca}: {e.reason or e}") from None
 
 
-def parse_tokens(text: str, where: str) -> tuple[str, ...]:
-    """Tokens of a token file: one a line; blank lines and `#` comments ignored. A token
-    goes into gRPC metadata, so it must be printable ASCII without spaces."""
-    tokens = tuple(t for t in (ln.split("#", 1)[0].strip() for ln in text.splitlines()) if t)
-    for i, tok in enumerate(tokens, 1):
-        if not (tok.isascii() and tok.isprintable()) or any(c.isspace() for c in tok):
+# Calls only a decode service makes: claiming and renewing slots (a client that could
+# would escape its slot share), reclaiming a consumer's slots, streaming KV by FetchKv.
+SERVICE_METHODS = frozenset(f"/hybrid.v1.PrefillService/{m}"
+                            for m in ("Attach", "RenewLease", "FetchKv"))
+SERVICE_ROLE = "service"
+
+
+def parse_token_lines(text: str, where: str) -> tuple[tuple[str, str], ...]:
+    """(token, role) of each line of a token file: `<token>` (role "") or `<token>
+    service`; blank lines and `#` comments ignored. A token goes into gRPC metadata, so it
+    must be printable ASCII without spaces."""
+    out = []
+    lines = (ln.split("#", 1)[0].split() for ln in text.splitlines())
+    for i, words in enumerate((w for w in lines if w), 1):
+        tok, role = words[0], " ".join(words[1:])
+        if len(words) > 2 or role not in ("", SERVICE_ROLE):
+            raise InvalidArgument(f"{where}: token {i} must be printable ASCII without spaces, "
+                                  f"optionally followed by the role '{SERVICE_ROLE}'")
+        if not (tok.isascii() and tok.isprintable()):
             raise InvalidArgument(f"{where}: token {i} must be printable ASCII without spaces")
-    if not tokens:
+        out.append((tok, role))
+    if not out:
         raise InvalidArgument(f"{where}: no token in it (one a line; '#' starts a comment)")
-    return tokens
+    return tuple(out)
+
+
+def parse_tokens(text: str, where: str) -> tuple[str, ...]:
+    """The tokens of a token file, roles left out (parse_token_lines)."""
+    return tuple(tok for tok, _ in parse_token_lines(text, where))
 
 
 class TokenSource:
@@ -108,11 +127,11 @@ class TokenSource:
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
         if path is None:
-            self._tokens = parse_tokens(literal or "", TOKEN_ENV)
+            self._tokens, self._service = _split(parse_token_lines(literal or "", TOKEN_ENV))
         else:
-            self._tokens = self._load()
+            self._tokens, self._service = self._load()
 
-    def _load(self) -> tuple[str, ...]:
+    def _load(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         where = _named("--token-file") + f" {self.path}"
         try:
             st = os.stat(self.path)
@@ -120,14 +139,20 @@ class TokenSource:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise InvalidArgument(f"{where}: {getattr(e, 'strerror', None) or e}") from None
-        tokens = parse_tokens(text, where)
+        lines = parse_token_lines(text, where)
         self._stamp = (st.st_mtime_ns, st.st_size)
-        return tokens
+        return _split(lines)
 
     def tokens(self) -> tuple[str, ...]:
         if self.path is not None and time.monotonic() - self._checked >= _RELOAD_EVERY_S:
             self._maybe_reload()
         return self._tokens
+
+    def service_tokens(self) -> tuple[str, ...]:
+        """Tokens marked `service` (what a decode service sends); empty: no roles, every
+        token may make every call."""
+        self.tokens()
+        return self._service
 
     def first(self) -> str:
         return self.tokens()[0]
@@ -139,10 +164,14 @@ class TokenSource:
                 st = os.stat(self.path)
                 if (st.st_mtime_ns, st.st_size) == self._stamp:
                     return
-                self._tokens = self._load()
+                self._tokens, self._service = self._load()
                 log.info("token file %s re-read: %d token(s)", self.path, len(self._tokens))
             except (OSError, InvalidArgument) as e:
                 log.error("token file %s: %s; keeping the previous tokens", self.path, e)
+
+
+def _split(lines: tuple[tuple[str, str], ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    return (tuple(t for t, _ in lines), tuple(t for t, r in lines if r == SERVICE_ROLE))
 
 
 def _bearer(metadata: Iterable) -> str | None:
@@ -168,9 +197,13 @@ def token_matches(given: str, tokens: Iterable[str]) -> bool:
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Refuses every RPC without a valid bearer token with UNAUTHENTICATED, except the
     health service (probes carry no secret). `tokens`: the accepted tokens, or a callable
-    returning them (a TokenSource's, so rotation needs no restart)."""
+    returning them (a TokenSource's, so rotation needs no restart). When `service_tokens`
+    returns any, the SERVICE_METHODS (claiming, renewing and reclaiming slots, FetchKv)
+    need one of those: PERMISSION_DENIED for a client's token."""
 
-    def __init__(self, tokens: Iterable[str] | Callable[[], Iterable[str]]) -> None:
+    def __init__(self, tokens: Iterable[str] | Callable[[], Iterable[str]],
+                 service_tokens: Callable[[], Iterable[str]] = tuple) -> None:
+        self._service_tokens = service_tokens
         if callable(tokens):
             self._tokens = tokens
         else:
@@ -189,6 +222,12 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             return _refusal(grpc.StatusCode.UNAUTHENTICATED,
                             f"{why} (send metadata 'authorization: Bearer <token>')",
                             log_as=f"refused {method}: {why}")
+        service = tuple(self._service_tokens())
+        if method in SERVICE_METHODS and service and not token_matches(given, service):
+            return _refusal(grpc.StatusCode.PERMISSION_DENIED,
+                            f"{method} is for decode services: it needs a token marked "
+                            f"'{SERVICE_ROLE}' in the server's token file",
+                            log_as=f"refused {method}: not a service token")
         handler = await continuation(handler_call_details)
         if handler is None:  # gRPC's own answer races the same way (see _refusal)
             return _refusal(grpc.StatusCode.UNIMPLEMENTED, f"method {method} not found")
@@ -363,7 +402,9 @@ class Security:
             require_client_auth=bool(self.tls_ca))
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [TokenAuth(self._source.tokens)] if self._source else []
+        if not self._source:
+            return []
+        return [TokenAuth(self._source.tokens, self._source.service_tokens)]
 
     def add_port(self, server: grpc.aio.Server, address: str) -> int:
         """Bind `address` with TLS when configured, else plaintext; returns the port."""
