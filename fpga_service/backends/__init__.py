@@ -12,6 +12,7 @@ REGISTRY: dict[str, str] = {
     "gpu": "fpga_service.backends.gpu:GpuBackend",            # engine on cuda (or cpu)
     "fpga-emu": "fpga_service.backends.fpga:EmulatorBackend",  # software U55C
     "fpga-xrt": "fpga_service.backends.fpga:XrtBackend",       # real U55C through pyxrt
+    "fpga-csim": "fpga_service.backends.fpga:CsimBackend",     # HLS kernel, g++ C simulation
 }
 
 

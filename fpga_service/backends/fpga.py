@@ -160,6 +160,21 @@ class EmulatorBackend(_FpgaBackend):
         return EmulatorDevice(channel_bytes, bandwidth)
 
 
+class CsimBackend(EmulatorBackend):
+    """`fpga-csim`: the HLS kernel source (kernels/hls/) compiled by g++ for C simulation,
+    driven through the XRT host code (fpga_service/device/csim.py); image dtype defaults
+    as for fpga-emu."""
+
+    name = "fpga-csim"
+
+    def _make_device(self, channel_bytes: int, bandwidth, **opts) -> HbmDevice:
+        from fpga_service.device.csim import CsimDevice
+
+        if opts:
+            raise InvalidArgument(f"fpga-csim: unknown options {sorted(opts)}")
+        return CsimDevice(channel_bytes, bandwidth)
+
+
 class XrtBackend(_FpgaBackend):
     """`fpga-xrt`: a U55C through pyxrt; options xclbin (path) and device_index (int or BDF)."""
 

@@ -29,6 +29,7 @@ KERNEL_NAME = "hbm_decode"
 
 class XrtDevice(HbmDevice):
     name = "fpga-xrt"
+    pyxrt_module = "pyxrt"  # fpga-csim swaps in fpga_service.device.csim_xrt
 
     def __init__(self, xclbin: str | None = None, device: int | str = 0,
                  channel_bytes: int = CHANNEL_BYTES, bandwidth: BandwidthModel | None = None,
@@ -47,15 +48,18 @@ class XrtDevice(HbmDevice):
         if self._kernel is not None:
             return
         try:
-            xrt = importlib.import_module("pyxrt")
+            xrt = importlib.import_module(self.pyxrt_module)
         except ImportError as e:
             raise Unavailable(
                 "fpga-xrt needs XRT's Python binding `pyxrt`, which is not importable "
                 f"({e}); install XRT and `source /opt/xilinx/xrt/setup.sh`, or use the "
                 "fpga-emu backend") from None
         if not self.xclbin or not os.path.isfile(self.xclbin):
+            where = (f"{self.xclbin} not found" if self.xclbin else
+                     "none given: set HYBRID_XCLBIN to its path (docker compose: put "
+                     "hbm_decode.xclbin in HYBRID_XCLBIN_DIR, default ./xclbin)")
             raise Unavailable(f"fpga-xrt needs an xclbin built to docs/fpga-kernel-abi.md; "
-                              f"{self.xclbin or '(none given: --xclbin or HYBRID_XCLBIN)'} not found")
+                              f"{where}")
         try:
             self._dev = xrt.device(self.device_id)
         except Exception as e:
