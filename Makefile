@@ -3,7 +3,7 @@
 PY ?= .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: setup demo test test-loaded test-cuda lint proto certs clean
+.PHONY: setup demo test test-loaded test-cuda lint proto certs csim xclbin clean
 
 $(VENV_STAMP): pyproject.toml
 	python3 -m venv .venv
@@ -29,6 +29,17 @@ test-loaded: $(VENV_STAMP)
 # On a GPU machine without this venv: PYTHONPATH=. python3 -m pytest -q -m cuda
 test-cuda:
 	$(PY) -m pytest -q -m cuda
+
+# The HLS decode kernel (kernels/hls/) in C simulation: a g++ -Wall -Werror build for a
+# preset (the tests build each tiny model's own on demand, cached by source hash).
+csim: $(VENV_STAMP)
+	$(PY) -m kernels.hls_build --preset tiny-gpt2 --dtype float16 --csim
+	$(PY) -m kernels.hls_build --preset tiny-llama --dtype float16 --csim
+
+# The U55C bitstream (needs Vitis + the xilinx_u55c_gen3x16_xdma_3_202210_1 platform;
+# not runnable on this project's CI): MODEL=<preset> HBM_DTYPE=float16 -> build/hls/.
+xclbin: $(VENV_STAMP)
+	$(MAKE) -C kernels/hls xclbin PY=$(abspath $(PY)) MODEL=$${MODEL:-gpt2-medium}
 
 lint: $(VENV_STAMP)
 	.venv/bin/ruff check .
