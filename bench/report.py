@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,15 +42,35 @@ def markdown(rows: list[Row], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def roofline_text(meta: dict) -> str:
+    """The weight-read roofline, or n/a where no copy bandwidth was measured (CPU)."""
+    roof, gbps = meta.get("roofline_ms_per_token"), meta.get("copy_gbps")
+    if roof is None or gbps is None or not (math.isfinite(roof) and math.isfinite(gbps)):
+        return "decode roofline n/a (no memory bandwidth measured on this device)"
+    return f"decode roofline {roof:.3f} ms/token at {gbps:.0f} GB/s"
+
+
+def _finite(x):
+    """NaN and infinities -> None, through dicts, lists and tuples."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
 def write(rows: list[Row], meta: dict, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "sweep.json", "md": out_dir / "sweep.md"}
     slim = [{k: v for k, v in asdict(r).items() if k != "extra"}
             | {"kv_bytes": r.extra.get("kv_bytes")} for r in rows]
-    paths["json"].write_text(json.dumps({"meta": meta, "rows": slim}, indent=1))
+    # strict JSON: an unknown figure is null, never a bare NaN/Infinity
+    paths["json"].write_text(json.dumps(_finite({"meta": meta, "rows": slim}), indent=1,
+                                        allow_nan=False))
     head = (f"{meta['model']} on {meta['device_name']} ({meta['dtype']}), median of "
-            f"{meta['reps']} after a warm-up; decode roofline {meta['roofline_ms_per_token']:.3f} "
-            f"ms/token at {meta['copy_gbps']:.0f} GB/s")
+            f"{meta['reps']} after a warm-up; {roofline_text(meta)}")
     paths["md"].write_text(markdown(rows, head))
     png = chart(rows, out_dir / "sweep.png", head)
     if png:

@@ -111,7 +111,8 @@ def run_pair(model: str, device: str, vocab: int, points, reps: int, transport: 
                             prefill_ms=t["prefill_ms"], transfer_ms=t["transfer_ms"],
                             exposed_transfer_ms=t["exposed_transfer_ms"],
                             decode_ms_per_token=t["decode_ms_per_token"],
-                            extra={"kv_bytes": t["kv_bytes"], "token_ids": outs[-1].token_ids}))
+                            extra={"kv_bytes": int(t["kv_bytes"]),  # a count: an int
+                                   "token_ids": outs[-1].token_ids}))
             log(f"  pair {n_in}:{n_out} {ms:.1f} ms")
     return rows
 
@@ -133,11 +134,12 @@ def fpga_projection(cfg, pair_rows: list[Row]) -> list[Row]:
     return rows
 
 
-def roofline_ms_per_token(lm) -> tuple[float, float]:
-    """(ms/token to read every weight once at the measured copy bandwidth, GB/s)."""
+def roofline_ms_per_token(lm) -> tuple[float | None, float | None]:
+    """(ms/token to read every weight once at the measured copy bandwidth, GB/s); (None,
+    None) off CUDA, where no bandwidth is measured (JSON null, "n/a" in the report)."""
     nbytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     if lm.device.type != "cuda":
-        return float("nan"), float("nan")
+        return None, None
     x = torch.empty(1 << 29, dtype=torch.uint8, device=lm.device)
     y = torch.empty_like(x)
     y.copy_(x)

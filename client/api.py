@@ -76,11 +76,15 @@ class HybridClient:
     """One client for a prefill + decode pair. Create inside a running event loop."""
 
     def __init__(self, prefill: str = "localhost:50051", decode: str = "localhost:50052",
-                 timeout_s: float = 120.0, security: Security | None = None) -> None:
-        """`security`: TLS / mutual TLS / bearer token for both channels (None: plaintext)."""
+                 timeout_s: float = 120.0, security: Security | None = None,
+                 channel_options: Iterable[tuple[str, object]] = ()) -> None:
+        """`security`: TLS / mutual TLS / bearer token for both channels (None: plaintext).
+        `channel_options`: more gRPC channel arguments, e.g. a long-lived client's
+        `grpc.max_reconnect_backoff_ms` (client/openai_api/server.py)."""
         self.timeout_s = timeout_s
-        self._pch = open_channel(prefill, _MAX_MSG, security)
-        self._dch = open_channel(decode, _MAX_MSG, security)
+        options = [*_MAX_MSG, *channel_options]
+        self._pch = open_channel(prefill, options, security)
+        self._dch = open_channel(decode, options, security)
         self.prefill, self.decode = pbg.PrefillServiceStub(self._pch), pbg.DecodeServiceStub(self._dch)
         self._decode_info: pb.ServiceInfo | None = None
 

@@ -19,7 +19,23 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# modules of pyproject.toml's `serve` extra, absent from a light (client-only) install
+SERVE_EXTRA = frozenset({"torch", "numpy", "safetensors", "tokenizers", "xxhash",
+                         "grpc_reflection"})
+
+
 class LazyGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as e:  # a light install: one line, not a traceback
+            if (e.name or "").partition(".")[0] not in SERVE_EXTRA:
+                raise
+            raise click.ClickException(
+                f"this command needs {e.name}, which this (client-only) install lacks: "
+                f"serve prefill|decode, generate --local, demo and bench need the serve "
+                f"extra: pip install 'hybrid-llm[serve]'") from None
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(n for n in COMMANDS if self.get_command(ctx, n) is not None)
 

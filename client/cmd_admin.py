@@ -19,9 +19,11 @@ def _targets(prefill: str, decode: str, which: str) -> dict[str, str]:
 
 
 _which = click.option("--service", "which", type=click.Choice(["prefill", "decode", "both"]),
-                      default="both", show_default=True)
-_addrs = [click.option("--prefill", default=_TARGETS["prefill"], show_default=True),
-          click.option("--decode", default=_TARGETS["decode"], show_default=True)]
+                      default="both", show_default=True, help="which service(s) to ask")
+_addrs = [click.option("--prefill", default=_TARGETS["prefill"], show_default=True,
+                       help="address (host:port) of the prefill service"),
+          click.option("--decode", default=_TARGETS["decode"], show_default=True,
+                       help="address (host:port) of the decode service")]
 
 
 def _with_addrs(f):
@@ -35,7 +37,8 @@ def _with_addrs(f):
 @_with_addrs
 def health(prefill: str, decode: str, which: str, **tls: str | None) -> None:
     """grpc.health.v1 status of each service; exits 1 unless all are SERVING. Needs the
-    TLS options of TLS services, but no token (health is exempt)."""
+    TLS options of TLS services, but no token (health is exempt). A service that is not
+    SERVING is asked why (Info), e.g. "NOT_SERVING (weights differ from ...)"."""
     from client.api import health as check
 
     security = security_or_exit(**pop_security(tls))
@@ -46,6 +49,8 @@ def health(prefill: str, decode: str, which: str, **tls: str | None) -> None:
         except Exception as e:
             status = f"UNREACHABLE ({e})"
         bad |= status != "SERVING"
+        if status == "NOT_SERVING" and (why := _why(name, target, security)):
+            status = f"{status} ({why})"
         click.echo(f"{name:8s} {target:22s} {status}")
     if bad:
         raise SystemExit(1)
@@ -53,7 +58,8 @@ def health(prefill: str, decode: str, which: str, **tls: str | None) -> None:
 
 @click.command()
 @_with_addrs
-@click.option("--json", "as_json", is_flag=True, help="one JSON object")
+@click.option("--json", "as_json", is_flag=True,
+              help="print one JSON object (service name -> its ServiceInfo fields)")
 def info(prefill: str, decode: str, which: str, as_json: bool, **tls: str | None) -> None:
     """Model, weights fingerprint, device, backend, KV layout and counters of each service."""
     from google.protobuf.json_format import MessageToDict
@@ -77,7 +83,21 @@ def info(prefill: str, decode: str, which: str, as_json: bool, **tls: str | None
             click.echo(f"  {k:22s} {v}")
 
 
-async def _info(name: str, target: str, security=None):
+def _why(name: str, target: str, security) -> str:
+    """Why a running service is not SERVING, from its Info: the reason it reports
+    (ServiceInfo.not_serving), or the UNAVAILABLE its Info answers with (weights still
+    loading, the decode backend's device missing); "" when it does not say."""
+    from engine.errors import HybridError, Unavailable
+
+    try:
+        return asyncio.run(_info(name, target, security, timeout_s=3.0)).not_serving
+    except Unavailable as e:
+        return str(e).removeprefix("UNAVAILABLE: ")
+    except (HybridError, OSError):  # e.g. Info needs a token health did not: no reason
+        return ""
+
+
+async def _info(name: str, target: str, security=None, timeout_s: float = 10.0):
     import grpc
 
     from client.api import error_from_rpc
@@ -87,6 +107,6 @@ async def _info(name: str, target: str, security=None):
     async with open_channel(target, None, security) as ch:
         stub = (pbg.PrefillServiceStub if name == "prefill" else pbg.DecodeServiceStub)(ch)
         try:
-            return await stub.Info(pb.InfoRequest(), timeout=10.0)
+            return await stub.Info(pb.InfoRequest(), timeout=timeout_s)
         except grpc.aio.AioRpcError as e:
             raise error_from_rpc(e) from None

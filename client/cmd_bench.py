@@ -14,10 +14,20 @@ from client.security_opts import pop_security, security_options, security_or_exi
 
 
 def _repo_on_path() -> None:
-    # bench/ sits beside client/ in the repository; it is not an installed package
+    # bench/ is packaged with client/ (pyproject's packages.find); in a checkout it sits
+    # beside client/, which an editable install made before it was packaged may not map
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if root not in sys.path:
         sys.path.insert(0, root)
+    try:
+        import bench  # noqa: F401
+    except ModuleNotFoundError as e:
+        if e.name != "bench":
+            raise
+        raise click.ClickException("the bench package is not installed with this build of "
+                                   "hybrid-llm (installed before bench was packaged?): "
+                                   "reinstall it (pip install ., or pip install -e . in a "
+                                   "checkout)") from None
 
 
 def _bench_modules():

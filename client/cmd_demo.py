@@ -11,11 +11,33 @@ import time
 
 import click
 
-_STAGES = [("ttft_ms", "time to first token"), ("queue_ms", "queue (both services)"),
-           ("prefill_ms", "prefill compute"), ("transfer_ms", "KV copy, raw"),
-           ("exposed_transfer_ms", "KV copy, not hidden"), ("ingest_ms", "decode ingest"),
-           ("decode_ms", "decode loop"), ("decode_ms_per_token", "decode per token"),
-           ("total_ms", "end to end")]
+# (timings key, row name, what the row measures)
+_STAGES = [
+    ("ttft_ms", "time to first token", "request sent -> first token at the client"),
+    ("queue_ms", "queue (both services)", "waiting for admission, prefill + decode"),
+    ("prefill_ms", "prefill compute", "the prompt's forward pass on the prefill device"),
+    ("transfer_ms", "KV copy, raw", "copying the KV cache into the shared region"),
+    ("exposed_transfer_ms", "KV copy, not hidden", "the part of that copy compute did not hide"),
+    ("ingest_ms", "decode ingest", "KV from the region into decode's device memory"),
+    ("decode_ms", "decode loop", "generating the tokens after the first"),
+    ("decode_ms_per_token", "decode per token", "decode loop / tokens generated there"),
+    ("total_ms", "end to end", "the whole request as the client saw it"),
+]
+
+
+def stage_table(timings: dict) -> list[str]:
+    """The demo's stage table: row name, milliseconds, what the row measures. The stages
+    overlap (decode starts while prefill still copies): they do not add up to the total."""
+    lines = [f"{'stage':28s} {'ms':>10s}  what it measures",
+             *(f"{name:28s} {timings.get(key, 0.0):10.2f}  {what}" for key, name, what in _STAGES)]
+    if "modeled_device_ms_per_token" in timings:  # FPGA backends: U55C bandwidth model
+        lines.append(f"{'modeled U55C per token':28s} "
+                     f"{timings['modeled_device_ms_per_token']:10.3f}  "
+                     f"the U55C bandwidth model's time per token (not measured)")
+    lines.append(f"{'KV bytes handed over':28s} {int(timings.get('kv_bytes', 0)):10d}  "
+                 f"bytes of KV cache prefill passed to decode (not ms)")
+    lines.append("(ms unless noted; stages overlap, so they do not add up to end to end)")
+    return lines
 
 
 @click.command()
@@ -46,12 +68,8 @@ def demo(model: str, device: str, backend: str, prompt: str, max_new_tokens: int
     label = " (synthetic weights: the text is noise)" if res.synthetic else ""
     click.echo(f"\nmodel {res.model}{label}, backend {res.backend}, kv via {kv_transport}")
     click.echo(f"prompt: {prompt}\noutput: {res.text!r}\n")
-    click.echo(f"{'stage':28s} {'ms':>10s}")
-    for key, name in _STAGES:
-        click.echo(f"{name:28s} {res.timings.get(key, 0.0):10.2f}")
-    if "modeled_device_ms_per_token" in res.timings:  # FPGA backends: U55C bandwidth model
-        click.echo(f"{'modeled U55C per token':28s} {res.timings['modeled_device_ms_per_token']:10.3f}")
-    click.echo(f"{'KV bytes handed over':28s} {int(res.timings.get('kv_bytes', 0)):10d}")
+    for line in stage_table(res.timings):
+        click.echo(line)
     # The prefill names its region /hybrid-kv-<pid>-<epoch>: look for ours only.
     leftovers = glob.glob(f"/dev/shm/hybrid-kv-{pair.procs['prefill'].pid}-*")
     click.echo(f"\nshutdown: exit codes {codes}; /dev/shm leftovers: {sorted(leftovers) or 'none'}"

@@ -23,16 +23,18 @@ DEFAULT_MODEL = "synthetic:gpt2"
 @click.argument("prompts", nargs=-1)
 @click.option("--local", is_flag=True, help="Run prefill and decode in this process (no services).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True,
-              help="Local HF directory, hub id (online only) or synthetic:<preset>[:seed].")
+              help="Local HF directory, hub id (online only) or synthetic:<preset>[:seed]. "
+                   "Through the services: checked against the pair's model when given.")
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--prompt-ids", help="Comma-separated token ids instead of PROMPT, e.g. 1,2,3.")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="1 = off.")
 @click.option("--seed", type=int, default=None, help="Sampling seed (same seed, same tokens).")
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="--local: auto (cuda when available, else cpu), cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True,
-              help="auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16.")
+              help="--local: auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--prefill", default="localhost:50051", show_default=True, help="Prefill service.")
 @click.option("--decode", default="localhost:50052", show_default=True, help="Decode service.")
@@ -57,7 +59,8 @@ def generate(prompts, local, model, max_new_tokens, prompt_ids, temperature, top
             seed=seed, device=device, dtype=dtype, json=as_json, local=local, prefill=prefill,
             decode=decode, kv_transport=kv_transport, timeout=timeout, stop=tuple(stop),
             stop_ids=tuple(stop_ids), ignore_eos=ignore_eos,
-            security=None if local else build_security(tls_ca, tls_cert, tls_key, token_file))
+            security=None if local else build_security(tls_ca, tls_cert, tls_key, token_file),
+            explicit=_explicit("model", "device", "dtype"))
         check_options(opts)
         if len(prompts) > 1:
             if not local or opts.prompt_ids is not None:
@@ -80,6 +83,15 @@ def generate(prompts, local, model, max_new_tokens, prompt_ids, temperature, top
     except KeyboardInterrupt:
         sys.exit(130)
     printer.finish(result)
+
+
+def _explicit(*names: str) -> frozenset[str]:
+    """Which of `names` the command line gave (not left at their defaults)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return frozenset(n for n in names if ctx.get_parameter_source(n) in given)
 
 
 class TokenPrinter:
@@ -118,14 +130,12 @@ class TokenPrinter:
 def run_local(opts: GenerateOptions, printer: TokenPrinter) -> dict:
     from engine.generate import check_request
     from engine.generate import generate as engine_generate
-    from engine.loader import load_model, peek_config
+    from engine.loader import load_model
 
-    cfg = peek_config(opts.model)
-    if cfg is not None and opts.prompt_ids is not None:  # fail before a slow load
-        check_request(cfg, list(opts.prompt_ids), opts.max_new_tokens)
+    ids = list(opts.prompt_ids) if opts.prompt_ids is not None else None
+    ids = check_before_load(opts, [ids if ids is not None else opts.prompt])[0]
     show_progress = sys.stderr.isatty() and not opts.json
     lm = load_model(opts.model, opts.device, opts.dtype, progress=show_progress)
-    ids = list(opts.prompt_ids) if opts.prompt_ids is not None else lm.tokenizer.encode(opts.prompt)
     check_request(lm.config, ids, opts.max_new_tokens)
     notice(lm)
     printer.start(lm.tokenizer, opts.stop)
@@ -140,6 +150,32 @@ def run_local(opts: GenerateOptions, printer: TokenPrinter) -> dict:
     }
 
 
+def check_before_load(opts: GenerateOptions, prompts: list) -> list[list[int]]:
+    """What needs the model's config and tokenizer but not its weights, checked before a
+    slow load: the model spec names a model (a usage error, exit 2, when it does not:
+    an unknown preset, no such directory, a hub id this machine cannot fetch), each
+    prompt (text, or a list of ids) encodes, and prompt + --max-new-tokens fits the
+    model's positions. Returns the prompts' token ids."""
+    from engine.generate import check_request
+    from engine.loader import SYNTHETIC, peek_config, resolve_model_dir
+    from engine.tokenizer import load_tokenizer
+
+    model_dir = None
+    if not opts.model.startswith(SYNTHETIC):
+        try:
+            model_dir = resolve_model_dir(opts.model)
+        except Unavailable as e:  # a hub id while offline: the --model value is the problem
+            raise InvalidArgument(str(e)) from None
+    cfg = peek_config(opts.model if model_dir is None else str(model_dir))
+    tok = load_tokenizer(model_dir, cfg.vocab_size, cfg.eos_token_id)
+    out = []
+    for p in prompts:
+        ids = list(p) if isinstance(p, list) else tok.encode(p)
+        check_request(cfg, ids, opts.max_new_tokens)
+        out.append(ids)
+    return out
+
+
 def run_local_many(opts: GenerateOptions, prompts: list[str]) -> list[dict]:
     """Every prompt at once through the model's engine loop (one batch), in order."""
     from concurrent.futures import ThreadPoolExecutor
@@ -148,8 +184,8 @@ def run_local_many(opts: GenerateOptions, prompts: list[str]) -> list[dict]:
     from engine.generate import generate as engine_generate
     from engine.loader import load_model
 
+    ids = check_before_load(opts, prompts)
     lm = load_model(opts.model, opts.device, opts.dtype)
-    ids = [lm.tokenizer.encode(p) for p in prompts]
     for one in ids:
         check_request(lm.config, one, opts.max_new_tokens)
     notice(lm)
@@ -177,6 +213,9 @@ def notice(lm) -> None:
     """Label synthetic output on stderr, so nobody mistakes it for a real model's."""
     if lm.synthetic:
         click.echo(f"note: {lm.spec}: synthetic weights, byte tokenizer", err=True)
+    elif getattr(lm.tokenizer, "ids_only", False):
+        click.echo(f"note: {lm.spec} has no tokenizer.json and a vocabulary under 256: no "
+                   f"text; output shown as token ids <|id|>", err=True)
     elif lm.tokenizer.synthetic:
         click.echo(f"note: {lm.spec} has no tokenizer.json: byte tokenizer", err=True)
 

@@ -49,7 +49,12 @@ def _measured(path: str, gpu_prefill, gpu_decode_ms, transfer_ms):
               "sweep.json (explicit options still win)")
 def plan(n_input, n_output, gpu_prefill, fpga_prefill, gpu_decode_ms, fpga_decode_ms,
          fpga_model, transfer_ms, transfer_ms_per_token, measured_path) -> None:
-    """Predict the three latencies from stage-time models (the source's eqs. 4 and 5)."""
+    """Predict the three latencies from stage-time models (the source's eqs. 4 and 5).
+
+    Every stage time not given defaults to the source document's measured figure (GPU
+    prefill 64:7.6,256:10.3,512:15.3 ms; FPGA prefill 64:156,256:614,512:1248 ms; GPU
+    decode 5.0 and FPGA decode 3.4 ms/token; KV transfer 180 ms), not to this machine's:
+    pass --measured (a `hybrid bench` sweep.json) or the options for your own."""
     from fpga_service import placement as P
 
     try:
@@ -71,6 +76,13 @@ def plan(n_input, n_output, gpu_prefill, fpga_prefill, gpu_decode_ms, fpga_decod
         result = P.plan(n_input, n_output, model)
     except HybridError as e:
         raise click.UsageError(str(e)) from None
+    defaults = [name for name, given in (
+        ("GPU prefill", gpu_prefill), ("FPGA prefill", fpga_prefill),
+        ("GPU decode", gpu_decode_ms), ("FPGA decode", fpga_decode_ms),
+        ("transfer", transfer_ms)) if given is None or given == ""]
+    if defaults:
+        click.echo(f"defaults: the source document's figures for {', '.join(defaults)} "
+                   f"(not measured here; --measured or the options give your own)")
     click.echo(f"input:output  {n_input}:{n_output}")
     for name, ms in result.latency_ms.items():
         mark = "  <- choice" if name == result.choice else ""

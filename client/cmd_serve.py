@@ -1,4 +1,5 @@
-"""`hybrid serve prefill|decode`: run one of the two services in the foreground.
+"""`hybrid serve prefill|decode|openai`: run one of the two services, or the
+OpenAI-compatible HTTP endpoint in front of them (client/openai_api), in the foreground.
 
 Every option also reads an environment variable (HYBRID_MODEL, HYBRID_PORT, ...), which
 is how docker-compose.yml configures the containers.
@@ -14,15 +15,15 @@ def _opt(*names: str, env: str, **kw):
 
 
 @click.command()
-@click.argument("role", type=click.Choice(["prefill", "decode"]))
+@click.argument("role", type=click.Choice(["prefill", "decode", "openai"]))
 @_opt("--model", env="MODEL", default="synthetic:gpt2", help="HF dir, hub id or synthetic:<preset>[:seed]")
 @_opt("--host", env="HOST", default="127.0.0.1", help="address to bind (0.0.0.0 in containers)")
-@_opt("--port", env="PORT", type=int, default=None, help="default 50051 prefill / 50052 decode")
+@_opt("--port", env="PORT", type=int, default=None, help="default 50051 prefill / 50052 decode / 8000 openai")
 @_opt("--device", env="DEVICE", default="auto", help="auto | cpu | cuda | cuda:N")
 @_opt("--dtype", env="DTYPE", default="auto", help="auto | float16 | bfloat16 | float32")
 @_opt("--backend", env="BACKEND", default="gpu", help="decode backend: gpu | fpga-emu | fpga-xrt")
 @_opt("--prefill", "prefill_addr", env="PREFILL", default="localhost:50051",
-      help="decode: the prefill service (Release, FetchKv)")
+      help="decode, openai: the prefill service (Release, FetchKv)")
 @_opt("--max-batch", env="MAX_BATCH", type=click.IntRange(min=1), default=64,
       help="decode, gpu backend: batch rows of the engine loop (continuous batching; "
            "one CUDA graph per bucket 1, 2, 4, ... up to this)")
@@ -54,20 +55,40 @@ def _opt(*names: str, env: str, **kw):
            "or one token in HYBRID_TOKEN. Health needs none. Decode sends the first to prefill")
 @_opt("--reflection/--no-reflection", env="REFLECTION", default=False,
       help="serve gRPC server reflection (behind the token when tokens are on)")
+@_opt("--metrics-port", env="METRICS_PORT", type=click.IntRange(0, 65535), default=0,
+      help="serve Prometheus metrics at http://HOST:PORT/metrics (plaintext, no token); 0 = off")
+@_opt("--decode", "decode_addr", env="DECODE", default="localhost:50052",
+      help="openai: the decode service")
+@_opt("--model-dir", env="MODEL_DIR", default=None,
+      help="openai: HF checkpoint dir whose chat template (tokenizer_config.json) chat uses")
+@_opt("--api-key-file", env="API_KEY_FILE", default=None,
+      help="openai: accepted API keys, one a line; requests need 'Authorization: Bearer KEY'")
+@_opt("--kv-transport", env="KV_TRANSPORT", type=click.Choice(["shm", "grpc"]), default="shm",
+      help="openai: KV hand-off the requests ask for (grpc: decode on another host)")
 def serve(role: str, model: str, host: str, port: int | None, device: str, dtype: str,
           backend: str, prefill_addr: str, max_batch: int, region_mb: int, max_slots: int,
           lease_s: float, slot_wait_s: float, checksums: bool, max_active: int | None, max_queue: int, grace_s: float,
           warm_up: bool, log_level: str, tls_cert: str | None, tls_key: str | None,
           tls_ca: str | None, token_file: str | None, reflection: bool,
-          slots_per_client: int = 0) -> None:
-    """Serve the prefill (GPU summarization) or decode (FPGA / GPU generation) stage."""
+          slots_per_client: int = 0, metrics_port: int = 0, decode_addr: str = "localhost:50052",
+          model_dir: str | None = None, api_key_file: str | None = None,
+          kv_transport: str = "shm") -> None:
+    """Serve the prefill (GPU summarization) or decode (FPGA / GPU generation) stage, or
+    the OpenAI-compatible endpoint (`openai`; docs/openai.md). For `openai` the TLS
+    options act as a client's towards the services: --tls-ca verifies them,
+    --tls-cert/--tls-key is its client certificate, --token-file's first token is sent."""
     from engine.errors import HybridError
 
     try:
+        if role == "openai":
+            return _serve_openai(host, port, prefill_addr, decode_addr, model_dir, api_key_file,
+                                 metrics_port, kv_transport, grace_s, log_level,
+                                 dict(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                      token_file=token_file))
         security = _server_security(tls_cert, tls_key, tls_ca, token_file)
         _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch,
                region_mb, max_slots, lease_s, slot_wait_s, checksums, max_active, max_queue, grace_s, warm_up,
-               log_level, security, reflection, slots_per_client)
+               log_level, security, reflection, slots_per_client, metrics_port)
     except HybridError as e:  # unknown model, no /dev/shm space, ...: one line, no traceback
         raise click.ClickException(f"{role}: {e}") from None
 
@@ -84,10 +105,11 @@ def _server_security(tls_cert, tls_key, tls_ca, token_file):
 
 def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch, region_mb,
            max_slots, lease_s, slot_wait_s, checksums, max_active, max_queue, grace_s, warm_up,
-           log_level, security=None, reflection=False, slots_per_client=0) -> None:
+           log_level, security=None, reflection=False, slots_per_client=0,
+           metrics_port=0) -> None:
     common = dict(model=model, host=host, device=device, dtype=dtype, max_queue=max_queue,
                   grace_s=grace_s, warm_up=warm_up, log_level=log_level, security=security,
-                  reflection=reflection)
+                  reflection=reflection, metrics_port=metrics_port)
     if role == "prefill":
         from gpu_service.server import PrefillOptions
         from gpu_service.server import serve as run
@@ -105,3 +127,17 @@ def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_ba
         run(DecodeOptions(port=50052 if port is None else port, backend=backend,
                           prefill=prefill_addr, max_active=max_active or max(16, 2 * max_batch),
                           max_batch=max_batch, **common))
+
+
+def _serve_openai(host, port, prefill, decode, model_dir, api_key_file, metrics_port,
+                  kv_transport, grace_s, log_level, tls) -> None:
+    """`hybrid serve openai` (client/openai_api/server.py); imports no torch."""
+    from client.openai_api.server import OpenAIOptions
+    from client.openai_api.server import serve as run
+    from client.security_opts import build_security
+
+    run(OpenAIOptions(prefill=prefill, decode=decode, host=host,
+                      port=8000 if port is None else port, model_dir=model_dir,
+                      api_key_file=api_key_file, metrics_port=metrics_port or None,
+                      security=build_security(**tls), kv_transport=kv_transport,
+                      grace_s=grace_s, log_level=log_level))

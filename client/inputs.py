@@ -34,7 +34,7 @@ class GenerateOptions:
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "auto"
     json: bool = False
     local: bool = False
@@ -46,9 +46,11 @@ class GenerateOptions:
     stop_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     security: Security | None = None  # TLS / token towards the services (None: plaintext)
+    # options given on the command line (not defaults): "model", "device", "dtype"
+    explicit: frozenset[str] = frozenset()
 
     def sampling(self):
-        from engine.sampling import SamplingParams
+        from engine.sampling_params import SamplingParams  # torch-free (engine.sampling is not)
 
         return SamplingParams(self.temperature, self.top_k, self.top_p, self.seed)
 
@@ -89,6 +91,12 @@ def check_options(opts: GenerateOptions) -> None:
         raise InvalidArgument(f"--max-new-tokens must be >= 1, got {opts.max_new_tokens}")
     if opts.timeout <= 0:
         raise InvalidArgument(f"--timeout must be > 0, got {opts.timeout}")
+    local_only = [f"--{n}" for n in ("device", "dtype") if n in opts.explicit]
+    if local_only and not opts.local:
+        raise InvalidArgument(
+            f"{' and '.join(local_only)} {'apply' if len(local_only) > 1 else 'applies'} to "
+            f"--local only: the services run on the device "
+            f"and dtype they were started with (`hybrid serve --device/--dtype`)")
     opts.sampling()  # SamplingParams validates temperature / top-k / top-p
     from engine.stop_text import check_stops
 

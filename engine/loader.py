@@ -42,17 +42,20 @@ class LoadedModel:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' = cuda when a GPU is available, else cpu; cpu, cuda, cuda:N as given."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise InvalidArgument(f"bad device {device!r}: use cpu, cuda or cuda:N") from None
+        raise InvalidArgument(f"bad device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise InvalidArgument(f"device {device!r} requested but CUDA is not available")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InvalidArgument(f"device {device!r}: only {torch.cuda.device_count()} GPU(s)")
     elif dev.type != "cpu":
-        raise InvalidArgument(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+        raise InvalidArgument(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
     return dev
 
 

@@ -3,7 +3,9 @@
 The byte tokenizer serves synthetic models (and checkpoints shipped without a
 tokenizer.json): ids 0-255 are the bytes of the UTF-8 text, the EOS id sits above them,
 and ids it cannot render decode to a visible placeholder `<|id|>`. Its output is
-labelled synthetic (`Tokenizer.synthetic`).
+labelled synthetic (`Tokenizer.synthetic`). A checkpoint without a tokenizer.json whose
+vocabulary is too small for bytes (< 256) gets `IdTokenizer`: token ids in, every id
+rendered as its placeholder out, text input refused (`Tokenizer.ids_only`).
 
 `stream()` gives an incremental decoder for printing tokens as they come: it holds back
 bytes of an unfinished UTF-8 sequence (and, for BPE, text that may still change) so a
@@ -32,6 +34,7 @@ class StreamDecoder(ABC):
 class Tokenizer(ABC):
     eos_id: int | None = None
     synthetic: bool = False
+    ids_only: bool = False  # no text: token ids in, `<|id|>` placeholders out
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
@@ -89,6 +92,44 @@ class _ByteStream(StreamDecoder):
         return out
 
 
+class IdTokenizer(Tokenizer):
+    """No text at all: a checkpoint without tokenizer.json and a vocabulary under 256 (too
+    small for the byte tokenizer). Token ids run as they are; each output id decodes to
+    its placeholder `<|id|>` (EOS to nothing); `encode` refuses text with one clear line."""
+
+    synthetic = True
+    ids_only = True
+
+    def __init__(self, vocab_size: int, eos_id: int | None = None, name: str = "") -> None:
+        self.vocab_size, self.eos_id, self.name = vocab_size, eos_id, name
+
+    def encode(self, text: str) -> list[int]:
+        from engine.errors import InvalidArgument
+
+        raise InvalidArgument(
+            f"{self.name or 'this model'} has no tokenizer.json and a vocabulary of "
+            f"{self.vocab_size} (< {N_BYTES}, too small for the byte tokenizer): text input "
+            f"is not possible; give token ids (--prompt-ids)")
+
+    def decode(self, ids: list[int]) -> str:
+        s = self.stream()
+        return "".join(s.push(i) for i in ids)
+
+    def stream(self) -> StreamDecoder:
+        return _IdStream(self.eos_id)
+
+
+class _IdStream(StreamDecoder):
+    def __init__(self, eos_id: int | None) -> None:
+        self.eos_id = eos_id
+
+    def push(self, token_id: int) -> str:
+        return "" if token_id == self.eos_id else placeholder(token_id)
+
+    def flush(self) -> str:
+        return ""
+
+
 class HFTokenizer(Tokenizer):
     """A tokenizer.json (BPE/SentencePiece-style) through the `tokenizers` library."""
 
@@ -138,9 +179,12 @@ class _OffsetStream(StreamDecoder):
 
 
 def load_tokenizer(model_dir: str | Path | None, vocab_size: int, eos_id: int | None) -> Tokenizer:
-    """tokenizer.json in `model_dir` when present, else the byte tokenizer."""
+    """tokenizer.json in `model_dir` when present, else the byte tokenizer (token ids
+    only, `IdTokenizer`, for a vocabulary too small for bytes)."""
     if model_dir is not None:
         path = Path(model_dir) / "tokenizer.json"
         if path.is_file():
             return HFTokenizer(path, eos_id)
+    if vocab_size < N_BYTES:
+        return IdTokenizer(vocab_size, eos_id, str(model_dir or ""))
     return ByteTokenizer(vocab_size, eos_id)

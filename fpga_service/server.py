@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from engine.errors import Unavailable
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
+from transport import metrics
 from transport import servekit as kit
 from transport.security import Security
 
@@ -41,6 +42,7 @@ class DecodeOptions:
     # towards prefill: its cert/key as client cert, its CA to verify prefill, its token.
     security: Security | None = None
     reflection: bool = False           # server reflection: off unless asked for
+    metrics_port: int = 0              # Prometheus /metrics on host:metrics_port; 0 = off
 
 
 async def _serve(opts: DecodeOptions) -> None:
@@ -59,8 +61,10 @@ async def _serve(opts: DecodeOptions) -> None:
     await server.start()  # health answers NOT_SERVING while the backend loads
     log.info("decode listening on %s:%d (backend %s, %s on %s/%s)", opts.host, port,
              opts.backend, opts.model, device, dtype)
-    backend = servicer = premap = None
+    backend = servicer = premap = metrics_http = None
     try:
+        if opts.metrics_port:  # up while the backend loads: scrapes see the admission gauges
+            metrics_http = _serve_metrics(opts, admission, holder)
         try:
             backend = await asyncio.to_thread(
                 make_backend, opts.backend, model_spec=opts.model, device=device, dtype=dtype,
@@ -68,6 +72,7 @@ async def _serve(opts: DecodeOptions) -> None:
         except Unavailable as e:  # e.g. fpga-xrt without pyxrt / xclbin / card
             log.error("decode backend %s unavailable, health stays NOT_SERVING: %s",
                       opts.backend, e)
+            holder["error"] = f"decode backend {opts.backend} unavailable: {e}"  # Info says so
             await _until_signalled()
             return
         # the name a restart of this service keeps (prefill reclaims by it): host:port
@@ -80,10 +85,21 @@ async def _serve(opts: DecodeOptions) -> None:
 
             await kit.warm_up(log, "decode", servicer.pool, warm_up, backend)
         holder["servicer"] = servicer
-        await kit.run_until_signalled(
-            server, health, [SERVICE], admission, opts.grace_s,
-            ready=lambda: log.info("decode SERVING backend=%s fingerprint=%s prefill=%s",
-                                   backend.name, servicer.fingerprint[:16], opts.prefill))
+
+        def pairing(reason: str) -> None:  # weights differ from prefill's: NOT_SERVING
+            if holder.get("up") and not admission.draining:
+                kit.set_health(health, [SERVICE], kit.NOT_SERVING if reason else kit.SERVING)
+
+        def ready() -> None:
+            log.info("decode SERVING backend=%s fingerprint=%s prefill=%s",
+                     backend.name, servicer.fingerprint[:16], opts.prefill)
+            holder["up"] = True
+            if servicer.not_serving:  # found by an Attach before this point
+                pairing(servicer.not_serving)
+
+        servicer.on_pairing = pairing
+        await kit.run_until_signalled(server, health, [SERVICE], admission, opts.grace_s,
+                                      ready=ready)
     finally:
         if premap is not None:
             premap.cancel()
@@ -92,6 +108,34 @@ async def _serve(opts: DecodeOptions) -> None:
             await servicer.close()
         if backend is not None:
             backend.close()
+        if metrics_http is not None:
+            await asyncio.to_thread(metrics.stop_metrics, metrics_http)
+
+
+def _serve_metrics(opts: DecodeOptions, admission: kit.Admission, holder: dict):
+    """Prometheus metrics (transport/metrics.py) on the gRPC bind host: the request
+    metrics, plus gauges and engine counters read at scrape time (every backend's
+    engine loop; HBM figures from the FPGA backends' info())."""
+    def values() -> dict:
+        out = {"hybrid_requests_active": admission.active,
+               "hybrid_requests_queued": admission.waiting}
+        svc = holder.get("servicer")
+        if svc is not None:
+            st, info = svc.engine.stats(), svc.backend.info()
+            out.update(hybrid_decode_sessions_open=st.get("live"),
+                       hybrid_decode_batch_rows_busy=st.get("running"),
+                       hybrid_decode_waiting_for_kv=st.get("waiting"),
+                       hybrid_decode_waiting_for_row=st.get("ready"),
+                       hybrid_decode_steps_total=st.get("steps"),
+                       hybrid_decode_batch_tokens_total=st.get("rows_computed"),
+                       hybrid_decode_kv_blocks_free=st.get("blocks_free"),
+                       hybrid_decode_kv_blocks=st.get("blocks_total"),
+                       hybrid_decode_hbm_used_bytes=info.get("hbm_used_bytes"),
+                       hybrid_decode_hbm_capacity_bytes=info.get("hbm_capacity_bytes"))
+        return out
+
+    metrics.watch("decode", values)
+    return metrics.serve_metrics(opts.metrics_port, opts.host)
 
 
 def _backend_options(opts: DecodeOptions) -> dict:

@@ -4,12 +4,14 @@ slot -> stream tokens -> timings. Device work runs in a thread pool, never on th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +23,7 @@ from engine.stop_text import StopStream, check_stops
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import limits
+from transport import metrics as prom
 from transport import servekit as kit
 from transport.reader import ReaderPool
 
@@ -62,6 +65,11 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         self.paired: tuple[str, int] | None = None  # (region, epoch): the only one we read
         self._attach_lock = asyncio.Lock()
         self._attached_at = 0.0
+        # Why this decode must not serve although it runs: its weights differ from its
+        # prefill's (learnt from Attach). Health NOT_SERVING through `on_pairing` (the
+        # server's hook), the reason in Info; "" when the pair matches.
+        self.not_serving = ""
+        self.on_pairing: Callable[[str], None] | None = None
         self._background: set[asyncio.Task] = set()  # releases that outlive their request
 
     async def close(self) -> None:
@@ -74,6 +82,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         rid = limits.printable(request.request_id)  # for the log line until checked
         t0 = time.perf_counter()
         fields: dict[str, Any] = {}
+        obs = prom.Request("decode")  # metrics: observed from `fields` in the finally
         lease = None
         try:
             rid = limits.request_id(request.request_id or request.handle.request_id)
@@ -85,7 +94,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             lease = asyncio.create_task(self._keep_lease(request, rid, fields))
             async with self.admission.slot() as queue_ms:
                 fields["queue_ms"] = round(queue_ms, 2)
+                obs.admitted(queue_ms)
                 async for msg in self._generate(request, spec, desc, transport, context, fields):
+                    obs.sent(msg)
                     yield msg
             fields["status"] = "OK"
             self.stats[f"finish_{fields.get('finish', 'none')}"] += 1
@@ -110,6 +121,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 lease.cancel()
             fields["total_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
             log.info("generate id=%s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
+            obs.done(fields)
 
     async def _keep_lease(self, request, rid: str, fields: dict) -> None:
         """Claim the slot for this instance at once (a restart of ours then reclaims it),
@@ -138,12 +150,31 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             reply = await self.prefill.Attach(pb.AttachRequest(
                 consumer=self.consumer, consumer_epoch=self.consumer_epoch), timeout=5.0)
             paired = (reply.region.lstrip("/"), reply.region_epoch)
+            self._check_weights(reply.weights_fingerprint)
             if paired != self.paired:
                 log.info("attached to prefill region %s epoch %d (was %s); prefill freed %d "
                          "slot(s) an earlier instance held", reply.region, reply.region_epoch,
                          self.paired, reply.reclaimed)
             self.paired, self._attached_at = paired, time.monotonic()
             return paired
+
+    def _check_weights(self, prefill_fingerprint: str) -> None:
+        """Compare prefill's weights (AttachReply) with ours: a pair whose weights differ
+        would fail every request, so say so once (ERROR), in health and in Info."""
+        theirs = prefill_fingerprint
+        reason = "" if not theirs or theirs == self.fingerprint else (
+            f"weights differ from the prefill service's: prefill fingerprint {theirs}, "
+            f"decode fingerprint {self.fingerprint} (decode model {self.model}); start both "
+            f"services with the same --model")
+        if reason == self.not_serving:
+            return
+        if reason:
+            log.error("%s; health NOT_SERVING, requests refused", reason)
+        else:
+            log.info("weights match the prefill service's again: serving")
+        self.not_serving = reason
+        if self.on_pairing is not None:
+            self.on_pairing(reason)
 
     async def _check_paired(self, desc: Any) -> None:
         """The handle must name our prefill's region and epoch. A mismatch re-asks
@@ -252,6 +283,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
               fields: dict) -> pb.GenerateResponse:
         t = session.timings()
         fields.update(n_tokens=n, decode_ms=round(t.get("decode_ms", 0.0), 2), finish=finish)
+        prom.decode_timings(t)
         return pb.GenerateResponse(done=pb.GenerateDone(
             finish_reason=finish, backend=self.backend.name,
             timings=pb.DecodeTimings(
@@ -342,6 +374,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
 
     # ---- Info ----------------------------------------------------------------------
     async def Info(self, request, context):
+        if self.not_serving and time.monotonic() - self._attached_at > 0.5:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # prefill restarted, fixed?
+                await self.attach()
         c, b = self.config, self.backend
         info = b.info()
         metrics = dict(self.stats) | {"active": self.admission.active,
@@ -354,7 +389,8 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             model=self.model, weights_fingerprint=self.fingerprint, device=info.get("device", ""),
             backend=b.name, kv_layout=kit.LAYOUTS[b.kv_layout], dtype=kit.DTYPES[b.kv_dtype],
             max_positions=c.max_positions, synthetic=bool(getattr(self.tokenizer, "synthetic", False)),
-            n_layers=c.n_layers, version=VERSION, counters=kit.counters_proto(metrics))
+            n_layers=c.n_layers, version=VERSION, counters=kit.counters_proto(metrics),
+            not_serving=self.not_serving)
 
 
 def _tokens(ids: list[int], text: str) -> pb.GenerateResponse:

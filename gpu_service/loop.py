@@ -46,6 +46,7 @@ import torch
 from engine.errors import Unavailable
 from engine.gil import short_gil_switch
 from engine.sampling import SamplingParams
+from transport import metrics as prom
 
 from .runner import Cancelled, Outcome, PrefillJob, PrefillResult, PrefillRunner, future_notify
 
@@ -206,6 +207,7 @@ class PrefillLoop:
     def _run(self, batch: list[PrefillJob]) -> None:
         self.stats["prefill_batches"] += 1
         self.stats["prefill_batched_prompts"] += len(batch)
+        prom.PREFILL_BATCH.observe(len(batch))
         try:
             self.runner.run_batch(batch)
         except Exception as e:  # fails this batch only

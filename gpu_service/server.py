@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from engine.errors import InvalidArgument
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
+from transport import metrics
 from transport import servekit as kit
 from transport.security import Security
 
@@ -60,6 +61,7 @@ class PrefillOptions:
         default_factory=lambda: _env_int("HYBRID_PREFILL_MAX_TOKENS", 4096))
     security: Security | None = None   # TLS / mutual TLS / bearer tokens (None: plaintext)
     reflection: bool = False           # server reflection: off unless asked for
+    metrics_port: int = 0              # Prometheus /metrics on host:metrics_port; 0 = off
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_batch_tokens < 1:
@@ -87,8 +89,10 @@ async def _serve(opts: PrefillOptions) -> None:
     await server.start()  # health answers NOT_SERVING while the weights load
     log.info("prefill listening on %s:%d (loading %s on %s/%s)", opts.host, port,
              opts.model, device, dtype)
-    region = servicer = None
+    region = servicer = metrics_http = None
     try:
+        if opts.metrics_port:  # up while the weights load: scrapes see the admission gauges
+            metrics_http = _serve_metrics(opts, admission, holder)
         lm = await asyncio.to_thread(load_model, opts.model, device, dtype)
         # What a SIGKILLed predecessor left in /dev/shm (owner gone; this user's, our
         # prefix only): otherwise each crash leaks a whole region of shared memory.
@@ -118,6 +122,28 @@ async def _serve(opts: PrefillOptions) -> None:
             await asyncio.to_thread(servicer.close)
         if region is not None:
             region.close()
+        if metrics_http is not None:
+            await asyncio.to_thread(metrics.stop_metrics, metrics_http)
+
+
+def _serve_metrics(opts: PrefillOptions, admission: kit.Admission, holder: dict):
+    """Prometheus metrics (transport/metrics.py) on the gRPC bind host: the request
+    metrics, plus gauges read at scrape time from admission and the servicer."""
+    def values() -> dict:
+        out = {"hybrid_requests_active": admission.active,
+               "hybrid_requests_queued": admission.waiting}
+        svc = holder.get("servicer")
+        if svc is not None:
+            st = svc.region.stats()
+            out.update(hybrid_prefill_slots_in_use=st["slots_used"],
+                       hybrid_prefill_slots=st["slots_used"] + st["slots_free"],
+                       hybrid_prefill_region_free_bytes=st["bytes_free"],
+                       hybrid_prefill_waiting_for_slot=svc.slots.waiting,
+                       hybrid_prefill_waiting_for_batch=svc.loop.waiting)
+        return out
+
+    metrics.watch("prefill", values)
+    return metrics.serve_metrics(opts.metrics_port, opts.host)
 
 
 def serve(opts: PrefillOptions) -> None:

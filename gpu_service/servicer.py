@@ -23,6 +23,7 @@ from engine.sampling import SamplingParams
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
 from transport import limits
+from transport import metrics as prom
 from transport import servekit as kit
 from transport.descriptor import KvDescriptor
 
@@ -67,6 +68,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         rid = limits.printable(request.request_id)  # for the log line until checked
         t0 = time.perf_counter()
         fields: dict[str, Any] = {}
+        obs = prom.Request("prefill")  # metrics: observed from `fields` in the finally
         try:
             rid = limits.request_id(request.request_id)
             layout, ids, params = self._check(request)
@@ -75,8 +77,10 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             fields.update(layout=layout, dtype=self.runner.slot_dtype(layout, dtype), n_prompt=len(ids))
             client = client_of(context.peer())
             async with self.admission.slot() as queue_ms:
+                obs.admitted(queue_ms)
                 async for msg in self._prefill(rid, client, ids, layout, dtype, params,
                                                queue_ms, fields):
+                    obs.sent(msg)
                     yield msg
             fields["status"] = "OK"
         except (asyncio.CancelledError, GeneratorExit):  # client gone: an expected end,
@@ -88,6 +92,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         finally:
             fields["total_ms"] = round((time.perf_counter() - t0) * 1e3, 2)
             log.info("prefill id=%s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
+            obs.done(fields)
 
     def _check(self, request: pb.PrefillRequest):
         if request.expected_fingerprint and request.expected_fingerprint != self.lm.fingerprint:
@@ -301,6 +306,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             while (chunk := await loop.run_in_executor(None, next, it, end)) is not end:
                 n += len(chunk.data)
                 self.stats["fetch_bytes"] += len(chunk.data)
+                prom.KV_FETCHED.inc(len(chunk.data))
                 yield chunk
             self.stats["fetch_streams"] += 1
         except (asyncio.CancelledError, GeneratorExit):

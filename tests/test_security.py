@@ -320,21 +320,53 @@ def test_compose_loopback_ports_and_tls_override(pki, secure_pair):
     assert all(p.startswith("127.0.0.1:") for s in base["services"].values() for p in s["ports"])
     assert set(tls["services"]) == set(base["services"])
     assert tls["secrets"]["hybrid_token"]["file"] == "./certs/token"
-    for svc in tls["services"].values():
-        env, test = svc["environment"], svc["healthcheck"]["test"]
+    for name, svc in tls["services"].items():
+        # openai is a client of the pair: its healthcheck stays docker-compose.yml's HTTP
+        # /health, which probes the services with this environment (test below)
+        env, test = svc["environment"], svc.get("healthcheck", {}).get("test", [])
         mounts = {v.split(":")[1]: v for v in svc["volumes"]}
         assert all(v.endswith(":ro") and "ca.key" not in v for v in mounts.values())
         assert env["HYBRID_TOKEN_FILE"] == "/run/secrets/hybrid_token"
         assert svc["secrets"] == ["hybrid_token"] and "--token-file" not in test
         used = [*(env[k] for k in sec.ENV_OF.values() if k != "HYBRID_TOKEN_FILE"),
                 *(a for a in test if a.startswith("/certs/"))]
-        assert set(used) <= set(mounts) and "--tls-ca" in test, (used, mounts)
+        assert set(used) <= set(mounts) and ("--tls-ca" in test or name == "openai"), (used, mounts)
     for name, target in (("prefill", secure_pair.prefill), ("decode", secure_pair.decode)):
         argv = [re.sub(r"^localhost:\d+$", target, a.replace("/certs/", f"{pki.d}/"))
                 for a in tls["services"][name]["healthcheck"]["test"]]
         assert argv[:2] == ["CMD", "hybrid"], argv
         r = CliRunner().invoke(main, argv[2:])
         assert r.exit_code == 0 and "SERVING" in r.output, r.output
+
+
+def test_openai_endpoint_with_the_tls_override(pki, secure_pair, tmp_path):
+    """docker-compose.tls.yml's `openai` environment (client certificate, CA, token file)
+    takes `hybrid serve openai` through mutual TLS and tokens to the secured pair."""
+    import httpx
+
+    env = {k: v.replace("/certs/", f"{pki.d}/") for k, v in
+           _compose("docker-compose.tls.yml")["services"]["openai"]["environment"].items()}
+    env["HYBRID_TOKEN_FILE"] = pki.client_token  # the compose secret
+    port = free_port()
+    proc = spawn(["serve", "openai", "--host", "127.0.0.1", "--port", str(port), "--prefill",
+                  secure_pair.prefill, "--decode", secure_pair.decode], env=env,
+                 log_path=str(tmp_path / "openai.log"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(base + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        assert httpx.get(base + "/health", timeout=5).json()["decode"] == "SERVING"
+        r = httpx.post(base + "/v1/completions", timeout=30,
+                       json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+    finally:
+        assert stop(proc) == 0
 
 
 @pytest.mark.parametrize("argv, env, message", [

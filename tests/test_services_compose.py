@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 
@@ -59,17 +60,23 @@ def test_compose_encodes_the_deployment_rules(compose):
         grace = float(svc["environment"]["HYBRID_GRACE_S"])
         assert float(svc["stop_grace_period"].removesuffix("s")) > grace
     assert os.path.exists(os.path.join(ROOT, "docker-compose.cpu.yml"))
+    for svc in (p, d):  # Prometheus metrics, published on loopback only like the gRPC port
+        port = svc["environment"]["HYBRID_METRICS_PORT"]
+        assert f"127.0.0.1:{port}:{port}" in svc["ports"]
 
 
 def test_compose_services_run_locally(compose, tmp_path):
     s = compose["services"]
     pport, dport = free_port(), free_port()
+    mports = {"prefill": free_port(), "decode": free_port()}  # not compose's fixed 9101/9102
     local = {"HYBRID_DEVICE": "cpu", "HYBRID_MODEL": MODEL, "HYBRID_HOST": "127.0.0.1",
              "HYBRID_REGION_MB": "64"}
     envs = {
-        "prefill": _service_env(s["prefill"], local | {"HYBRID_PORT": str(pport)}),
-        "decode": _service_env(s["decode"], local | {"HYBRID_PORT": str(dport),
-                                                     "HYBRID_PREFILL": f"127.0.0.1:{pport}"}),
+        "prefill": _service_env(s["prefill"], local | {
+            "HYBRID_PORT": str(pport), "HYBRID_METRICS_PORT": str(mports["prefill"])}),
+        "decode": _service_env(s["decode"], local | {
+            "HYBRID_PORT": str(dport), "HYBRID_PREFILL": f"127.0.0.1:{pport}",
+            "HYBRID_METRICS_PORT": str(mports["decode"])}),
     }
     assert envs["decode"]["HYBRID_BACKEND"] == "gpu"
     procs = {}
@@ -90,6 +97,9 @@ def test_compose_services_run_locally(compose, tmp_path):
         res = run_remote(prompt_ids=[10, 20, 30], max_new_tokens=8, params=params,
                          prefill=f"127.0.0.1:{pport}", decode=f"127.0.0.1:{dport}")
         assert res.token_ids == local_tokens(load_model(MODEL), [10, 20, 30], 8, params)
+        for name, port in mports.items():  # HYBRID_METRICS_PORT turned /metrics on
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                assert f'hybrid_requests_total{{role="{name}",status="OK"}} 1.0' in r.read().decode()
     finally:
         codes = {n: stop(p) for n, p in reversed(list(procs.items()))}
     assert codes == {"decode": 0, "prefill": 0}

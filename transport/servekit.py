@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection as grpc_reflection
 
-from engine.errors import HybridError, ResourceExhausted
+from engine.errors import HybridError, ResourceExhausted, Unavailable
 from transport.security import Security, open_channel
 
 log = logging.getLogger("hybrid.server")
@@ -123,8 +123,41 @@ def make_server(
 
 
 def add_port(server: grpc.aio.Server, address: str, security: Security | None = None) -> int:
-    """Bind `address`: TLS (mutual when the security has a CA) or plaintext."""
-    return (security or Security()).add_port(server, address)
+    """Bind `address`: TLS (mutual when the security has a CA) or plaintext. A port
+    another process listens on is one clear Unavailable ("port 50051 on 127.0.0.1 is in
+    use"), found by a test bind first, so the gRPC core logs no bind error of its own."""
+    host, _, port = address.rpartition(":")
+    check_port_free(host.strip("[]"), int(port) if port.isdigit() else 0)
+    try:
+        return (security or Security()).add_port(server, address)
+    except RuntimeError as e:  # taken between the check and the bind, or not bindable
+        raise Unavailable(f"cannot listen on port {port} on {host} ({e})") from None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Unavailable when `port` on `host` is taken (EADDRINUSE on a test bind with the
+    SO_REUSEADDR the gRPC core sets too, so TIME_WAIT leftovers do not count). Port 0
+    and addresses that do not resolve here are left to the real bind."""
+    import errno
+    import socket
+
+    if port <= 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except OSError:
+        return
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(sockaddr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise Unavailable(
+                        f"port {port} on {host or '*'} is in use (another process listens "
+                        f"there: stop it, or choose another --port)") from None
 
 
 def channel(target: str, options: list | None = None,
@@ -289,15 +322,18 @@ def add_service(server: grpc.aio.Server, service: str, servicer: object) -> None
 
 def late_servicer(base: type, holder: dict, streams: Iterable[str], unaries: Iterable[str]):
     """A servicer registered before the weights load (so health answers at once) that
-    forwards each call to `holder["servicer"]` once it exists, UNAVAILABLE before.
-    Register it with add_service: an Undecodable request is INVALID_ARGUMENT here."""
+    forwards each call to `holder["servicer"]` once it exists, UNAVAILABLE before: with
+    `holder["error"]` (why it never will: no device, no pyxrt, ...) when set, else
+    "weights are still loading". Register it with add_service: an Undecodable request
+    is INVALID_ARGUMENT here."""
 
     async def real(request, context):
         if isinstance(request, Undecodable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
         svc = holder.get("servicer")
         if svc is None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "weights are still loading")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                holder.get("error") or "weights are still loading")
         return svc
 
     def stream(name: str):
