@@ -84,7 +84,8 @@ async def _serve(opts: PrefillOptions) -> None:
         lambda s: kit.add_service(s, "PrefillService", kit.late_servicer(
             pbg.PrefillServiceServicer, holder, STREAMS, UNARIES)), [SERVICE],
         security=opts.security, reflection=opts.reflection,
-        max_rpcs=opts.max_active + opts.max_queue + kit.SPARE_RPCS)
+        max_rpcs=opts.max_active + opts.max_queue + kit.SPARE_RPCS,
+        max_request_bytes=kit.request_limit(opts.model))
     port = kit.add_port(server, f"{opts.host}:{opts.port}", opts.security)
     await server.start()  # health answers NOT_SERVING while the weights load
     log.info("prefill listening on %s:%d (loading %s on %s/%s)", opts.host, port,

@@ -71,7 +71,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         obs = prom.Request("prefill")  # metrics: observed from `fields` in the finally
         try:
             rid = limits.request_id(request.request_id)
-            layout, ids, params = self._check(request)
+            layout, ids, params = await self._check(request)
             dtype = self._requested_dtype(request)
             self.runner.layer_bytes(layout, 1, dtype)  # InvalidArgument for a bad layout/dtype pair
             fields.update(layout=layout, dtype=self.runner.slot_dtype(layout, dtype), n_prompt=len(ids))
@@ -94,14 +94,23 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             log.info("prefill id=%s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
             obs.done(fields)
 
-    def _check(self, request: pb.PrefillRequest):
+    async def _check(self, request: pb.PrefillRequest):
         if request.expected_fingerprint and request.expected_fingerprint != self.lm.fingerprint:
             raise FailedPrecondition(
                 f"weights fingerprint mismatch: decoder has {request.expected_fingerprint[:16]}, "
                 f"prefill has {self.lm.fingerprint[:16]}")
         layout = "dense" if request.layout == pb.KV_LAYOUT_UNSPECIFIED else kit.layout_name(request.layout)
-        ids = list(request.prompt_ids) or (
-            self.lm.tokenizer.encode(request.prompt) if request.prompt else [])
+        # Sizes first (len() of a repeated field or a str is O(1)): a 4 MiB prompt must
+        # not become a million-element list or a second-long tokenization before the
+        # length check refuses it.
+        limits.prompt_size(len(request.prompt_ids), len(request.prompt),
+                           self.runner.config.max_positions)
+        if request.prompt_ids:
+            ids = list(request.prompt_ids)
+        elif len(request.prompt) > limits.ENCODE_INLINE_CHARS:  # off the event loop
+            ids = await asyncio.to_thread(self.lm.tokenizer.encode, request.prompt)
+        else:
+            ids = self.lm.tokenizer.encode(request.prompt) if request.prompt else []
         self.runner.check_prompt(ids, request.max_new_tokens)
         return layout, ids, kit.sampling_from_proto(request.sampling)
 

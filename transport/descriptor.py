@@ -49,9 +49,14 @@ def invalid_handle() -> Aborted:
     return Aborted(INVALID_HANDLE)
 
 
+_NO_SECRET = bytes(SECRET_BYTES)  # what a free slot holds: never a valid capability
+
+
 def same_secret(a: bytes, b: bytes) -> bool:
-    """Constant-time equality of two secrets; an empty or short one never matches."""
-    return len(a) == len(b) == SECRET_BYTES and hmac.compare_digest(a, b)
+    """Constant-time equality of two secrets; an empty, short or all-zero one (a free
+    slot's) never matches."""
+    return (len(a) == len(b) == SECRET_BYTES and a != _NO_SECRET
+            and hmac.compare_digest(a, b))
 
 
 def check_positive(**values: object) -> None:

@@ -42,6 +42,33 @@ def printable(raw: str, limit: int = 40) -> str:
     return repr(text) + (f"... ({len(raw)} chars)" if len(raw) > limit else "")
 
 
+# A text prompt longer than this many characters per position cannot fit: real tokens
+# are far shorter (BPE vocabularies top out around 16-20 characters).
+MAX_CHARS_PER_POSITION = 64
+ENCODE_INLINE_CHARS = 16 << 10  # longer prompts are tokenized off the event loop
+
+
+def request_bytes(max_positions: int | None) -> int:
+    """The largest request a model of `max_positions` can need: a prompt of that many
+    positions as text (MAX_CHARS_PER_POSITION characters of up to 4 UTF-8 bytes each),
+    or as ids in a handle, plus stop lists. Anything larger cannot be valid, so the
+    gRPC core refuses it before it is parsed: four refused 4 MiB prompts used to leave
+    prefill ~165 MB larger. MAX_REQUEST_BYTES when the model is not known up front."""
+    if not max_positions:
+        return MAX_REQUEST_BYTES
+    return max(256 << 10, max_positions * MAX_CHARS_PER_POSITION * 4 + (64 << 10))
+
+
+def prompt_size(n_ids: int, n_chars: int, max_positions: int) -> None:
+    """Refuse a prompt that cannot fit the model before it is copied or tokenized."""
+    if n_ids > max_positions:
+        raise InvalidArgument(f"prompt of {n_ids} token ids exceeds the model's "
+                              f"{max_positions} positions")
+    if n_chars > max_positions * MAX_CHARS_PER_POSITION:
+        raise InvalidArgument(f"prompt of {n_chars} characters cannot fit the model's "
+                              f"{max_positions} positions")
+
+
 def stop_ids(ids: list[int] | tuple[int, ...]) -> tuple[int, ...]:
     if len(ids) > MAX_STOP_IDS:
         raise InvalidArgument(f"at most {MAX_STOP_IDS} stop_ids, got {len(ids)}")

@@ -91,21 +91,23 @@ class Admission:
 def make_server(
     add_servicers: Callable[[grpc.aio.Server], None], service_names: Iterable[str], *,
     security: Security | None = None, reflection: bool = False, max_rpcs: int | None = None,
+    max_request_bytes: int | None = None,
 ) -> tuple[grpc.aio.Server, health.HealthServicer]:
     """A grpc.aio server with health (NOT_SERVING for now), the bearer-token check when
     `security` has tokens, and server reflection only when asked for: reflection lists
     every method and message, which is a map for an attacker, so it is off by default.
     The port is bound by `add_port` (TLS or not).
 
-    Requests are small (limits.MAX_REQUEST_BYTES): the gRPC core refuses a larger one
-    with RESOURCE_EXHAUSTED before it is parsed, and at most `max_rpcs` calls run at
+    Requests are small (`max_request_bytes`, default limits.MAX_REQUEST_BYTES; the
+    servers pass limits.request_bytes of their model): the gRPC core refuses a larger
+    one with RESOURCE_EXHAUSTED before it is parsed, and at most `max_rpcs` calls run at
     once (beyond: RESOURCE_EXHAUSTED at once), so a flood of huge prompts can neither
     grow the process by gigabytes nor stall the event loop health answers on."""
     from transport.limits import MAX_REQUEST_BYTES
 
     server = grpc.aio.server(options=[
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_receive_message_length", max_request_bytes or MAX_REQUEST_BYTES),
         ("grpc.so_reuseport", 0),
     ], interceptors=security.server_interceptors() if security else None,
         maximum_concurrent_rpcs=max_rpcs)
@@ -200,6 +202,20 @@ async def run_until_signalled(
     await asyncio.sleep(0.2)
     await server.stop(max(0.5, deadline - loop.time()))
     log.info("shutdown: stopped")
+
+
+def request_limit(model: str) -> int:
+    """limits.request_bytes for `model`, read from its config without loading weights
+    (the server starts before the weights load, so health answers meanwhile)."""
+    from transport import limits
+
+    try:
+        from engine.loader import peek_config
+
+        cfg = peek_config(model)
+    except Exception:  # unknown preset, unreadable config: the load reports it
+        cfg = None
+    return limits.request_bytes(cfg.max_positions if cfg else None)
 
 
 def exit_watchdog(grace_s: float = 5.0) -> None:
