@@ -50,6 +50,15 @@ def roofline_text(meta: dict) -> str:
     return f"decode roofline {roof:.3f} ms/token at {gbps:.0f} GB/s"
 
 
+def fpga_model_text(meta: dict) -> str:
+    """Where the fpga-proj rows' decode comes from, with the source's figure beside it."""
+    m = meta.get("fpga_model")
+    if not m:
+        return ""
+    return (f"; fpga-proj decode: {m['model']}, {m['ms_per_token_at_256']:.2f} ms/token at "
+            f"256 tokens of context; {m['source']}: {m['source_ms_per_token']} ms/token")
+
+
 def _finite(x):
     """NaN and infinities -> None, through dicts, lists and tuples."""
     if isinstance(x, float) and not math.isfinite(x):
@@ -70,7 +79,7 @@ def write(rows: list[Row], meta: dict, out_dir: Path) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(_finite({"meta": meta, "rows": slim}), indent=1,
                                         allow_nan=False))
     head = (f"{meta['model']} on {meta['device_name']} ({meta['dtype']}), median of "
-            f"{meta['reps']} after a warm-up; {roofline_text(meta)}")
+            f"{meta['reps']} after a warm-up; {roofline_text(meta)}{fpga_model_text(meta)}")
     paths["md"].write_text(markdown(rows, head))
     png = chart(rows, out_dir / "sweep.png", head)
     if png:

@@ -4,8 +4,9 @@ could pick, measured in one run on one device:
 - `hf-eager`, `hf-static`: HF transformers `generate()` (random weights of the same shape)
 - `local`: our single-process engine ("GPU only")
 - `pair`: both services, `gpu` decode backend ("hybrid", measured)
-- `fpga-proj`: the pair's measured TTFT (prefill + exposed transfer) plus the modeled
-  U55C decode of fpga_service.device.bandwidth ("projected", not measured)
+- `fpga-proj`: the pair's measured TTFT (prefill + exposed transfer) plus the U55C
+  decode of the derived hbm_decode cycle model, fpga_service.device.bandwidth
+  ("projected", not measured; the report names it next to the source's 3.4 ms/token)
 
 Every row: median total ms over `reps` runs after a warm-up, the stage breakdown and the
 speedup over each baseline; the weight-read roofline per token. Writes JSON, Markdown and
@@ -117,12 +118,26 @@ def run_pair(model: str, device: str, vocab: int, points, reps: int, transport: 
     return rows
 
 
-def fpga_projection(cfg, pair_rows: list[Row]) -> list[Row]:
-    """The pair's measured TTFT + the modeled U55C decode (fp16 HBM image)."""
-    from fpga_service.device.bandwidth import BandwidthModel
+def fpga_model_meta(cfg) -> dict:
+    """What `fpga-proj` decode comes from, for the report: the derived cycle model of the
+    hbm_decode kernel (docs/fpga-kernel.md), and the source's measured figure beside it."""
+    from fpga_service.device import bandwidth as bw
     from kernels.hbm_layout import HbmLayout
 
-    model, layout = BandwidthModel(), HbmLayout.for_model(cfg, "float16")
+    model, layout = bw.CycleModel(), HbmLayout.for_model(cfg, "float16")
+    return {"model": model.describe(cfg, layout), "clock_mhz": model.clock_mhz,
+            "hbm_dtype": layout.dtype,
+            "ms_per_token_at_256": model.step_ms(cfg, layout, 256)[0],
+            "source_ms_per_token": bw.SOURCE_MS_PER_TOKEN, "source": bw.SOURCE_LABEL}
+
+
+def fpga_projection(cfg, pair_rows: list[Row]) -> list[Row]:
+    """The pair's measured TTFT + the U55C decode of the derived hbm_decode cycle model
+    (fp16 HBM image, 300 MHz), step by step at each step's context."""
+    from fpga_service.device.bandwidth import CycleModel
+    from kernels.hbm_layout import HbmLayout
+
+    model, layout = CycleModel(), HbmLayout.for_model(cfg, "float16")
     rows = []
     for r in pair_rows:
         steps = [model.step_ms(cfg, layout, r.n_in + i)[0] for i in range(1, r.n_out)]
@@ -190,6 +205,7 @@ def run_sweep(model: str, device: str, points, reps: int, paths, out_dir: Path,
         rows += pair if "pair" in paths else []
         if "fpga-proj" in paths:
             rows += fpga_projection(cfg, pair)
+            meta["fpga_model"] = fpga_model_meta(cfg)
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return rows, meta, write(rows, meta, out_dir)

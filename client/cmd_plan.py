@@ -40,15 +40,17 @@ def _measured(path: str, gpu_prefill, gpu_decode_ms, transfer_ms):
 @click.option("--fpga-prefill", help="measured FPGA prefill, TOKENS:MS,...")
 @click.option("--gpu-decode-ms", type=float, help="GPU decode ms per token (source: 5.0)")
 @click.option("--fpga-decode-ms", type=float, help="FPGA decode ms per token (source: 3.4)")
-@click.option("--fpga-model", help="take FPGA decode ms/token from the U55C bandwidth model "
-              "of this preset (e.g. gpt2-medium) instead")
+@click.option("--fpga-model", help="take FPGA decode ms/token from the derived cycle model of "
+              "the hbm_decode kernel (docs/fpga-kernel.md) for this preset (e.g. gpt2-medium)")
+@click.option("--fpga-clock-mhz", type=float, default=300.0, show_default=True,
+              help="the kernel clock of the cycle model")
 @click.option("--transfer-ms", type=float, help="fixed KV transfer ms (source: 150-215; 180)")
 @click.option("--transfer-ms-per-token", type=float, default=0.0, show_default=True)
 @click.option("--measured", "measured_path", type=click.Path(exists=True, dir_okay=False),
               help="take GPU prefill, GPU decode and transfer from a `hybrid bench` "
               "sweep.json (explicit options still win)")
 def plan(n_input, n_output, gpu_prefill, fpga_prefill, gpu_decode_ms, fpga_decode_ms,
-         fpga_model, transfer_ms, transfer_ms_per_token, measured_path) -> None:
+         fpga_model, fpga_clock_mhz, transfer_ms, transfer_ms_per_token, measured_path) -> None:
     """Predict the three latencies from stage-time models (the source's eqs. 4 and 5).
 
     Every stage time not given defaults to the source document's measured figure (GPU
@@ -61,10 +63,19 @@ def plan(n_input, n_output, gpu_prefill, fpga_prefill, gpu_decode_ms, fpga_decod
         if measured_path:
             gpu_prefill, gpu_decode_ms, transfer_ms = _measured(
                 measured_path, gpu_prefill, gpu_decode_ms, transfer_ms)
+        source = (f"source (DFX on a U55C, gpt2-medium, measured): "
+                  f"{P.SOURCE_FPGA_DECODE_MS} ms/token")
         if fpga_model:
-            fpga_decode_ms = P.modeled_fpga_decode_ms(fpga_model, n_input, n_output)
-            click.echo(f"FPGA decode from the U55C model of {fpga_model}: "
-                       f"{fpga_decode_ms:.3f} ms/token")
+            fpga_decode_ms = P.modeled_fpga_decode_ms(fpga_model, n_input, n_output,
+                                                      clock_mhz=fpga_clock_mhz)
+            click.echo(f"FPGA decode from the derived hbm_decode cycle model of {fpga_model} "
+                       f"({fpga_clock_mhz:g} MHz): {fpga_decode_ms:.3f} ms/token; {source}")
+        elif fpga_decode_ms is None:
+            derived = P.modeled_fpga_decode_ms("gpt2-medium", n_input, n_output,
+                                               clock_mhz=fpga_clock_mhz)
+            click.echo(f"FPGA decode: {source}; the derived hbm_decode cycle model of "
+                       f"gpt2-medium ({fpga_clock_mhz:g} MHz): {derived:.3f} ms/token "
+                       f"(--fpga-model uses it)")
         model = P.StageModel(
             gpu_prefill=_pairs(gpu_prefill, P.SOURCE_GPU_PREFILL),
             fpga_prefill=_pairs(fpga_prefill, P.SOURCE_FPGA_PREFILL),

@@ -103,19 +103,22 @@ def plan(n_input: int, n_output: int, model: StageModel | None = None) -> Plan:
 
 
 def modeled_fpga_decode_ms(model: str, n_input: int, n_output: int,
-                           hbm_dtype: str = "float16") -> float:
-    """FPGA decode ms/token from the emulator's U55C bandwidth model for a preset model,
-    at the request's mid-decode context (docs/fpga-emulator.md)."""
+                           hbm_dtype: str = "float16", clock_mhz: float = 300.0) -> float:
+    """FPGA decode ms/token from the derived cycle model of the hbm_decode kernel
+    (docs/fpga-kernel.md, fpga_service/device/bandwidth.py) for a preset model, at the
+    request's mid-decode context and the kernel clock `clock_mhz`."""
     from engine.config import preset
-    from fpga_service.device.bandwidth import BandwidthModel
+    from fpga_service.device.bandwidth import CycleModel
     from kernels.hbm_layout import HbmLayout
 
     try:
         cfg = preset(model)
     except ValueError as e:
         raise InvalidArgument(str(e)) from None
+    if not clock_mhz > 0:
+        raise InvalidArgument(f"the FPGA clock must be positive, got {clock_mhz} MHz")
     ctx = n_input + max(n_output - 1, 1) // 2
-    ms, _ = BandwidthModel().step_ms(cfg, HbmLayout.for_model(cfg, hbm_dtype), ctx)
+    ms, _ = CycleModel(clock_mhz=clock_mhz).step_ms(cfg, HbmLayout.for_model(cfg, hbm_dtype), ctx)
     return ms
 
 

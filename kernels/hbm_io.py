@@ -87,6 +87,8 @@ def write_token(channels: Sequence, layout: HbmLayout, area: KvArea, layer: int,
     v_row = np.asarray(v_row).astype(layout.dtype).reshape(-1)
     if k_row.size != layout.kv_dim or v_row.size != layout.kv_dim:
         raise InvalidArgument(f"k_row and v_row need {layout.kv_dim} elements")
+    if layout.kv_pad:       # the last lane's pad elements are zeros
+        k_row, v_row = (np.pad(x, (0, layout.kv_pad)) for x in (k_row, v_row))
     w, blk, r = layout.vec, token // layout.vec, token % layout.vec
     ko, vo = layout.k_offset(area, layer), layout.v_offset(area, layer)
     for c in range(layout.n_channels):

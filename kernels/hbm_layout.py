@@ -9,6 +9,10 @@ Two places hold KV bytes in this layout:
   token capacity, K half then V half (`k_offset`, `v_offset`). A slot chunk's K part is
   the live prefix of the K half, its V part the live prefix of the V half.
 
+A KV row of kv_dim elements is cut into 32-element lanes; when kv_dim is not a multiple
+of 32 the last lane ends in zero pad elements (kv_dim .. kv_dim_padded-1), written as
+zeros by every producer and never read as data.
+
 Tiles (E = element, VEC = 32):
   K tile [32 tokens][32 dims]  token-major: the datapath dots q's lane against K rows.
   V tile [32 dims][32 tokens]  dim-major:   the datapath dots p's block against V rows.
@@ -77,10 +81,6 @@ class HbmLayout:
         if self.dtype not in ELEM_BYTES:
             raise InvalidArgument(
                 f"HBM layout dtype must be one of {sorted(ELEM_BYTES)}, got {self.dtype!r}")
-        if self.kv_dim % self.vec:
-            raise InvalidArgument(
-                f"kv_dim = n_kv_heads*head_dim = {self.kv_dim} is not a multiple of the "
-                f"HBM vector unit {self.vec}; this layout does not pad lanes")
         if self.kv_base >= self.channel_bytes:
             raise ResourceExhausted(
                 f"model {self.model} weights need {self.weights_bytes} bytes per HBM channel, "
@@ -109,7 +109,20 @@ class HbmLayout:
 
     @property
     def n_lanes(self) -> int:
-        return self.kv_dim // self.vec
+        """32-element lanes of a KV row; the last one is zero-padded when kv_dim is not a
+        multiple of 32 (docs/hbm-layout.md, "Pad lanes")."""
+        return -(-self.kv_dim // self.vec)
+
+    @property
+    def kv_dim_padded(self) -> int:
+        """Width of a KV row in HBM: kv_dim rounded up to whole lanes (= kv_dim when it
+        is a multiple of 32, the layout of every supported preset)."""
+        return self.n_lanes * self.vec
+
+    @property
+    def kv_pad(self) -> int:
+        """Pad elements at the end of every KV row (0..31): zeros, never read as data."""
+        return self.kv_dim_padded - self.kv_dim
 
     @property
     def lanes_per_channel(self) -> int:
@@ -126,7 +139,7 @@ class HbmLayout:
 
     def lane_range(self, c: int) -> tuple[int, int]:
         """(first lane, number of lanes) of channel c; lane j = kv elements 32j..32j+31."""
-        start, stop = split_rows(self.kv_dim, self.n_channels, self.vec)[c]
+        start, stop = split_rows(self.kv_dim_padded, self.n_channels, self.vec)[c]
         return start // self.vec, (stop - start) // self.vec
 
     def lanes_in_channel(self, c: int) -> int:

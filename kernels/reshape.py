@@ -70,11 +70,16 @@ def _out_buffer(out: torch.Tensor | None, nbytes: int, device: torch.device,
 
 
 def _padded_rows(x: torch.Tensor, layout: HbmLayout) -> torch.Tensor:
-    """[H, T, hd] -> [n_blocks, 32, n_lanes, 32] in the layout dtype, zero-padded tokens."""
+    """[H, T, hd] -> [n_blocks, 32, n_lanes, 32] in the layout dtype, zero-padded tokens
+    (the last block) and pad elements (the last lane, when kv_dim % 32 != 0)."""
     n_tokens = x.shape[1]
     nb, w = layout.n_blocks(n_tokens), layout.vec
     rows = x.to(TORCH_DTYPES[layout.dtype]).permute(1, 0, 2).reshape(n_tokens, layout.kv_dim)
-    if nb * w != n_tokens:
+    if layout.kv_pad:
+        full = rows.new_zeros(nb * w, layout.kv_dim_padded)
+        full[:n_tokens, :layout.kv_dim] = rows
+        rows = full
+    elif nb * w != n_tokens:
         rows = torch.cat([rows, rows.new_zeros(nb * w - n_tokens, layout.kv_dim)])
     return rows.view(nb, w, layout.n_lanes, w)
 
@@ -161,8 +166,8 @@ def _unpack_torch(data: torch.Tensor, layout: HbmLayout, n_tokens: int):
         vx[:, :, n_full * big:] = typed[base + h2:base + 2 * h2].view(nb, rem, w, w).permute(0, 3, 1, 2)
 
     def back(x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(nb * w, layout.kv_dim)[:n_tokens]
-        return rows.view(n_tokens, layout.n_kv_heads, layout.head_dim).permute(1, 0, 2).contiguous()
+        rows = x.reshape(nb * w, layout.kv_dim_padded)[:n_tokens, :layout.kv_dim]
+        return rows.reshape(n_tokens, layout.n_kv_heads, layout.head_dim).permute(1, 0, 2).contiguous()
 
     return back(kx), back(vx)
 

@@ -35,6 +35,10 @@ their inverses. Called through kernels/reshape.py when the tensors are on CUDA.
   explicitly, so a call does no context switching or object creation on CuPy's side
   (measured: the per-call cost of a 2 MiB layer from Python was 66 us with a fresh
   ExternalStream and device context per call).
+- Pad lanes (kv_dim not a multiple of 32, docs/hbm-layout.md): every kernel takes
+  `kv_dim`; the pack kernels write the last lane's elements past it as zero (no load),
+  the unpack kernels skip them. pack_kv_vec needs no more: head_dim % EV == 0 makes
+  kv_dim a whole number of 16-byte vectors, so a vector is all data or all pad.
 - Conversion to the layout dtype happens before the kernel with `Tensor.to` (round to
   nearest even, as the CPU path and NumPy), so the kernels only move 2- or 4-byte words
   and agree with the reference bit for bit.
@@ -71,17 +75,20 @@ __device__ __forceinline__ Tile tile_of(int j, int b, int n_lanes, int L, int n_
     return t;
 }
 
+// kv_dim = n_kv_heads * head_dim; n_lanes = ceil(kv_dim / 32): elements kv_dim .. 32*n_lanes-1
+// of the last lane are pad (written as zero, never read from the engine tensor).
 #define KV_PARAMS long long stride_h, long long stride_t, int n_tokens, int head_dim, \
-                  int n_lanes, int L, int n_blocks
-#define KV_ARGS stride_h, stride_t, n_tokens, head_dim, n_lanes, L, n_blocks
+                  int n_lanes, int L, int n_blocks, int kv_dim
+#define KV_ARGS stride_h, stride_t, n_tokens, head_dim, n_lanes, L, n_blocks, kv_dim
 
 // K: one warp per tile row; reads 32 consecutive elements of a token's kv row, writes one
 // contiguous 32-element row of the [token][dim] tile. Padding tokens are written as zero.
-// This thread's element of row r (token b*32 + r) of its tile; zero past the live tokens.
+// This thread's element of row r (token b*32 + r) of its tile; zero past the live tokens
+// and in pad lanes.
 __device__ __forceinline__ elem_t tile_elem(const elem_t* __restrict__ src, const Tile& t,
                                             int b, int r, KV_PARAMS) {
     const int tok = b * 32 + r, h = t.e / head_dim, d = t.e - h * head_dim;
-    return tok < n_tokens ? src[h * stride_h + tok * stride_t + d] : (elem_t)0;
+    return tok < n_tokens && t.e < kv_dim ? src[h * stride_h + tok * stride_t + d] : (elem_t)0;
 }
 
 __device__ __forceinline__ void pack_k_tile(const elem_t* __restrict__ src,
@@ -130,10 +137,11 @@ extern "C" __global__ void pack_kv(const elem_t* __restrict__ k_src,
 
 extern "C" __global__ void unpack_k(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
         long long stride_h, long long stride_t, int n_tokens, int head_dim,
-        int n_lanes, int L, int n_blocks) {
+        int n_lanes, int L, int n_blocks, int kv_dim) {
     const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
     const int h = t.e / head_dim, d = t.e - h * head_dim;
+    if (t.e >= kv_dim) return;                  // pad lane element: not in the engine tensor
     for (int r = threadIdx.y; r < 32; r += blockDim.y) {
         const int tok = b * 32 + r;
         if (tok < n_tokens) dst[h * stride_h + tok * stride_t + d] = src[t.k + r * 32 + threadIdx.x];
@@ -142,7 +150,7 @@ extern "C" __global__ void unpack_k(const elem_t* __restrict__ src, elem_t* __re
 
 extern "C" __global__ void unpack_v(const elem_t* __restrict__ src, elem_t* __restrict__ dst,
         long long stride_h, long long stride_t, int n_tokens, int head_dim,
-        int n_lanes, int L, int n_blocks) {
+        int n_lanes, int L, int n_blocks, int kv_dim) {
     __shared__ elem_t s[32][33];
     const int b = blockIdx.x, j = blockIdx.y;   // blocks on x: no 65535 limit
     const Tile t = tile_of(j, b, n_lanes, L, n_blocks);
@@ -152,7 +160,8 @@ extern "C" __global__ void unpack_v(const elem_t* __restrict__ src, elem_t* __re
     __syncthreads();
     for (int r = threadIdx.y; r < 32; r += blockDim.y) {
         const int tok = b * 32 + r;
-        if (tok < n_tokens) dst[h * stride_h + tok * stride_t + d] = s[threadIdx.x][r];
+        if (tok < n_tokens && t.e < kv_dim)     // not a pad lane element
+            dst[h * stride_h + tok * stride_t + d] = s[threadIdx.x][r];
     }
 }
 
@@ -174,7 +183,9 @@ union Vec { uint4 u; elem_t e[EV]; };
 
 __device__ __forceinline__ uint4 load_vec(const elem_t* __restrict__ src, int tok, int e,
                                           KV_PARAMS) {
-    if (tok >= n_tokens) return make_uint4(0u, 0u, 0u, 0u);   // padding rows are zero
+    // padding rows and pad lane elements are zero; kv_dim % EV == 0 (head_dim % EV == 0),
+    // so a vector is all data or all pad
+    if (tok >= n_tokens || e >= kv_dim) return make_uint4(0u, 0u, 0u, 0u);
     const int h = e / head_dim, d = e - h * head_dim;   // head_dim % EV == 0: one head
     return *reinterpret_cast<const uint4*>(src + h * stride_h + (long long)tok * stride_t + d);
 }
@@ -235,7 +246,8 @@ def cuda_source(dtype: str) -> str:
 def _scalars(layout: HbmLayout, n_tokens: int, engine_strides: tuple[int, int]) -> tuple:
     return (np.int64(engine_strides[0]), np.int64(engine_strides[1]), np.int32(n_tokens),
             np.int32(layout.head_dim), np.int32(layout.n_lanes),
-            np.int32(layout.lanes_per_channel), np.int32(layout.n_blocks(n_tokens)))
+            np.int32(layout.lanes_per_channel), np.int32(layout.n_blocks(n_tokens)),
+            np.int32(layout.kv_dim))
 
 
 # Geometries are cached: a prefill ships every layer with the same (layout, T, strides),

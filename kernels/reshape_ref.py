@@ -33,12 +33,14 @@ def check_kv_shape(shape: tuple[int, ...], layout: HbmLayout,
 
 
 def _token_rows(x: np.ndarray, layout: HbmLayout) -> np.ndarray:
-    """[n_kv_heads, T, head_dim] -> [n_blocks*32, kv_dim] in the layout dtype, zero padded."""
+    """[n_kv_heads, T, head_dim] -> [n_blocks*32, kv_dim_padded] in the layout dtype, zero
+    padded: tokens past T (the last block) and elements past kv_dim (the last lane)."""
     n_tokens = x.shape[1]
     with np.errstate(over="ignore"):    # out-of-range values become inf, as in torch
         rows = x.astype(layout.dtype).transpose(1, 0, 2).reshape(n_tokens, layout.kv_dim)
-    padded = np.zeros((layout.n_blocks(n_tokens) * layout.vec, layout.kv_dim), layout.dtype)
-    padded[:n_tokens] = rows
+    padded = np.zeros((layout.n_blocks(n_tokens) * layout.vec, layout.kv_dim_padded),
+                      layout.dtype)
+    padded[:n_tokens, :layout.kv_dim] = rows
     return padded
 
 
@@ -80,7 +82,7 @@ def unpack_layer(buf: np.ndarray | bytes | memoryview, layout: HbmLayout,
             f"packed layer has {data.size} bytes, expected {layout.layer_bytes(n_tokens)} "
             f"for {n_tokens} tokens")
     w, nb = layout.vec, layout.n_blocks(n_tokens)
-    kr = np.zeros((nb * w, layout.kv_dim), layout.dtype)
+    kr = np.zeros((nb * w, layout.kv_dim_padded), layout.dtype)
     vr = np.zeros_like(kr)
     for c, (off, length) in enumerate(layout.channel_chunks(n_tokens)):
         first, lanes = layout.lane_range(c)
@@ -95,6 +97,6 @@ def unpack_layer(buf: np.ndarray | bytes | memoryview, layout: HbmLayout,
                 kr[block] = k_tiles[b, i]
                 vr[block] = v_tiles[b, i].T
     shape = (n_tokens, layout.n_kv_heads, layout.head_dim)
-    k = kr[:n_tokens].reshape(shape).transpose(1, 0, 2).copy()
-    v = vr[:n_tokens].reshape(shape).transpose(1, 0, 2).copy()
+    k = kr[:n_tokens, :layout.kv_dim].reshape(shape).transpose(1, 0, 2).copy()
+    v = vr[:n_tokens, :layout.kv_dim].reshape(shape).transpose(1, 0, 2).copy()
     return k, v

@@ -26,8 +26,22 @@ def test_bench_writes_rows_for_each_path(tmp_path):
     assert proj["total_ms"] > proj["ttft_ms"]  # + modeled decode of 2 steps
     assert pair["kv_bytes"] > 0 and isinstance(pair["kv_bytes"], int)
     assert data["meta"]["roofline_ms_per_token"] is None  # CPU: no bandwidth measured
+    # fpga-proj decode: the derived hbm_decode cycle model, step by step (contexts 5, 6)
+    from engine.config import preset
+    from fpga_service.device.bandwidth import CycleModel
+    from kernels.hbm_layout import HbmLayout
+
+    cfg = preset("tiny-gpt2")
+    lay = HbmLayout.for_model(cfg, "float16")
+    want = sum(CycleModel().step_ms(cfg, lay, n)[0] for n in (5, 6))
+    assert abs(proj["total_ms"] - proj["ttft_ms"] - want) < 1e-6
+    fm = data["meta"]["fpga_model"]
+    assert fm["source_ms_per_token"] == 3.4 and fm["clock_mhz"] == 300
+    assert fm["model"].startswith("derived cycle model of hbm_decode")
     md = (out / "sweep.md").read_text()
     assert "| 4:3 | fpga-proj (projected) |" in md and "vs hf-eager" in md
+    assert "fpga-proj decode: derived cycle model of hbm_decode (" in md
+    assert "source (DFX on a U55C, gpt2-medium, measured): 3.4 ms/token" in md
     assert "roofline n/a" in md and "nan" not in md.lower()
     assert "nan" not in res.output.lower()
 

@@ -230,3 +230,80 @@ def test_connectivity_config_matches_the_kernel_ports():
     # the host's signature: 32 channel ports, io, meta, 4 int scalars (abi.N_ARGS = 38)
     sig = re.search(r'extern "C" void hbm_decode\(HBM_GMEM_PARAMS,([^)]*)\)', src).group(1)
     assert len(sig.split(",")) + 32 == abi.N_ARGS
+
+
+# KV widths that are not a multiple of 32 (docs/hbm-layout.md, "Pad lanes"): GPT-2 with 3
+# heads of 16 (kv_dim 48: lane 1 half pad) and a GQA Llama with 6 query / 3 KV heads of 20
+# (kv_dim 60, heads straddle lanes and channels, 4 pad elements).
+ODD = {"gpt2": dict(n_embd=48, n_head=3), "llama": dict(hidden=120, n_heads=6, n_kv_heads=3)}
+
+
+@pytest.fixture(scope="module")
+def odd_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("odd")
+    paths = {"gpt2": str(make_tiny_gpt2(root, init_std=0.2, **ODD["gpt2"])),
+             "llama": str(make_tiny_llama(root, init_std=0.2, **ODD["llama"]))}
+    lms = {k: load_model(p) for k, p in paths.items()}
+    assert [lm.config.kv_dim for lm in lms.values()] == [48, 60]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda m: build_csim(lms[m[0]].config, m[1]), MODELS))
+    return paths, lms
+
+
+@pytest.mark.parametrize("family,dtype", MODELS, ids=[f"{m}-{d}" for m, d in MODELS])
+def test_odd_kv_width_csim_equals_emulator_and_engine(odd_ckpts, family, dtype):
+    path, lm = odd_ckpts[0][family], odd_ckpts[1][family]
+    layout = HbmLayout.for_model(lm.config, dtype)
+    assert layout.kv_pad > 0
+    csim, emu = _backend("fpga-csim", path, dtype), _backend("fpga-emu", path, dtype)
+    try:
+        for prompt in (PROMPT, PROMPTS[2]):
+            first, layers = prefill_packed(lm, prompt, layout)
+            got = run_session(csim, first, layers, len(prompt), N_NEW)
+            assert got == run_session(emu, first, layers, len(prompt), N_NEW), len(prompt)
+            if dtype == "float32":
+                assert got == reference(lm, prompt, N_NEW), len(prompt)
+            assert len(set(got)) > 3
+        a = _one_run(csim, lm, PROMPTS[1], dtype, 30)   # one run across a tile boundary
+        b = _one_run(emu, lm, PROMPTS[1], dtype, 30)
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.logits.numpy(), b.logits.numpy(), rtol=1e-4, atol=1e-4)
+        # the appended tokens' pad elements stay zero in HBM (ingest and kernel alike)
+        session = csim.open_session(DecodeSpec("pad", len(PROMPT), 40))
+        try:
+            first, layers = prefill_packed(lm, PROMPT, layout)
+            for layer, data in enumerate(layers):
+                session.ingest_layer(layer, memoryview(data))
+            kv, dev = session.kv, csim.device
+            dev.run_decode(kv, first, len(PROMPT), n_steps=39)   # appends tokens 9..47
+            c = layout.channel_of_lane(layout.n_lanes - 1)      # the channel of the padded lane
+            _, lanes = layout.lane_range(c)
+            nb = kv.capacity_tokens // 32
+            for half in (0, 1):     # layer 0: K tiles [token][dim], V tiles [dim][token]
+                off = kv.offsets[c] + half * layout.region_half_bytes(kv.capacity_tokens)
+                raw = np.frombuffer(dev.read(c, off, nb * lanes * layout.tile_bytes), dtype)
+                tiles = raw.reshape(nb, lanes, 32, 32)[:, -1]
+                if half:
+                    tiles = tiles.transpose(0, 2, 1)
+                pad_from = layout.kv_dim - 32 * (layout.n_lanes - 1)
+                live = tiles.reshape(nb * 32, 32)[: len(PROMPT) + 39]
+                assert (live[:, pad_from:] == 0).all() and (live[:, :pad_from] != 0).all()
+        finally:
+            session.close()
+    finally:
+        csim.close()
+        emu.close()
+
+
+def test_odd_kv_width_fpga_emu_through_both_services(odd_ckpts, tmp_path):
+    from client.remote import run_remote
+    from engine.sampling import SamplingParams
+    from tests.test_fpga_services import Pair
+
+    path, lm = odd_ckpts[0]["gpt2"], odd_ckpts[1]["gpt2"]
+    want = reference(lm, PROMPT, 16)
+    with Pair(path, "fpga-emu", {"HYBRID_HBM_DTYPE": "float32"}, str(tmp_path)) as pair:
+        res = run_remote(prompt_ids=PROMPT, max_new_tokens=16, params=SamplingParams(),
+                         prefill=pair.prefill, decode=pair.decode, kv_transport="shm",
+                         timeout_s=60)
+        assert res.token_ids == want

@@ -91,17 +91,41 @@ def test_stage_model_latencies_near_the_source_table():
     assert sum(errs) / len(errs) < 0.06  # 3.6% with the defaults
 
 
-def test_fpga_decode_from_the_bandwidth_model():
+def test_fpga_decode_from_the_derived_cycle_model():
+    """--fpga-model takes FPGA decode from the hbm_decode cycle model (docs/fpga-kernel.md)
+    and prints the source's measured 3.4 ms/token next to it; without it the plan uses
+    the source's figure and still shows the derived one."""
+    from fpga_service.device.bandwidth import SOURCE_MS_PER_TOKEN
+    from fpga_service.placement import SOURCE_FPGA_DECODE_MS, modeled_fpga_decode_ms
+
+    assert SOURCE_FPGA_DECODE_MS == SOURCE_MS_PER_TOKEN == 3.4
+    derived = modeled_fpga_decode_ms("gpt2-medium", 256, 256)   # context 256 + 127
+    assert 9.88 < derived < 13.21   # between the doc's 256- and 512-token rows
     out = CliRunner().invoke(plan_cmd, ["--input", "256", "--output", "256",
                                         "--fpga-model", "gpt2-medium"])
     assert out.exit_code == 0, out.output
-    assert "U55C model of gpt2-medium: 3.5" in out.output and "choice: hybrid" in out.output
-    # a model 20x bigger decodes far slower on one U55C: GPU-only (at 5 ms/token) wins
+    assert (f"derived hbm_decode cycle model of gpt2-medium (300 MHz): {derived:.3f} ms/token"
+            in out.output)
+    assert "source (DFX on a U55C, gpt2-medium, measured): 3.4 ms/token" in out.output
+    # the kernel as written decodes slower than the GPU's 5 ms/token: GPU-only wins
+    assert "choice: gpu-only" in out.output
+    slow = CliRunner().invoke(plan_cmd, ["--input", "256", "--output", "256",
+                                         "--fpga-model", "gpt2-medium", "--fpga-clock-mhz", "200"])
+    assert f"(200 MHz): {modeled_fpga_decode_ms('gpt2-medium', 256, 256, clock_mhz=200):.3f}" in slow.output
+    # defaults: the source's figure decides, the derived one is shown
+    out = CliRunner().invoke(plan_cmd, ["--input", "256", "--output", "256"])
+    assert out.exit_code == 0, out.output
+    assert "FPGA decode: source (DFX on a U55C, gpt2-medium, measured): 3.4 ms/token" in out.output
+    assert f"cycle model of gpt2-medium (300 MHz): {derived:.3f} ms/token" in out.output
+    assert "choice: hybrid" in out.output
     out = CliRunner().invoke(plan_cmd, ["--input", "256", "--output", "256",
                                         "--fpga-model", "llama-7b"])
     assert "choice: gpu-only" in out.output
     out = CliRunner().invoke(plan_cmd, ["--input", "8", "--output", "8", "--fpga-model", "nope"])
     assert out.exit_code != 0 and "unknown preset" in out.output
+    out = CliRunner().invoke(plan_cmd, ["--input", "8", "--output", "8", "--fpga-model",
+                                        "gpt2-medium", "--fpga-clock-mhz", "0"])
+    assert out.exit_code != 0 and "clock must be positive" in out.output
 
 
 def _sweep(gpu_decode: float, ttft_extra: float) -> dict:

@@ -51,6 +51,21 @@ def test_xrt_tokens_equal_single_process(monkeypatch, checkpoints, which):
     assert {f"set_arg:{i}" for i in range(38)} <= set(calls)
 
 
+def test_xrt_odd_kv_width_equals_single_process(monkeypatch, checkpoints, tmp_path):
+    """GPT-2 with 3 heads of 16 (kv_dim 48, a zero-padded lane) through the XRT host code."""
+    use_fake_pyxrt(monkeypatch)
+    spec = str(make_tiny_gpt2(tmp_path, n_embd=48, n_head=3, init_std=0.2))
+    lm = load_model(spec)
+    assert HbmLayout.for_model(lm.config, "float32").kv_pad == 16
+    backend = _backend(spec, checkpoints[2])
+    try:
+        first, layers = prefill_packed(lm, PROMPT, HbmLayout.for_model(lm.config, "float32"))
+        assert run_session(backend, first, layers, len(PROMPT), N_NEW) == \
+            reference(lm, PROMPT, N_NEW)
+    finally:
+        backend.close()
+
+
 def test_xrt_fp16_image_runs_and_reports_modeled_time(monkeypatch, checkpoints):
     use_fake_pyxrt(monkeypatch)
     spec, xclbin = checkpoints[0], checkpoints[2]

@@ -14,8 +14,10 @@ def _channels(layout: HbmLayout, size: int) -> list[np.ndarray]:
     return [np.full(size, 0xFF, np.uint8) for _ in range(layout.n_channels)]   # dirty HBM
 
 
-@pytest.mark.parametrize("shape", [(25, 64), (2, 16), (16, 64), (8, 128)])
+@pytest.mark.parametrize("shape", [(25, 64), (2, 16), (16, 64), (8, 128), (3, 16), (5, 20)])
 def test_ingest_append_read(shape) -> None:
+    """Also widths with a padded last lane ((3, 16), (5, 20)): appends write its pad
+    elements as zeros over dirty HBM, as the reshape does."""
     n_kv_heads, head_dim = shape
     layout = HbmLayout("t", 3, n_kv_heads, head_dim, "float32", weights_bytes=5000,
                        channel_bytes=4 << 20)

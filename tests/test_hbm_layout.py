@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -78,10 +80,69 @@ def test_tiny_models_leave_channels_empty() -> None:
 
 
 def test_bad_shapes_and_dtypes() -> None:
-    with pytest.raises(InvalidArgument, match="multiple of the HBM vector unit 32"):
-        HbmLayout.kv_only(2, 3, 16)
     with pytest.raises(InvalidArgument, match="dtype"):
         HbmLayout.kv_only(2, 2, 16, "bfloat16")
+    with pytest.raises(InvalidArgument, match="positive"):
+        HbmLayout.kv_only(2, 0, 16)
+
+
+def test_pad_lanes_when_kv_dim_is_not_a_multiple_of_32() -> None:
+    """3 heads of 16 (kv_dim 48): 2 lanes, the second half pad; 25 heads of 40 (kv_dim
+    1000): 32 lanes, 24 pad elements in lane 31. Pad bytes count everywhere a
+    lane does (sizes, capacity), and pad elements have no address."""
+    lay = HbmLayout.kv_only(2, 3, 16)
+    assert (lay.kv_dim, lay.kv_dim_padded, lay.kv_pad, lay.n_lanes) == (48, 64, 16, 2)
+    assert lay.lane_range(0) == (0, 1) and lay.lane_range(1) == (1, 1) and lay.lane_range(2) == (2, 0)
+    assert lay.layer_bytes(33) == 2 * 2 * 2 * 2048 and lay.bytes_per_block == 2 * 2 * 2048
+    area = KvArea(0, 64, lay.kv_area_bytes(64))
+    assert lay.kv_address(area, 1, "k", 40, 47) == (1, lay.k_offset(area, 1) + (1 * 1024 + 8 * 32 + 15) * 2)
+    with pytest.raises(InvalidArgument, match="outside"):
+        lay.kv_address(area, 1, "k", 40, 48)       # a pad element
+    wide = HbmLayout.kv_only(2, 25, 40)
+    assert (wide.n_lanes, wide.kv_pad, wide.lanes_per_channel) == (32, 24, 1)
+    # a model config with such a width builds its layout (it was refused before)
+    odd = replace(preset("tiny-gpt2"), name="odd", d_model=48, n_heads=3, n_kv_heads=3, d_ff=192)
+    assert HbmLayout.for_model(odd, "float32").kv_pad == 16
+
+
+# sha256[:16] of reshape_ref.pack_layer bytes (1, 33 and 100 tokens), of kv_address for
+# every element at 4 tokens, and of lane_range / max_tokens / bytes_per_block, computed
+# with the layout as it was before pad lanes existed: widths that are multiples of 32
+# keep exactly that layout.
+_GOLDEN = {
+    (16, 64, "float16"): "33f3c6df97b10783", (16, 64, "float32"): "8995185b4ba2090a",
+    (2, 16, "float16"): "22218b1e326b31cd", (2, 16, "float32"): "897acb19fbcd40d1",
+    (25, 64, "float16"): "f6d44e6fe1db8451", (25, 64, "float32"): "445397a2b1c0547f",
+    (40, 32, "float16"): "d56b8b309d9f0474", (40, 32, "float32"): "4048193c4973e892",
+    (4, 128, "float16"): "3e83164eec504da7", (4, 128, "float32"): "3e75e08890c29f4e",
+    (1, 32, "float16"): "ca023597e87a2b2b", (1, 32, "float32"): "3d5983a6f641ead2",
+}
+
+
+@pytest.mark.parametrize("key", sorted(_GOLDEN))
+def test_multiples_of_32_keep_the_unpadded_layout_byte_for_byte(key) -> None:
+    import hashlib
+
+    import numpy as np
+
+    from kernels import reshape_ref
+
+    h, d, dtype = key
+    lay = HbmLayout.kv_only(2, h, d, dtype)
+    assert lay.kv_pad == 0 and lay.kv_dim_padded == lay.kv_dim
+    hs = hashlib.sha256()
+    for t in (1, 33, 100):
+        x = ((np.arange(h * t * d) * 37) % 251 - 125).astype(np.float32) / 16
+        k, v = x.reshape(h, t, d).astype(dtype), (-x).reshape(h, t, d).astype(dtype)
+        hs.update(reshape_ref.pack_layer(k, v, lay).tobytes())
+    area = KvArea(lay.kv_base + 4096, 128, lay.kv_area_bytes(128))
+    for e in range(lay.kv_dim):
+        for t in (0, 31, 33, 127):
+            hs.update(repr((lay.kv_address(area, 1, "k", t, e),
+                            lay.kv_address(area, 1, "v", t, e))).encode())
+    hs.update(repr([lay.lane_range(c) for c in range(32)]
+                   + [lay.max_tokens, lay.bytes_per_block]).encode())
+    assert hs.hexdigest()[:16] == _GOLDEN[key]
 
 
 def test_split_rows_covers_every_row_once() -> None:

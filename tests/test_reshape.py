@@ -21,6 +21,10 @@ TOKENS = [1, 31, 32, 33, 511, 512]
 
 @st.composite
 def kv_shapes(draw):
+    if draw(st.booleans()):
+        # any width: kv_dim % 32 != 0 gives a zero-padded last lane
+        head_dim = draw(st.sampled_from([8, 16, 20, 24, 40, 64, 80]))
+        return draw(st.integers(1, 40)), head_dim
     head_dim = draw(st.sampled_from([16, 32, 64, 128]))
     # n_kv_heads such that kv_dim is a multiple of 32; up to 96 lanes so some layouts
     # have several lanes per channel and a partly filled last channel
@@ -121,7 +125,7 @@ def test_padding_is_zero_and_chunks_match_spec() -> None:
     assert o1 == n0 and all(n == 0 for _, n in layout.channel_chunks(33)[2:])
 
 
-@pytest.mark.parametrize("shape", [(16, 64), (32, 128), (25, 64), (2, 16)])
+@pytest.mark.parametrize("shape", [(16, 64), (32, 128), (25, 64), (2, 16), (3, 16), (25, 40)])
 def test_ingest_by_spec_formula(shape) -> None:
     """Write slot chunks to HBM as the decode side does; every element sits where
     HbmLayout.kv_address (the spec's formula) says."""
@@ -143,6 +147,26 @@ def test_ingest_by_spec_formula(shape) -> None:
         which, t, e = rng.choice(["k", "v"]), int(rng.integers(n_tokens)), int(rng.integers(layout.kv_dim))
         c, off = layout.kv_address(area, layer, which, t, e)
         assert hbm[c][off:off + 2].view(np.float16)[0] == rows[which][t, e].numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_pad_lane_elements_are_zero(dtype) -> None:
+    """3 KV heads of 20 (kv_dim 60): lane 1 holds elements 32..59 and 4 pad elements,
+    zero in every K row and V column whatever was in the output buffer before."""
+    layout = HbmLayout.kv_only(1, 3, 20, dtype)
+    k, v = torch.ones(3, 40, 20) * 2, torch.ones(3, 40, 20) * 3
+    out = torch.full((layout.layer_bytes(40),), 0xFF, dtype=torch.uint8)
+    buf = reshape.pack_layer(k, v, layout, out=out).numpy()
+    assert np.array_equal(buf, reshape_ref.pack_layer(k.numpy(), v.numpy(), layout))
+    (_, n0), (o1, n1) = layout.channel_chunks(40)[:2]
+    assert o1 == n0 == n1 and all(n == 0 for _, n in layout.channel_chunks(40)[2:])
+    k_tiles = buf[o1:o1 + n1 // 2].view(dtype).reshape(2, 32, 32)      # [block][token][dim]
+    v_tiles = buf[o1 + n1 // 2:o1 + n1].view(dtype).reshape(2, 32, 32)  # [block][dim][token]
+    assert (k_tiles[0, :, :28] == 2).all() and (k_tiles[:, :, 28:] == 0).all()
+    assert (v_tiles[0, :28, :] == 3).all() and (v_tiles[:, 28:, :] == 0).all()
+    assert (k_tiles[1, 8:] == 0).all()                                  # tokens 40..63
+    k2, v2 = reshape.unpack_layer(buf, layout, 40)
+    assert torch.equal(k2, k.to(TORCH[dtype])) and torch.equal(v2, v.to(TORCH[dtype]))
 
 
 def test_strided_cache_view_and_out_buffer() -> None:

@@ -50,11 +50,12 @@ using std::min;
 """
 
 _DRIVER = r"""
-typedef void (*kernel_fn)(const elem_t*, elem_t*, long long, long long, int, int, int, int, int);
+typedef void (*kernel_fn)(const elem_t*, elem_t*, long long, long long, int, int, int, int, int,
+                          int);
 // which: index in KERNELS; 4 = pack_kv, 5 = pack_kv_vec (src2 = V source)
 extern "C" void launch(int which, int gx, int gy, int gz, int bx_, int by_, const void* src,
                        const void* src2, void* dst, long long sh, long long st, int n_tokens,
-                       int head_dim, int n_lanes, int L, int nb) {
+                       int head_dim, int n_lanes, int L, int nb, int kvd) {
     kernel_fn fns[4] = {pack_k, pack_v, unpack_k, unpack_v};
     blockDim = Dim3{bx_, by_, 1};
     for (int bz = 0; bz < gz; ++bz)
@@ -67,13 +68,13 @@ extern "C" void launch(int which, int gx, int gy, int gz, int bx_, int by_, cons
                         threadIdx = Dim3{tx, ty, 0};
                         if (which == 5)
                             pack_kv_vec((const elem_t*)src, (const elem_t*)src2, (elem_t*)dst,
-                                        sh, st, n_tokens, head_dim, n_lanes, L, nb);
+                                        sh, st, n_tokens, head_dim, n_lanes, L, nb, kvd);
                         else if (which == 4)
                             pack_kv((const elem_t*)src, (const elem_t*)src2, (elem_t*)dst, sh,
-                                    st, n_tokens, head_dim, n_lanes, L, nb);
+                                    st, n_tokens, head_dim, n_lanes, L, nb, kvd);
                         else
                             fns[which]((const elem_t*)src, (elem_t*)dst, sh, st, n_tokens,
-                                       head_dim, n_lanes, L, nb);
+                                       head_dim, n_lanes, L, nb, kvd);
                     }
         }
 }
@@ -127,7 +128,10 @@ def test_source_compiles_for_the_gpu(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("shape,n_tokens", [((16, 64), 33), ((2, 16), 1), ((1, 32), 64),
-                                            ((25, 64), 45), ((40, 32), 97), ((4, 128), 31)])
+                                            ((25, 64), 45), ((40, 32), 97), ((4, 128), 31),
+                                            # kv_dim not a multiple of 32: a padded last lane
+                                            ((3, 16), 33), ((3, 20), 40), ((5, 24), 70),
+                                            ((1, 8), 5), ((35, 40), 36)])
 def test_compiled_kernels_match_reference(libs, dtype, shape, n_tokens) -> None:
     n_kv_heads, head_dim = shape
     layout = HbmLayout.kv_only(2, n_kv_heads, head_dim, dtype)

@@ -110,3 +110,34 @@ def test_name_mapping_errors_and_overflow() -> None:
     sd["model.norm.weight"] = torch.ones(cfg.d_model + 1)
     with pytest.raises(InvalidArgument, match=r"shape \[65\], expected \[64\]"):
         pack_weights(cfg, sd, layout)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_odd_kv_width_images(family) -> None:
+    """kv_dim not a multiple of 32 (GPT-2 3 heads of 16: 48; Llama 3 KV heads of 20: 60):
+    the image stores the real rows only, and the channel holding rows [32j, 32j+32) of
+    attn.k / attn.v is the channel holding KV lane j (its pad elements have no rows)."""
+    from dataclasses import replace
+
+    if family == "gpt2":
+        cfg = replace(preset("tiny-gpt2"), d_model=48, n_heads=3, n_kv_heads=3, d_ff=192)
+        sd, key = _hf_gpt2(cfg), None
+    else:
+        cfg = replace(preset("tiny-llama"), d_model=120, n_heads=6, n_kv_heads=3, d_ff=176)
+        sd, key = _hf_llama(cfg), "model.layers.1.self_attn.v_proj.weight"
+    layout = HbmLayout.for_model(cfg, "float32")
+    assert layout.kv_pad > 0
+    img = pack_weights(cfg, sd, layout)
+    table = layout.weight_table(cfg)
+    for name in ("layers.1.attn.k.weight", "layers.1.attn.v.weight"):
+        e = table[name]
+        assert e.shape == (cfg.kv_dim, cfg.d_model)
+        for c in range(32):
+            first, lanes = layout.lane_range(c)
+            assert e.rows[c] == (min(32 * first, cfg.kv_dim), min(32 * (first + lanes), cfg.kv_dim))
+    if key:
+        assert np.array_equal(img.tensor("layers.1.attn.v.weight"), sd[key].numpy())
+    else:
+        d = cfg.d_model
+        c_attn = sd["transformer.h.1.attn.c_attn.weight"]
+        assert np.array_equal(img.tensor("layers.1.attn.v.weight"), c_attn[:, 2 * d:].t().numpy())

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from fpga_service.device import abi
@@ -108,10 +109,13 @@ class Datapath:
         return out
 
     def write_kv(self, kv_base, area, layer, pos, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append one token: K row r of tile (block, lane); V column r (dim-major tile)."""
-        vec = self.layout.vec
+        """Append one token: K row r of tile (block, lane); V column r (dim-major tile).
+        Pad elements of the last lane (kv_dim % 32 != 0) are written as zeros."""
+        vec, pad = self.layout.vec, self.layout.kv_pad
         blk, r = divmod(pos, vec)
         tdt = torch.from_numpy(np.zeros(0, self.np_dtype)).dtype
+        if pad:
+            k, v = F.pad(k, (0, pad)), F.pad(v, (0, pad))
         for which, src in (("k", k), ("v", v)):
             for e0, tiles in self._tiles(kv_base, area, layer, which):
                 lanes = tiles.shape[1]
@@ -133,7 +137,7 @@ class Datapath:
                     t = t.transpose(2, 3)  # dim-major tile -> [tok][dim]
                 # [blocks, lanes, tok, dim] -> [blocks*tok, lanes*dim]
                 parts.append(t.permute(0, 2, 1, 3).reshape(nb * self.layout.vec, -1))
-            halves.append(torch.cat(parts, dim=1)[:n].float())
+            halves.append(torch.cat(parts, dim=1)[:n, : self.layout.kv_dim].float())  # no pad
         return halves[0], halves[1]
 
 

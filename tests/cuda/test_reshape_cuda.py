@@ -72,6 +72,32 @@ def test_cupy_pack_equals_reference(cupy, name, n_tokens, src, dst) -> None:
     assert torch.equal(k2, k.to(TORCH[dst])) and torch.equal(v2, v.to(TORCH[dst]))
 
 
+@pytest.mark.parametrize("shape", [(3, 16), (3, 20), (5, 24), (25, 40), (1, 8)])
+@pytest.mark.parametrize("n_tokens", [1, 33, 512])
+@pytest.mark.parametrize("dst", ["float16", "float32"])
+def test_cupy_pack_pad_lanes(cupy, shape, n_tokens, dst) -> None:
+    """kv_dim not a multiple of 32 (docs/hbm-layout.md, "Pad lanes"): every kernel that
+    applies writes the pad elements as zero over a dirty buffer and never reads past
+    kv_dim (pack_kv_vec only where head_dim is whole 16-byte vectors); unpack skips them."""
+    n_kv_heads, head_dim = shape
+    layout = HbmLayout.kv_only(2, n_kv_heads, head_dim, dst)
+    assert layout.kv_pad
+    g = torch.Generator(device="cuda").manual_seed(n_tokens)
+    cache = torch.randn((2, n_kv_heads, 600, head_dim), generator=g, device="cuda").to(TORCH[dst])
+    k, v = cache[0, :, :n_tokens], cache[1, :, :n_tokens]        # strided cache views
+    want = _ref(k, v, layout)
+    n = layout.layer_bytes(n_tokens)
+    vec = reshape_cuda.vec_ok(layout, (k.stride(0), k.stride(1)), k, v,
+                              torch.empty(n, dtype=torch.uint8, device="cuda"))
+    assert vec == (head_dim % (16 // layout.elem_bytes) == 0)
+    for kernel in ("fused", "separate", *(("vec",) if vec else ())):
+        out = torch.full((n,), 0xAB, dtype=torch.uint8, device="cuda")
+        reshape.pack_layer(k, v, layout, out=out, kernel=kernel)
+        assert np.array_equal(out.cpu().numpy(), want), kernel
+    k2, v2 = reshape.unpack_layer(out, layout, n_tokens)
+    assert torch.equal(k2, k) and torch.equal(v2, v)
+
+
 @pytest.mark.parametrize("name", SHAPES)
 def test_kernels_run_on_the_given_stream(cupy, name) -> None:
     cfg, k, v = _layer(name, 300, "float16", seed=3)
