@@ -6,6 +6,10 @@
 Flow per request: Decode.Info (cached: the layout and weights the decoder wants) ->
 Prefill stream (first message: the KV handle) -> at once Decode.Generate with that handle
 while prefill still computes -> tokens stream in -> PrefillDone and GenerateDone timings.
+
+Several services: `HybridClient("p1:50051,p2:50051", ["d1:50052", "d2:50052"])` (or
+`dns:///name:port`): each request goes to the least-loaded SERVING prefill and a decode
+attached to it (client/router.py, docs/routing.md).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -23,8 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from engine import errors
 from engine.sampling_params import SamplingParams  # torch-free: the client never needs torch
 from protos import hybrid_pb2 as pb
-from protos import hybrid_pb2_grpc as pbg
 from transport.security import Security, open_channel
+
+from .router import Instance, Router, states
 
 _MAX_MSG = [("grpc.max_receive_message_length", 64 << 20)]
 TRANSPORTS = {"shm": pb.KV_TRANSPORT_SHM, "grpc": pb.KV_TRANSPORT_GRPC}
@@ -44,13 +49,17 @@ class RemoteResult:
     prompt_ids: list[int] = field(default_factory=list)
     device: str = ""                 # "prefill <dev>, decode <dev>"
     dtype: str = ""                  # the decoder's KV dtype
+    prefill_address: str = ""        # the services this request went to
+    decode_address: str = ""
 
     def to_json(self) -> dict:
         return {"token_ids": self.token_ids, "text": self.text, "model": self.model,
                 "weights_fingerprint": self.weights_fingerprint, "synthetic": self.synthetic,
                 "finish_reason": self.finish_reason, "backend": self.backend,
                 "request_id": self.request_id, "prompt_ids": self.prompt_ids,
-                "device": self.device, "dtype": self.dtype, "timings": self.timings}
+                "device": self.device, "dtype": self.dtype, "timings": self.timings,
+                "prefill_address": self.prefill_address,
+                "decode_address": self.decode_address}
 
 
 def error_from_rpc(e: grpc.aio.AioRpcError | grpc.RpcError) -> errors.HybridError:
@@ -73,19 +82,24 @@ def sampling_proto(p: SamplingParams) -> pb.SamplingParams:
 
 
 class HybridClient:
-    """One client for a prefill + decode pair. Create inside a running event loop."""
+    """One client for a prefill + decode pair, or for several of each (comma-separated
+    strings or lists of addresses). Create inside a running event loop."""
 
-    def __init__(self, prefill: str = "localhost:50051", decode: str = "localhost:50052",
+    def __init__(self, prefill: str | Sequence[str] = "localhost:50051",
+                 decode: str | Sequence[str] = "localhost:50052",
                  timeout_s: float = 120.0, security: Security | None = None,
-                 channel_options: Iterable[tuple[str, object]] = ()) -> None:
-        """`security`: TLS / mutual TLS / bearer token for both channels (None: plaintext).
+                 channel_options: Iterable[tuple[str, object]] = (),
+                 interval_s: float = 1.0) -> None:
+        """`security`: TLS / mutual TLS / bearer token for every channel (None: plaintext).
         `channel_options`: more gRPC channel arguments, e.g. a long-lived client's
-        `grpc.max_reconnect_backoff_ms` (client/openai_api/server.py)."""
+        `grpc.max_reconnect_backoff_ms` (client/openai_api/server.py). `interval_s`: how
+        often each service is polled for health and load when there are several."""
         self.timeout_s = timeout_s
-        options = [*_MAX_MSG, *channel_options]
-        self._pch = open_channel(prefill, options, security)
-        self._dch = open_channel(decode, options, security)
-        self.prefill, self.decode = pbg.PrefillServiceStub(self._pch), pbg.DecodeServiceStub(self._dch)
+        self.router = Router(prefill, decode, security=security,
+                             channel_options=[*_MAX_MSG, *channel_options], interval_s=interval_s)
+        first = {r: (v[0].stub if v else None) for r, v in self.router.instances.items()}
+        # the stubs of a single pair (None for dns:/// names)
+        self.prefill, self.decode = first["prefill"], first["decode"]
         self._decode_info: pb.ServiceInfo | None = None
 
     async def __aenter__(self) -> HybridClient:
@@ -95,16 +109,32 @@ class HybridClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._pch.close()
-        await self._dch.close()
+        await self.router.close()
 
     async def decode_info(self) -> pb.ServiceInfo:
+        """The decode service's Info (cached); with several, a SERVING one's last poll
+        (they serve one model)."""
+        if self.router.polled:
+            return (await self._serving("decode")).info
         if self._decode_info is None:
             self._decode_info = await _call(self.decode.Info(pb.InfoRequest(), timeout=10.0))
         return self._decode_info
 
     async def prefill_info(self) -> pb.ServiceInfo:
-        return await _call(self.prefill.Info(pb.InfoRequest(), timeout=10.0))
+        stub = (await self._serving("prefill")).stub if self.router.polled else self.prefill
+        return await _call(stub.Info(pb.InfoRequest(), timeout=10.0))
+
+    async def _serving(self, role: str) -> Instance:
+        await self.router.start()
+        inst = self.router.any_serving(role)
+        if inst is None or inst.info is None:
+            raise errors.Unavailable(f"no {role} service is SERVING: "
+                                     f"{states(self.router.instances[role])}")
+        return inst
+
+    def routes(self) -> list[dict]:
+        """Each service's state, load counters and this client's requests on it."""
+        return self.router.snapshot()
 
     async def generate(self, prompt: str | None = None, *,
                        on_chunk: Callable[[list[int], str], None] | None = None,
@@ -129,10 +159,27 @@ class HybridClient:
             raise errors.InvalidArgument(f"kv transport must be shm or grpc, not {kv_transport!r}")
         t0 = time.perf_counter()
         deadline = time.monotonic() + self.timeout_s
-        info = await self.decode_info()
+        p, d = await self.router.pick()  # the least-loaded SERVING pair (or the only one)
+        failed: BaseException | None = None
+        try:  # aclosing: a consumer that stops early hangs up the calls at once
+            async with contextlib.aclosing(self._stream(
+                    p, d, t0, deadline, prompt, prompt_ids, max_new_tokens, params, stop_ids,
+                    ignore_eos, kv_transport, request_id, stop)) as items:
+                async for item in items:
+                    yield item
+        except BaseException as e:
+            failed = e
+            raise
+        finally:
+            self.router.done(p, d, failed=failed)  # UNAVAILABLE: both are polled now
+
+    async def _stream(self, p: Instance, d: Instance, t0: float, deadline: float, prompt,
+                      prompt_ids, max_new_tokens, params, stop_ids, ignore_eos, kv_transport,
+                      request_id, stop):
+        info = await self.decode_info() if not self.router.polled else d.info
         params = params.with_seed()  # both stages must draw from the same seed
         rid = request_id or uuid.uuid4().hex[:16]
-        pcall = self.prefill.Prefill(pb.PrefillRequest(
+        pcall = p.stub.Prefill(pb.PrefillRequest(
             request_id=rid, prompt=prompt or "", prompt_ids=list(prompt_ids or ()),
             layout=info.kv_layout, sampling=sampling_proto(params),
             max_new_tokens=max_new_tokens, expected_fingerprint=info.weights_fingerprint,
@@ -142,7 +189,7 @@ class HybridClient:
         acc = _Tokens(t0)
         try:
             handle = await _first_handle(pcall)
-            gcall = self.decode.Generate(pb.GenerateRequest(
+            gcall = d.stub.Generate(pb.GenerateRequest(
                 request_id=rid, handle=handle, sampling=sampling_proto(params),
                 max_new_tokens=max_new_tokens, stop_ids=list(stop_ids),
                 transport=TRANSPORTS[kv_transport], ignore_eos=ignore_eos, stop=list(stop)),
@@ -158,8 +205,9 @@ class HybridClient:
             if pdone_task is not None and not pdone_task.done():
                 pdone_task.cancel()
             if handle is not None and acc.done is None:  # decode may never release it
-                await _release_quietly(self.prefill, rid, handle)
-        yield _result(rid, handle, acc, pdone, (time.perf_counter() - t0) * 1e3, info)
+                await _release_quietly(p.stub, rid, handle)
+        yield _result(rid, handle, acc, pdone, (time.perf_counter() - t0) * 1e3, info,
+                      p.address, d.address)
 
 
 class _Tokens:
@@ -236,7 +284,8 @@ def _left(deadline: float) -> float:
     return left
 
 
-def _result(rid, handle, acc: _Tokens, pdone, total_ms, info) -> RemoteResult:
+def _result(rid, handle, acc: _Tokens, pdone, total_ms, info, prefill: str = "",
+            decode: str = "") -> RemoteResult:
     pt, dt = pdone.timings, acc.done.timings
     timings = {
         "prefill_ms": pt.prefill_ms, "decode_ms": dt.decode_ms, "total_ms": total_ms,
@@ -251,7 +300,7 @@ def _result(rid, handle, acc: _Tokens, pdone, total_ms, info) -> RemoteResult:
     return RemoteResult(acc.ids, "".join(acc.texts), acc.done.finish_reason, handle.model,
                         handle.weights_fingerprint, info.synthetic, timings, rid,
                         acc.done.backend, list(handle.prompt_ids),
-                        f"prefill {pdone.device}, decode {info.device}", dtype)
+                        f"prefill {pdone.device}, decode {info.device}", dtype, prefill, decode)
 
 
 async def health(target: str, service: str = "", timeout_s: float = 5.0,

@@ -13,17 +13,30 @@ from protos import hybrid_pb2 as pb
 _TARGETS = {"prefill": "localhost:50051", "decode": "localhost:50052"}
 
 
-def _targets(prefill: str, decode: str, which: str) -> dict[str, str]:
-    t = {"prefill": prefill, "decode": decode}
-    return t if which == "both" else {which: t[which]}
+def _targets(prefill: str, decode: str, which: str) -> list[tuple[str, str, str]]:
+    """(label, role, address) of each service asked about; comma-separated lists give
+    one each, labelled `role address` (a single one keeps the plain role label)."""
+    from engine.errors import InvalidArgument
+    from transport.endpoints import split
+
+    out = []
+    for role, spec in (("prefill", prefill), ("decode", decode)):
+        if which not in ("both", role):
+            continue
+        try:
+            addrs = split(spec, f"--{role} address")
+        except InvalidArgument as e:
+            raise click.UsageError(str(e)) from None
+        out += [(role if len(addrs) == 1 else f"{role} {a}", role, a) for a in addrs]
+    return out
 
 
 _which = click.option("--service", "which", type=click.Choice(["prefill", "decode", "both"]),
                       default="both", show_default=True, help="which service(s) to ask")
 _addrs = [click.option("--prefill", default=_TARGETS["prefill"], show_default=True,
-                       help="address (host:port) of the prefill service"),
+                       help="address (host:port) of the prefill service; comma-separated: each"),
           click.option("--decode", default=_TARGETS["decode"], show_default=True,
-                       help="address (host:port) of the decode service")]
+                       help="address (host:port) of the decode service; comma-separated: each")]
 
 
 def _with_addrs(f):
@@ -43,15 +56,15 @@ def health(prefill: str, decode: str, which: str, **tls: str | None) -> None:
 
     security = security_or_exit(**pop_security(tls))
     bad = False
-    for name, target in _targets(prefill, decode, which).items():
+    for _, role, target in _targets(prefill, decode, which):
         try:
             status = asyncio.run(check(target, security=security))
         except Exception as e:
             status = f"UNREACHABLE ({e})"
         bad |= status != "SERVING"
-        if status == "NOT_SERVING" and (why := _why(name, target, security)):
+        if status == "NOT_SERVING" and (why := _why(role, target, security)):
             status = f"{status} ({why})"
-        click.echo(f"{name:8s} {target:22s} {status}")
+        click.echo(f"{role:8s} {target:22s} {status}")
     if bad:
         raise SystemExit(1)
 
@@ -66,9 +79,9 @@ def info(prefill: str, decode: str, which: str, as_json: bool, **tls: str | None
 
     security = security_or_exit(**pop_security(tls))
     out = {}
-    for name, target in _targets(prefill, decode, which).items():
+    for name, role, target in _targets(prefill, decode, which):
         try:
-            msg = asyncio.run(_info(name, target, security))
+            msg = asyncio.run(_info(role, target, security))
         except Exception as e:
             raise click.ClickException(f"{name} at {target}: {e}") from None
         # MessageToDict writes uint64 as strings: keep the counters as numbers, sorted.

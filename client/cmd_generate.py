@@ -36,8 +36,11 @@ DEFAULT_MODEL = "synthetic:gpt2"
 @click.option("--dtype", default="auto", show_default=True,
               help="--local: auto (fp32 on CPU, fp16 on CUDA), float32, float16, bfloat16.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@click.option("--prefill", default="localhost:50051", show_default=True, help="Prefill service.")
-@click.option("--decode", default="localhost:50052", show_default=True, help="Decode service.")
+@click.option("--prefill", default="localhost:50051", show_default=True,
+              help="Prefill service(s): host:port, comma-separated, or dns:///name:port.")
+@click.option("--decode", default="localhost:50052", show_default=True,
+              help="Decode service(s), as --prefill: the request goes to the least-loaded "
+                   "SERVING pair (docs/routing.md).")
 @click.option("--kv-transport", type=click.Choice(["shm", "grpc"]), default="shm", show_default=True,
               help="KV hand-off: shared memory (same host) or gRPC fetch.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per request.")

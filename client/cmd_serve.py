@@ -23,7 +23,8 @@ def _opt(*names: str, env: str, **kw):
 @_opt("--dtype", env="DTYPE", default="auto", help="auto | float16 | bfloat16 | float32")
 @_opt("--backend", env="BACKEND", default="gpu", help="decode backend: gpu | fpga-emu | fpga-xrt")
 @_opt("--prefill", "prefill_addr", env="PREFILL", default="localhost:50051",
-      help="decode, openai: the prefill service (Release, FetchKv)")
+      help="decode, openai: the prefill service(s), comma-separated (A,B; dns:///name:port "
+           "for every address a name resolves to); docs/routing.md")
 @_opt("--max-batch", env="MAX_BATCH", type=click.IntRange(min=1), default=64,
       help="decode, gpu backend: batch rows of the engine loop (continuous batching; "
            "one CUDA graph per bucket 1, 2, 4, ... up to this)")
@@ -58,7 +59,8 @@ def _opt(*names: str, env: str, **kw):
 @_opt("--metrics-port", env="METRICS_PORT", type=click.IntRange(0, 65535), default=0,
       help="serve Prometheus metrics at http://HOST:PORT/metrics (plaintext, no token); 0 = off")
 @_opt("--decode", "decode_addr", env="DECODE", default="localhost:50052",
-      help="openai: the decode service")
+      help="openai: the decode service(s), comma-separated; requests go to the least "
+           "loaded SERVING pair")
 @_opt("--model-dir", env="MODEL_DIR", default=None,
       help="openai: HF checkpoint dir whose chat template (tokenizer_config.json) chat uses")
 @_opt("--api-key-file", env="API_KEY_FILE", default=None,
@@ -123,7 +125,9 @@ def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_ba
     else:
         from fpga_service.server import DecodeOptions
         from fpga_service.server import serve as run
+        from transport.endpoints import split
 
+        prefill_addr = ",".join(split(prefill_addr, "--prefill address"))  # checked now
         run(DecodeOptions(port=50052 if port is None else port, backend=backend,
                           prefill=prefill_addr, max_active=max_active or max(16, 2 * max_batch),
                           max_batch=max_batch, **common))

@@ -12,7 +12,7 @@ import asyncio
 import os
 import sys
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine import errors
@@ -27,14 +27,16 @@ if TYPE_CHECKING:
 def run_remote(
     prompt: str | None = None, *, prompt_ids: Iterable[int] | None = None,
     max_new_tokens: int, params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen
-    prefill: str = "localhost:50051", decode: str = "localhost:50052",
-    kv_transport: str = "shm", stop_ids: Iterable[int] = (), ignore_eos: bool = False,
+    prefill: str | Sequence[str] = "localhost:50051",
+    decode: str | Sequence[str] = "localhost:50052", kv_transport: str = "shm", stop_ids: Iterable[int] = (), ignore_eos: bool = False,
     stop: Iterable[str] = (), on_chunk: Callable[[list[int], str], None] | None = None,
     timeout_s: float = 120.0, security: Security | None = None, model: str | None = None,
 ) -> RemoteResult:
     """Generate through the services; each (ids, text piece) goes to `on_chunk` as it
     arrives. Raises the engine.errors class of the gRPC status (one clear message).
-    `security`: TLS / mutual TLS / bearer token for both channels (None: plaintext).
+    `prefill`, `decode`: an address each, or comma-separated lists / lists of addresses
+    (client/router.py: the least-loaded SERVING pair serves the request).
+    `security`: TLS / mutual TLS / bearer token for every channel (None: plaintext).
     `model`: the model the caller asked for; InvalidArgument when the pair serves another."""
 
     async def run() -> RemoteResult:

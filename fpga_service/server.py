@@ -31,7 +31,7 @@ class DecodeOptions:
     dtype: str = "auto"
     backend: str = "gpu"
     max_batch: int = 64                # engine batch rows
-    prefill: str = "localhost:50051"   # where Release / FetchKv go
+    prefill: str = "localhost:50051"   # its prefill(s), comma-separated: Attach, Release, FetchKv
     max_active: int = 16
     max_queue: int = 128
     wait_timeout_s: float = 60.0
@@ -56,7 +56,8 @@ async def _serve(opts: DecodeOptions) -> None:
         lambda s: kit.add_service(s, "DecodeService", kit.late_servicer(
             pbg.DecodeServiceServicer, holder, ("Generate",), ("Info",))),
         [SERVICE], security=opts.security, reflection=opts.reflection,
-        max_rpcs=opts.max_active + opts.max_queue + kit.SPARE_RPCS)
+        max_rpcs=opts.max_active + opts.max_queue + kit.SPARE_RPCS,
+        max_request_bytes=kit.request_limit(opts.model))
     port = kit.add_port(server, f"{opts.host}:{opts.port}", opts.security)
     await server.start()  # health answers NOT_SERVING while the backend loads
     log.info("decode listening on %s:%d (backend %s, %s on %s/%s)", opts.host, port,
@@ -79,7 +80,9 @@ async def _serve(opts: DecodeOptions) -> None:
         servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s,
                                   security=opts.security,
                                   consumer=f"{socket.gethostname()}:{port}")
-        premap = asyncio.create_task(servicer.premap_region())  # not a condition of SERVING
+        # attach to every prefill, map regions ahead, notice restarts (not a condition of
+        # SERVING: requests attach on demand too)
+        premap = asyncio.create_task(servicer.keep_attached())
         if opts.warm_up:
             from .warmup import warm_up
 

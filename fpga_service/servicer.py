@@ -29,6 +29,7 @@ from transport.reader import ReaderPool
 
 from .backends.base import DecodeBackend, DecodeSpec
 from .ingest import FetchReceiver, IngestStats, KvReceiver, ShmReceiver
+from .prefills import PrefillLink, PrefillSet, choose_transport, rpc_code
 from .token_bridge import TokenBridge
 
 log = logging.getLogger("hybrid.decode")
@@ -36,8 +37,9 @@ VERSION = "0.1.0"
 
 
 class DecodeServicer(pbg.DecodeServiceServicer):
-    def __init__(self, backend: DecodeBackend, prefill_addr: str, admission: kit.Admission,
-                 wait_timeout_s: float = 60.0, security=None, consumer: str = "") -> None:
+    def __init__(self, backend: DecodeBackend, prefill_addr: str | list[str],
+                 admission: kit.Admission, wait_timeout_s: float = 60.0, security=None,
+                 consumer: str = "") -> None:
         self.backend, self.admission = backend, admission
         info = backend.info()
         self.fingerprint, self.model = info["fingerprint"], info["model"]
@@ -46,10 +48,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         self.wait_timeout_s = wait_timeout_s
         self.pool = ThreadPoolExecutor(admission.max_active * 2 + 2, "decode")
         self.readers = ReaderPool()  # one read-only mapping per prefill region
-        # decode is a client of prefill: its cert as client cert, its CA, its token
-        self.channel = kit.channel(prefill_addr, [
-            ("grpc.max_receive_message_length", kit.MAX_MESSAGE_BYTES)], security)
-        self.prefill = pbg.PrefillServiceStub(self.channel)
+        # decode is a client of each of its prefills (`--prefill A,B`): one channel each,
+        # its cert as client cert, its CA, its token (fpga_service/prefills.py)
+        self.prefills = PrefillSet(prefill_addr, security)
         # Reported as Info trailing metadata: how KV reached us (shm vs grpc), sessions.
         self.stats: Counter = Counter()
         # Every backend decodes in its engine loop (engine/llm_engine.py): tokens reach
@@ -62,18 +63,16 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         # prefill frees at once the slots its dead predecessor held.
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.consumer_epoch = time.time_ns()
-        self.paired: tuple[str, int] | None = None  # (region, epoch): the only one we read
-        self._attach_lock = asyncio.Lock()
-        self._attached_at = 0.0
+        self._attached_at = 0.0  # last Attach of every prefill (re-attach rate limit)
         # Why this decode must not serve although it runs: its weights differ from its
-        # prefill's (learnt from Attach). Health NOT_SERVING through `on_pairing` (the
-        # server's hook), the reason in Info; "" when the pair matches.
+        # prefills' (learnt from Attach; every attached one differs). Health NOT_SERVING
+        # through `on_pairing` (the server's hook), the reason in Info; "" when one matches.
         self.not_serving = ""
         self.on_pairing: Callable[[str], None] | None = None
         self._background: set[asyncio.Task] = set()  # releases that outlive their request
 
     async def close(self) -> None:
-        await self.channel.close()
+        await self.prefills.close()
         self.readers.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -83,19 +82,24 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         t0 = time.perf_counter()
         fields: dict[str, Any] = {}
         obs = prom.Request("decode")  # metrics: observed from `fields` in the finally
-        lease = None
+        lease = owner = None
         try:
             rid = limits.request_id(request.request_id or request.handle.request_id)
-            spec, desc, transport = self._check(request, rid)
-            await self._check_paired(desc)
+            spec, desc, asked = self._check(request, rid)
+            owner = await self._owner(desc)  # the prefill that lent this region, or refused
+            transport = choose_transport(asked, owner.local)
+            if transport != asked:  # prefill on another host: FetchKv, not the region
+                fields["kv_auto"] = "remote-region"
+                self.stats["grpc_auto_requests"] += 1
             fields.update(n_prompt=spec.n_prompt, max_new=spec.max_new_tokens, kv=transport)
             # the slot stays ours however long this request waits here (admission, KV
             # blocks): renewed until its bytes are ingested and it is released
-            lease = asyncio.create_task(self._keep_lease(request, rid, fields))
+            lease = asyncio.create_task(self._keep_lease(request, rid, fields, owner))
             async with self.admission.slot() as queue_ms:
                 fields["queue_ms"] = round(queue_ms, 2)
                 obs.admitted(queue_ms)
-                async for msg in self._generate(request, spec, desc, transport, context, fields):
+                async for msg in self._generate(request, spec, desc, transport, context, fields,
+                                                owner):
                     obs.sent(msg)
                     yield msg
             fields["status"] = "OK"
@@ -105,17 +109,21 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             self.stats["cancelled"] += 1
             if not fields.get("released") and request.handle.HasField("kv"):
                 fields["released"] = True  # we noticed: the slot goes back now, not at lease end
-                self._in_background(self._release(request, rid))
+                self._in_background(self._release(request, rid, owner or self._owner_of(request)))
             raise
         except Exception as e:
             code = kit.status_of(e)
             fields["status"] = code.name
             self.stats[f"status_{code.name.lower()}"] += 1
             if not fields.get("released") and request.handle.HasField("kv"):
-                await self._release(request, rid)  # refused: nobody will consume the slot
+                # refused: nobody will consume the slot. Only to the prefill that lent its
+                # region: a handle of any other region is not ours to release
+                await self._release(request, rid, owner or self._owner_of(request))
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("internal error id=%s", rid)
-            await context.abort(code, str(e) or type(e).__name__)
+            # an upstream call's error carries its own details, not the call object's repr
+            detail = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            await context.abort(code, detail or type(e).__name__)
         finally:
             if lease is not None:
                 lease.cancel()
@@ -123,7 +131,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             log.info("generate id=%s %s", rid, " ".join(f"{k}={v}" for k, v in fields.items()))
             obs.done(fields)
 
-    async def _keep_lease(self, request, rid: str, fields: dict) -> None:
+    async def _keep_lease(self, request, rid: str, fields: dict, owner: PrefillLink) -> None:
         """Claim the slot for this instance at once (a restart of ours then reclaims it),
         then renew its lease a third of it apart until it is released."""
         period = max(0.05, request.handle.lease_ms / 3e3) if request.handle.lease_ms else 5.0
@@ -131,7 +139,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                                 consumer_epoch=self.consumer_epoch)
         while not fields.get("released"):
             try:
-                await self.prefill.RenewLease(claim, timeout=5.0)
+                await owner.stub.RenewLease(claim, timeout=5.0)
             except grpc.aio.AioRpcError as e:  # the read reports a lost slot precisely
                 log.debug("renew id=%s: %s", rid, e.code().name)
                 return
@@ -142,30 +150,66 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def attach(self) -> tuple[str, int]:
-        """Attach to the prefill service: learn the one region this decode may read (a
-        handle naming any other is refused before a file is opened), and have prefill
-        free what an earlier instance of ours held. Again when prefill restarts."""
-        async with self._attach_lock:
-            reply = await self.prefill.Attach(pb.AttachRequest(
-                consumer=self.consumer, consumer_epoch=self.consumer_epoch), timeout=5.0)
-            paired = (reply.region.lstrip("/"), reply.region_epoch)
-            self._check_weights(reply.weights_fingerprint)
-            if paired != self.paired:
-                log.info("attached to prefill region %s epoch %d (was %s); prefill freed %d "
-                         "slot(s) an earlier instance held", reply.region, reply.region_epoch,
-                         self.paired, reply.reclaimed)
-            self.paired, self._attached_at = paired, time.monotonic()
-            return paired
+    async def attach(self) -> list[tuple[PrefillLink, BaseException | None]]:
+        """Attach to every prefill service (at once): learn the one region each lets this
+        decode read (a handle naming any other is refused before a file is opened), and
+        have each free what an earlier instance of ours held. Again when a handle names
+        an unknown region (a prefill restarted), at most twice a second. dns:/// names
+        are looked up again first. Returns each prefill and its error (None: attached)."""
+        await self.prefills.resolve()
+        links = list(self.prefills)
+        errs = await asyncio.gather(*(self.attach_one(link) for link in links),
+                                    return_exceptions=True)
+        self._attached_at = time.monotonic()
+        self._update_not_serving()
+        return [(link, e if isinstance(e, BaseException) else None)
+                for link, e in zip(links, errs, strict=True)]
 
-    def _check_weights(self, prefill_fingerprint: str) -> None:
-        """Compare prefill's weights (AttachReply) with ours: a pair whose weights differ
-        would fail every request, so say so once (ERROR), in health and in Info."""
+    async def attach_one(self, link: PrefillLink) -> tuple[str, int]:
+        async with link.lock:
+            try:
+                reply = await link.stub.Attach(pb.AttachRequest(
+                    consumer=self.consumer, consumer_epoch=self.consumer_epoch), timeout=5.0)
+            except grpc.aio.AioRpcError as e:
+                link.state = f"unreachable: {e.code().name}"
+                raise
+            was = link.paired
+            if self.prefills.paired(link, reply):
+                log.info("attached to prefill %s region %s epoch %d (was %s; %s); prefill "
+                         "freed %d slot(s) an earlier instance held", link.address,
+                         reply.region, reply.region_epoch, was,
+                         "on this host: shm" if link.local else "not on this host: FetchKv",
+                         reply.reclaimed)
+            link.weights = self._weights_reason(reply.weights_fingerprint)
+            return link.paired
+
+    def _weights_reason(self, prefill_fingerprint: str) -> str:
         theirs = prefill_fingerprint
-        reason = "" if not theirs or theirs == self.fingerprint else (
+        return "" if not theirs or theirs == self.fingerprint else (
             f"weights differ from the prefill service's: prefill fingerprint {theirs}, "
             f"decode fingerprint {self.fingerprint} (decode model {self.model}); start both "
             f"services with the same --model")
+
+    def _update_not_serving(self) -> None:
+        """Compare prefills' weights (AttachReply) with ours: a decode whose every
+        attached prefill has other weights would fail every request, so say so once
+        (ERROR), in health and in Info. With several prefills, one that differs while
+        another matches is logged (its handles get FAILED_PRECONDITION) and we serve."""
+        links = list(self.prefills)
+        bad = [link for link in links if link.weights]
+        good = any(link.paired and not link.weights for link in links)
+        if len(links) > 1:
+            for link in bad:
+                if link.weights != link.logged:
+                    link.logged = link.weights
+                    log.error("prefill %s: %s; its handles are refused", link.address,
+                              link.weights)
+        if bad and not good:
+            reason = bad[0].weights if len(links) == 1 else (
+                "the weights of every attached prefill service differ from ours: " +
+                "; ".join(f"{link.address}: {link.weights}" for link in bad))
+        else:
+            reason = ""
         if reason == self.not_serving:
             return
         if reason:
@@ -176,18 +220,27 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         if self.on_pairing is not None:
             self.on_pairing(reason)
 
-    async def _check_paired(self, desc: Any) -> None:
-        """The handle must name our prefill's region and epoch. A mismatch re-asks
-        prefill (it may have restarted), at most twice a second."""
-        key = (desc.region.lstrip("/"), desc.epoch)
-        if key != self.paired and time.monotonic() - self._attached_at > 0.5:
-            try:
-                await self.attach()
-            except grpc.aio.AioRpcError as e:
-                raise Unavailable(f"prefill service unreachable: {e.code().name}") from None
-        if key != self.paired:
-            raise InvalidArgument("KV handle is not from this decode service's prefill "
-                                  "service (or from before it restarted)")
+    async def _owner(self, desc: Any) -> PrefillLink:
+        """The prefill whose Attach lent the handle's region and epoch. A mismatch
+        re-asks every prefill (one may have restarted), at most twice a second; still
+        none: refused (nothing was opened)."""
+        owner = self.prefills.owner(desc.region, desc.epoch)
+        attached: list = []
+        if owner is None and time.monotonic() - self._attached_at > 0.5:
+            attached = await self.attach()
+            owner = self.prefills.owner(desc.region, desc.epoch)
+        if owner is not None:
+            return owner
+        down = [(link, e) for link, e in attached if e is not None]
+        if down:  # the handle may be from a prefill we cannot reach now
+            raise Unavailable("prefill service unreachable: " + ", ".join(
+                f"{link.address} {rpc_code(e)}" for link, e in down))
+        raise InvalidArgument("KV handle is not from one of this decode service's prefill "
+                              "services (or from before it restarted)")
+
+    def _owner_of(self, request) -> PrefillLink | None:
+        kv = request.handle.kv
+        return self.prefills.owner(kv.region, kv.epoch)
 
     def _check(self, request: pb.GenerateRequest, rid: str) -> tuple[DecodeSpec, Any, str]:
         from transport.descriptor import KvDescriptor
@@ -227,21 +280,26 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         return spec, KvDescriptor.from_proto(kv), transport
 
     async def _generate(self, request, spec: DecodeSpec, desc: Any, transport: str,
-                        context, fields: dict):
+                        context, fields: dict, owner: PrefillLink):
         loop = asyncio.get_running_loop()
         timeout = self.wait_timeout_s
         if context.time_remaining() is not None:
             timeout = min(timeout, max(0.0, context.time_remaining()))
         session = await loop.run_in_executor(self.pool, self.backend.open_session, spec)
         stop = threading.Event()
-        release, tokens = None, None
+        tokens = None
         try:
             t_ingest = time.perf_counter()
-            first, ist = await self._ingest(request, session, desc, transport, timeout, stop)
+            first, ist = await self._ingest(request, session, desc, transport, timeout, stop,
+                                            owner)
             ingest_ms = (time.perf_counter() - t_ingest) * 1e3
             # The slot's bytes are in device memory: give it back, without making the
             # first token wait for that round trip to prefill.
-            release = asyncio.create_task(self._release(request, spec.request_id))
+            # In the background: a cancel of this handler must not cancel the Release
+            # (the slot would stay held for a lease), and the stream's end must not wait
+            # for prefill's answer (a stalled prefill would turn a finished stream into
+            # DEADLINE_EXCEEDED).
+            self._in_background(self._release(request, spec.request_id, owner))
             fields["released"] = True
             fields.update(kv_bytes=ist.bytes, ingest_ms=round(ingest_ms, 2),
                           ingest_wait_ms=round(ist.wait_ms, 2))
@@ -274,10 +332,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             if tokens is not None:
                 await tokens.aclose()
             session.close()  # a cancel command to the engine loop: does not block
-            released = await release if release is not None else False
-            if not released:
+            if not fields.get("released"):  # never ingested: nobody else will consume it
                 fields["released"] = True
-                await self._release(request, spec.request_id)
+                self._in_background(self._release(request, spec.request_id, owner))
 
     def _done(self, session, finish: str, n: int, ingest_ms: float, ist: IngestStats,
               fields: dict) -> pb.GenerateResponse:
@@ -294,16 +351,16 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
 
     def _receiver(self, request, desc, transport: str, timeout: float, ist: IngestStats,
-                  stop: threading.Event) -> KvReceiver:
+                  stop: threading.Event, owner: PrefillLink) -> KvReceiver:
         if transport == "shm":
             return ShmReceiver(desc, timeout, ist, readers=self.readers, pool=self.pool, stop=stop)
-        return FetchReceiver(desc, timeout, ist, stub=self.prefill,
+        return FetchReceiver(desc, timeout, ist, stub=owner.stub,
                              request_id=request.handle.request_id)
 
     async def _ingest(self, request, session, desc, transport: str, timeout: float,
-                      stop: threading.Event):
+                      stop: threading.Event, owner: PrefillLink):
         ist = IngestStats()
-        rx = self._receiver(request, desc, transport, timeout, ist, stop)
+        rx = self._receiver(request, desc, transport, timeout, ist, stop, owner)
         if hasattr(session, "prompt_buffer"):  # the engine takes the prompt in one piece
             first = await rx.into(session.prompt_buffer())
             session.ingest_staged()
@@ -332,51 +389,81 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         async for chunk in self.bridge.chunks(session.seq, self.wait_timeout_s):
             yield chunk
 
-    async def _release(self, request, rid: str) -> bool:
-        """Give the slot back to prefill now that its bytes are in device memory."""
+    async def _release(self, request, rid: str, owner: PrefillLink | None) -> bool:
+        """Give the slot back to the prefill that lent it (its bytes are in device memory,
+        or the request ended). No owner (a region none of ours lent): not ours to free."""
+        if owner is None:
+            return False
         try:
-            await self.prefill.Release(pb.LeaseRequest(request_id=rid, kv=request.handle.kv),
-                                       timeout=5.0)
+            await owner.stub.Release(pb.LeaseRequest(request_id=rid, kv=request.handle.kv),
+                                     timeout=5.0)
             return True
         except grpc.aio.AioRpcError as e:  # the lease reaper frees it anyway
             log.warning("release id=%s failed: %s %s", rid, e.code().name, e.details())
             return e.code() in (grpc.StatusCode.ABORTED, grpc.StatusCode.NOT_FOUND)
 
-    async def premap_region(self, attempts: int = 300, period_s: float = 0.2) -> str | None:
-        """Attach to prefill and map its region before the first request needs it (best
-        effort, in the background). The mapping pre-faults the whole region's page tables
-        (MAP_POPULATE: 20-60 ms for 256 MiB on this machine), which the first request
-        would pay otherwise. None when prefill never answers, is on another host (no
-        segment here: KV comes by FetchKv), or the region cannot be mapped."""
-        from transport.shm import segment_path
+    async def keep_attached(self, period_s: float = 1.0, fast_s: float = 0.2,
+                            fast_for_s: float = 60.0) -> None:
+        """In the background, for as long as the service runs: attach to every prefill
+        (every `fast_s` while one has not answered yet, for the first `fast_for_s`; then
+        every `period_s`), map each one's region ahead of requests, and ask each prefill's
+        Info every `period_s`: a restarted prefill (new region or epoch) is attached again
+        at once, so Info's `prefills` (what a router pairs by) is never stale for long."""
+        t0, rounds = time.monotonic(), 0
+        while True:
+            if rounds and rounds % 30 == 0:
+                with contextlib.suppress(Exception):
+                    await self.prefills.resolve()  # dns:/// names: new addresses
+            rounds += 1
+            links = list(self.prefills)
+            await asyncio.gather(*(self._refresh(link, period_s) for link in links),
+                                 return_exceptions=True)
+            self._update_not_serving()
+            waiting = any(link.paired is None for link in links)
+            fast = waiting and time.monotonic() - t0 < fast_for_s
+            await asyncio.sleep(fast_s if fast else period_s)
 
-        loop = asyncio.get_running_loop()
-        for _ in range(attempts):
+    async def _refresh(self, link: PrefillLink, timeout_s: float) -> None:
+        if link.paired is not None:
             try:
-                region, _ = await self.attach()
-            except grpc.aio.AioRpcError:  # not up yet (services may start in any order)
-                await asyncio.sleep(period_s)
-                continue
-            try:
-                if not region or not os.path.exists(segment_path(region)):
-                    return None
-                if self.readers.mapped(region):  # a request was quicker
-                    return region
-                t0 = time.perf_counter()
-                await loop.run_in_executor(self.pool, self.readers.get, region)
-            except HybridError as e:
-                log.info("prefill region %s not mapped ahead: %s", region, e)
+                info = await link.stub.Info(pb.InfoRequest(), timeout=max(1.0, timeout_s))
+            except grpc.aio.AioRpcError as e:
+                link.state = f"unreachable: {e.code().name}"
+                return
+            if (info.region.lstrip("/"), info.region_epoch) == link.paired:
+                link.state = "attached"
+                return
+        try:
+            await self.attach_one(link)  # first time, or prefill restarted
+        except grpc.aio.AioRpcError:  # not up yet (services may start in any order)
+            return
+        await self.premap_region(link)
+
+    async def premap_region(self, link: PrefillLink) -> str | None:
+        """Map an attached prefill's region ahead. The mapping pre-faults the whole
+        region's page tables (MAP_POPULATE: 20-60 ms for 256 MiB on this machine), which
+        the first request would pay otherwise. None when the prefill is on another host
+        (no segment here: KV comes by FetchKv) or the region cannot be mapped."""
+        region = link.paired[0] if link.paired else ""
+        try:
+            if not region or not link.local:
                 return None
-            log.info("mapped prefill region %s ahead of requests in %.1f ms", region,
-                     (time.perf_counter() - t0) * 1e3)
-            return region
-        return None
+            if self.readers.mapped(region):  # a request was quicker
+                return region
+            t0 = time.perf_counter()
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.readers.get,
+                                                             region)
+        except HybridError as e:
+            log.info("prefill region %s not mapped ahead: %s", region, e)
+            return None
+        log.info("mapped prefill region %s ahead of requests in %.1f ms", region,
+                 (time.perf_counter() - t0) * 1e3)
+        return region
 
     # ---- Info ----------------------------------------------------------------------
     async def Info(self, request, context):
         if self.not_serving and time.monotonic() - self._attached_at > 0.5:
-            with contextlib.suppress(grpc.aio.AioRpcError):  # prefill restarted, fixed?
-                await self.attach()
+            await self.attach()  # a prefill restarted with our weights? (errors: per link)
         c, b = self.config, self.backend
         info = b.info()
         metrics = dict(self.stats) | {"active": self.admission.active,
@@ -390,7 +477,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             backend=b.name, kv_layout=kit.LAYOUTS[b.kv_layout], dtype=kit.DTYPES[b.kv_dtype],
             max_positions=c.max_positions, synthetic=bool(getattr(self.tokenizer, "synthetic", False)),
             n_layers=c.n_layers, version=VERSION, counters=kit.counters_proto(metrics),
-            not_serving=self.not_serving)
+            not_serving=self.not_serving, prefills=[link.proto() for link in self.prefills])
 
 
 def _tokens(ids: list[int], text: str) -> pb.GenerateResponse:

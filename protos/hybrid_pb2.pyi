@@ -227,7 +227,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("model", "weights_fingerprint", "device", "backend", "kv_layout", "dtype", "region", "region_bytes", "max_positions", "synthetic", "n_layers", "version", "counters", "region_epoch", "not_serving")
+    __slots__ = ("model", "weights_fingerprint", "device", "backend", "kv_layout", "dtype", "region", "region_bytes", "max_positions", "synthetic", "n_layers", "version", "counters", "region_epoch", "not_serving", "prefills")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +250,7 @@ class ServiceInfo(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     REGION_EPOCH_FIELD_NUMBER: _ClassVar[int]
     NOT_SERVING_FIELD_NUMBER: _ClassVar[int]
+    PREFILLS_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights_fingerprint: str
     device: str
@@ -265,7 +266,22 @@ class ServiceInfo(_message.Message):
     counters: _containers.ScalarMap[str, int]
     region_epoch: int
     not_serving: str
-    def __init__(self, model: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., region: _Optional[str] = ..., region_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., synthetic: _Optional[bool] = ..., n_layers: _Optional[int] = ..., version: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., region_epoch: _Optional[int] = ..., not_serving: _Optional[str] = ...) -> None: ...
+    prefills: _containers.RepeatedCompositeFieldContainer[PairedPrefill]
+    def __init__(self, model: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., region: _Optional[str] = ..., region_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., synthetic: _Optional[bool] = ..., n_layers: _Optional[int] = ..., version: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., region_epoch: _Optional[int] = ..., not_serving: _Optional[str] = ..., prefills: _Optional[_Iterable[_Union[PairedPrefill, _Mapping]]] = ...) -> None: ...
+
+class PairedPrefill(_message.Message):
+    __slots__ = ("address", "region", "region_epoch", "local", "state")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    REGION_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    region: str
+    region_epoch: int
+    local: bool
+    state: str
+    def __init__(self, address: _Optional[str] = ..., region: _Optional[str] = ..., region_epoch: _Optional[int] = ..., local: _Optional[bool] = ..., state: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "handle", "sampling", "max_new_tokens", "stop_ids", "transport", "ignore_eos", "stop")

@@ -14,6 +14,7 @@ import contextlib
 import math
 import mmap
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -105,6 +106,16 @@ class KvReader:
             raise Aborted(f"descriptor epoch {desc.epoch}, region epoch {self.epoch}: "
                           "the region was recreated")
         self._check_secret(desc)
+        # Then the fields as the owner published them (the digest in the slot header),
+        # before any structural check: an altered handle gets the one fixed answer, as
+        # the owner gives it, not a message about the region's geometry.
+        desc._check_ints()  # digest() packs them: out-of-range values cannot be packed
+        try:
+            digest = desc.digest()
+        except (struct.error, KeyError, TypeError):  # a layer range or enum past packing
+            raise invalid_handle() from None
+        if self._u64[self.geometry.slot_word(desc.slot) + L.S_DIGEST] != digest:
+            raise invalid_handle()
         g = self.geometry
         desc.validate(g.total_bytes, payload_offset=g.payload_offset, max_slots=g.max_slots,
                       max_layers=g.max_layers)

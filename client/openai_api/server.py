@@ -6,7 +6,8 @@ Routes (docs/openai.md): GET /v1/models (and /v1/models/{id}), POST /v1/completi
 POST /v1/chat/completions (both streaming as server-sent events with `stream: true`),
 GET /health (200 when both services are SERVING, else 503), GET /metrics when
 --metrics-port equals --port. Every request goes through ONE HybridClient, created in
-the app's lifespan. A client that hangs up cancels its gRPC calls: a stream is closed
+the app's lifespan; `--prefill A,B --decode C,D,E` spread requests over several services
+(client/router.py, docs/routing.md). A client that hangs up cancels its gRPC calls: a stream is closed
 (HybridClient.stream's finally cancels Prefill and Generate and releases the slot), a
 non-streaming request's task is cancelled when the HTTP disconnect arrives.
 """
@@ -55,7 +56,7 @@ _ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "
 
 @dataclass(frozen=True)
 class OpenAIOptions:
-    prefill: str = "localhost:50051"
+    prefill: str = "localhost:50051"  # or comma-separated lists (client/router.py)
     decode: str = "localhost:50052"
     host: str = "127.0.0.1"
     port: int = 8000
@@ -242,6 +243,9 @@ class _API:
                 "owned_by": "hybrid-llm", "max_model_len": info.max_positions}
 
     async def health(self, request: Request) -> Response:
+        if self.client is not None and self.client.router.polled:
+            return self._health_routed()
+
         async def status(target: str) -> str:
             try:
                 return await health(target, timeout_s=2.0, security=self.opts.security)
@@ -252,6 +256,29 @@ class _API:
         ok = p == d == "SERVING"
         return JSONResponse({"status": "ok" if ok else "unavailable", "prefill": p, "decode": d},
                             status_code=200 if ok else 503)
+
+    def _health_routed(self) -> Response:
+        """Several services: 200 while the router can pair a SERVING prefill with a
+        SERVING decode attached to it (its last poll, at most one interval old); each
+        service's state in `services`."""
+        from client.router import choose
+
+        r = self.client.router
+        try:
+            choose(r.instances["prefill"], r.instances["decode"])
+            ok, why = True, ""
+        except HybridError as e:
+            ok, why = False, str(e)
+
+        def role(name: str) -> str:
+            n = sum(i.serving for i in r.instances[name])
+            return f"SERVING ({n} of {len(r.instances[name])})" if n else "UNAVAILABLE"
+
+        body = {"status": "ok" if ok else "unavailable", "prefill": role("prefill"),
+                "decode": role("decode"), "services": r.snapshot()}
+        if why:
+            body["reason"] = why
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     async def completions(self, request: Request) -> Response:
         return await self._guard(request, lambda: self._generate(request, chat=False))
