@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import time
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-dir", default=None)
     args = p.parse_args(argv)
     args.levels = [int(x) for x in args.concurrency.split(",")]
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
     pair = ServicePair(model=args.model, device=args.device, log_dir=args.log_dir).start()
     port = free_port()
     log = f"{args.log_dir}/openai.log" if args.log_dir else None
