@@ -30,10 +30,10 @@ def stage_table(timings: dict) -> list[str]:
     overlap (decode starts while prefill still copies): they do not add up to the total."""
     lines = [f"{'stage':28s} {'ms':>10s}  what it measures",
              *(f"{name:28s} {timings.get(key, 0.0):10.2f}  {what}" for key, name, what in _STAGES)]
-    if "modeled_device_ms_per_token" in timings:  # FPGA backends: U55C bandwidth model
+    if "modeled_device_ms_per_token" in timings:  # FPGA backends: the U55C cycle model
         lines.append(f"{'modeled U55C per token':28s} "
                      f"{timings['modeled_device_ms_per_token']:10.3f}  "
-                     f"the U55C bandwidth model's time per token (not measured)")
+                     f"the U55C cycle model's time per token (derived, not measured)")
     lines.append(f"{'KV bytes handed over':28s} {int(timings.get('kv_bytes', 0)):10d}  "
                  f"bytes of KV cache prefill passed to decode (not ms)")
     lines.append("(ms unless noted; stages overlap, so they do not add up to end to end)")

@@ -95,7 +95,7 @@ DECODE_SECONDS = Histogram(
     "to the engine to its last token)", buckets=LATENCY_BUCKETS, registry=None)
 DECODE_MODELED = Histogram(
     "hybrid_decode_modeled_device_seconds_per_token", "FPGA backends: modeled U55C device "
-    "time per token (bandwidth model)", buckets=TOKEN_BUCKETS, registry=None)
+    "time per token (U55C cycle model)", buckets=TOKEN_BUCKETS, registry=None)
 
 _ROLE_METRICS = {
     "prefill": (PREFILL_BATCH, PREFILL_SECONDS, KV_WRITTEN, KV_FETCHED),

@@ -283,5 +283,5 @@ class HbmDevice(ABC):
         t["modeled_ms"] += res.modeled_ms
 
     def timings(self) -> dict[str, float]:
-        """Totals since open: runs, steps, wall_ms, modeled_ms (U55C bandwidth model)."""
+        """Totals since open: runs, steps, wall_ms, modeled_ms (U55C cycle model)."""
         return dict(self._totals)
