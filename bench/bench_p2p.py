@@ -94,7 +94,7 @@ def run(tokens: list[int], repeats: int) -> list[dict]:
             row[f"{name}_ms"] = round(ms, 4)
             row[f"{name}_gb_s"] = round(nbytes / ms / 1e6, 1)
         assert torch.equal(dst.cpu(), shared.cpu()), "IPC copy differs from its source"
-        del shared
+        del shared, ipc  # the closure holds it too: release before the producer exits
         q_in.put("done")
         child.join(60)
         print(json.dumps(row), flush=True)
