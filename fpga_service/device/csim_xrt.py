@@ -5,7 +5,10 @@ XRT's pyxrt, so the XRT host sequence of docs/fpga-kernel-abi.md (device, load_x
 kernel, one bo per channel in `group_id(c)`, write + sync, run + set_arg + start + wait,
 sync back + read) drives the HLS kernel's own source, compiled by g++ (kernels.hls_build).
 
-Buffers keep a host copy and a device copy as XRT's normal buffer objects do: the kernel
+The names and buffer semantics are XRT's (src/python/pybind11/src/pyxrt.cpp); the test
+double tests/fake_pyxrt shares them (enums, uuid, bo, run's argument checks) and swaps
+only the kernel. Buffers keep a host copy and a device copy as XRT's normal buffer
+objects do: the kernel
 sees only bytes synced TO_DEVICE, the host sees the kernel's writes only after a
 FROM_DEVICE sync. Both copies are zero pages until written. `run.start()` calls the
 kernel synchronously through ctypes (the GIL is released during the call).
@@ -37,6 +40,7 @@ class ert_cmd_state(enum.IntEnum):  # noqa: N801
     ERT_CMD_STATE_ABORT = 6
     ERT_CMD_STATE_SUBMITTED = 7
     ERT_CMD_STATE_TIMEOUT = 8
+    ERT_CMD_STATE_NORESPONSE = 9
 
 
 class uuid:  # noqa: N801
@@ -71,10 +75,12 @@ class bo:  # noqa: N801
         cacheable = 1
         device_only = 2
         host_only = 3
+        p2p = 4
+        svm = 5
 
     def __init__(self, dev: device, size: int, flags: int, group: int) -> None:
         self.group = group
-        self._host = np.zeros(size, np.uint8)
+        self._host = np.zeros(size, np.uint8)   # calloc: pages are committed lazily
         self._dev = np.zeros(size, np.uint8)
 
     def size(self) -> int:

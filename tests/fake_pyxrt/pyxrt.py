@@ -8,46 +8,24 @@ Mirrors XRT's src/python/pybind11/src/pyxrt.cpp: `device(index|bdf)`,
 arguments it cannot cast. Buffers keep a host copy and a device copy: a kernel sees only
 bytes synced TO_DEVICE, the host sees kernel output only after a FROM_DEVICE sync.
 
-The kernel run executes the emulator's decode kernel on the device copies, so the XRT
-host code is exercised end to end. Knobs for failure tests live in `FAULTS`.
+The enums, uuid, buffer objects and run's argument checks are those of
+fpga_service/device/csim_xrt.py (the C-simulation pyxrt): one model of XRT's API. Here
+the kernel run executes the emulator's decode kernel on the device copies, so the XRT
+host code is exercised end to end. Knobs for failure tests live in `FAULTS`; `CALLS`
+records the API use.
 """
 
 from __future__ import annotations
 
-import enum
 import os
 import uuid as _uuid
 
-import numpy as np
+from fpga_service.device import csim_xrt
+from fpga_service.device.csim_xrt import ert_cmd_state, uuid, xclBOSyncDirection  # noqa: F401
 
 XCL_BO_FLAGS_NONE = 0
 FAULTS: dict[str, object] = {"no_device": False, "state": None}
 CALLS: list[str] = []  # what the host code did, for tests that check the API use
-
-
-class xclBOSyncDirection(enum.IntEnum):  # noqa: N801 - the real name
-    XCL_BO_SYNC_BO_TO_DEVICE = 0
-    XCL_BO_SYNC_BO_FROM_DEVICE = 1
-
-
-class ert_cmd_state(enum.IntEnum):  # noqa: N801
-    ERT_CMD_STATE_NEW = 1
-    ERT_CMD_STATE_QUEUED = 2
-    ERT_CMD_STATE_RUNNING = 3
-    ERT_CMD_STATE_COMPLETED = 4
-    ERT_CMD_STATE_ERROR = 5
-    ERT_CMD_STATE_ABORT = 6
-    ERT_CMD_STATE_SUBMITTED = 7
-    ERT_CMD_STATE_TIMEOUT = 8
-    ERT_CMD_STATE_NORESPONSE = 9
-
-
-class uuid:  # noqa: N801
-    def __init__(self, text: str) -> None:
-        self._s = text
-
-    def to_string(self) -> str:
-        return self._s
 
 
 class device:  # noqa: N801
@@ -64,45 +42,11 @@ class device:  # noqa: N801
         return uuid(str(_uuid.uuid5(_uuid.NAMESPACE_URL, path)))
 
 
-class bo:  # noqa: N801
-    class flags(enum.IntEnum):  # noqa: N801
-        normal = 0
-        cacheable = 1
-        device_only = 2
-        host_only = 3
-        p2p = 4
-        svm = 5
-
-    def __init__(self, dev: device, size: int, flags: int, group: int) -> None:
-        self.group = group
-        self._host = np.zeros(size, np.uint8)   # calloc: pages are committed lazily
-        self._dev = np.zeros(size, np.uint8)
-
-    def size(self) -> int:
-        return self._host.size
-
-    def write(self, data, seek: int) -> None:
-        src = np.frombuffer(memoryview(data).cast("B"), np.uint8)
-        self._range(seek, src.size)
-        self._host[seek : seek + src.size] = src
-
-    def read(self, size: int, skip: int) -> np.ndarray:
-        self._range(skip, size)
-        return self._host[skip : skip + size].copy().view(np.int8)
-
+class bo(csim_xrt.bo):  # noqa: N801 - XRT's buffer semantics, sync calls recorded
     def sync(self, direction: xclBOSyncDirection, size: int | None = None,
              offset: int = 0) -> None:
-        size = self._host.size - offset if size is None else size
-        self._range(offset, size)
+        super().sync(direction, size, offset)
         CALLS.append(f"sync:{int(direction)}")
-        if direction == xclBOSyncDirection.XCL_BO_SYNC_BO_TO_DEVICE:
-            self._dev[offset : offset + size] = self._host[offset : offset + size]
-        else:
-            self._host[offset : offset + size] = self._dev[offset : offset + size]
-
-    def _range(self, offset: int, size: int) -> None:
-        if offset < 0 or size < 0 or offset + size > self._host.size:
-            raise RuntimeError(f"bo range [{offset}, {offset + size}) outside {self._host.size}")
 
 
 class kernel:  # noqa: N801
@@ -130,17 +74,9 @@ class kernel:  # noqa: N801
         return r
 
 
-class run:  # noqa: N801
-    def __init__(self, k: kernel) -> None:
-        self.kernel = k
-        self.args: dict[int, object] = {}
-        self._state = ert_cmd_state.ERT_CMD_STATE_NEW
-
+class run(csim_xrt.run):  # noqa: N801 - XRT's argument checks; the emulator's kernel
     def set_arg(self, i: int, value) -> None:
-        if isinstance(value, bo) or isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value < 2**31:
-            self.args[i] = value
-        else:  # pybind11: no overload takes a float or an int beyond a C int
-            raise TypeError(f"set_arg(): incompatible function arguments: {i}, {value!r}")
+        super().set_arg(i, value)  # pybind11: no overload takes a float or a too-big int
         CALLS.append(f"set_arg:{i}")
 
     def start(self) -> None:
@@ -163,10 +99,3 @@ class run:  # noqa: N801
     def wait(self, timeout_ms: int = 0) -> ert_cmd_state:
         CALLS.append(f"wait:{timeout_ms}")
         return self._state
-
-    def state(self) -> ert_cmd_state:
-        return self._state
-
-
-for _f in bo.flags:  # pybind11's export_values(): pyxrt.bo.normal etc.
-    setattr(bo, _f.name, _f)
