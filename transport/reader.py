@@ -96,10 +96,10 @@ class KvReader:
         self.close()
 
     # -- checks -----------------------------------------------------------------
-    def validate(self, desc: KvDescriptor) -> None:
+    def validate(self, desc: KvDescriptor) -> int:
         """Every descriptor field against this region; InvalidArgument / Aborted. The
         secret is compared before anything else, so only a handle's holder ever sees a
-        message about its fields."""
+        message about its fields. Returns the descriptor's digest (checked here)."""
         if desc.region.lstrip("/") != self.name.lstrip("/"):
             raise InvalidArgument(f"descriptor for region {desc.region!r}, reader has {self.name!r}")
         if desc.epoch != self.epoch:
@@ -119,6 +119,7 @@ class KvReader:
         g = self.geometry
         desc.validate(g.total_bytes, payload_offset=g.payload_offset, max_slots=g.max_slots,
                       max_layers=g.max_layers)
+        return digest
 
     def _stored_secret(self, slot: int) -> bytes:
         a, b = self.geometry.secret_range(slot)
@@ -139,8 +140,7 @@ class KvReader:
             self.validate(desc)
             raise
         if digest is None:
-            self.validate(desc)
-            digest = desc.digest()
+            digest = self.validate(desc)
             if len(self._digests) >= 1024:
                 self._digests.clear()
             self._digests[desc] = digest
