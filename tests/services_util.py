@@ -4,6 +4,7 @@ raw stubs, local reference generation."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import time
 
@@ -50,3 +51,10 @@ def local_tokens(lm, prompt_ids: list[int], max_new: int, params) -> list[int]:
 
 def shm_segments() -> set[str]:
     return set(glob.glob("/dev/shm/hybrid-kv*"))
+
+
+@contextlib.contextmanager
+def raw_stubs(pair):
+    """Blocking (prefill, decode) stubs of a ServicePair, channels closed after."""
+    with grpc.insecure_channel(pair.prefill) as pch, grpc.insecure_channel(pair.decode) as dch:
+        yield pbg.PrefillServiceStub(pch), pbg.DecodeServiceStub(dch)

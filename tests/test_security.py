@@ -438,17 +438,11 @@ def test_token_on_plaintext_loopback_and_reflection_flag(tmp_path):
         port = kit.add_port(server, "127.0.0.1:0", security)
         await server.start()
         kit.set_health(hs, ["hybrid.v1.DecodeService"], kit.SERVING)
-        out = []
         async with Security(token_file=str(f)).channel(f"127.0.0.1:{port}") as good, \
                 grpc.aio.insecure_channel(f"127.0.0.1:{port}") as bare:
-            for call in (lambda: pbg.DecodeServiceStub(bare).Info(pb.InfoRequest()),
-                         lambda: pbg.DecodeServiceStub(good).Info(pb.InfoRequest()),
-                         lambda: _list_services(good), lambda: _health(bare)):
-                try:
-                    await call()
-                    out.append("OK")
-                except grpc.aio.AioRpcError as e:
-                    out.append(e.code().name)
+            out = await _outcomes((lambda: pbg.DecodeServiceStub(bare).Info(pb.InfoRequest()),
+                                   lambda: pbg.DecodeServiceStub(good).Info(pb.InfoRequest()),
+                                   lambda: _list_services(good), lambda: _health(bare)))
         await server.stop(0)
         return tuple(out)
 
@@ -456,6 +450,18 @@ def test_token_on_plaintext_loopback_and_reflection_flag(tmp_path):
     assert asyncio.run(codes(secured, False)) == ("UNAUTHENTICATED", "OK", "UNIMPLEMENTED", "OK")
     assert asyncio.run(codes(secured, True)) == ("UNAUTHENTICATED", "OK", "OK", "OK")
     assert asyncio.run(codes(None, False)) == ("OK", "OK", "UNIMPLEMENTED", "OK")
+
+
+async def _outcomes(calls) -> list[str]:
+    """"OK" or the status name of each awaited call, in order."""
+    out = []
+    for call in calls:
+        try:
+            await call()
+            out.append("OK")
+        except grpc.aio.AioRpcError as e:
+            out.append(e.code().name)
+    return out
 
 
 class _Leases(pbg.PrefillServiceServicer):
@@ -486,17 +492,11 @@ def test_service_role_guards_the_calls_only_decode_makes(tmp_path):
                                     ["hybrid.v1.PrefillService"], security=security)
         port = kit.add_port(server, "127.0.0.1:0", security)
         await server.start()
-        out = []
         async with Security(token_file=str(tmp_path / who)).channel(f"127.0.0.1:{port}") as ch:
             stub = pbg.PrefillServiceStub(ch)
-            for call in (lambda: stub.Release(pb.LeaseRequest()),
-                         lambda: stub.RenewLease(pb.LeaseRequest()),
-                         lambda: stub.Attach(pb.AttachRequest())):
-                try:
-                    await call()
-                    out.append("OK")
-                except grpc.aio.AioRpcError as e:
-                    out.append(e.code().name)
+            out = await _outcomes((lambda: stub.Release(pb.LeaseRequest()),
+                                   lambda: stub.RenewLease(pb.LeaseRequest()),
+                                   lambda: stub.Attach(pb.AttachRequest())))
         await server.stop(0)
         return out
 

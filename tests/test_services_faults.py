@@ -19,7 +19,7 @@ from engine import errors
 from engine.sampling import SamplingParams
 from protos import hybrid_pb2 as pb
 from protos import hybrid_pb2_grpc as pbg
-from tests.services_util import counters, slots_in_use, wait_until
+from tests.services_util import counters, raw_stubs, slots_in_use, wait_until
 
 MODEL = "synthetic:tiny-gpt2"
 LEASE_S = 1.5
@@ -40,10 +40,8 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stubs(pair):
-    pch, dch = grpc.insecure_channel(pair.prefill), grpc.insecure_channel(pair.decode)
-    yield pbg.PrefillServiceStub(pch), pbg.DecodeServiceStub(dch)
-    pch.close()
-    dch.close()
+    with raw_stubs(pair) as both:
+        yield both
 
 
 def _prefill(stub, **kw) -> tuple[pb.KvHandle, pb.PrefillDone]:

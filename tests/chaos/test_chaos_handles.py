@@ -37,6 +37,7 @@ from tests.chaos.chaos_util import (
     outcome,
     wait_for,
 )
+from tests.services_util import raw_stubs
 
 LEASE_S = 20.0
 MAX_SLOTS = 16
@@ -52,10 +53,8 @@ def pair(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stubs(pair):
-    pch, dch = grpc.insecure_channel(pair.prefill), grpc.insecure_channel(pair.decode)
-    yield pbg.PrefillServiceStub(pch), pbg.DecodeServiceStub(dch)
-    pch.close()
-    dch.close()
+    with raw_stubs(pair) as both:
+        yield both
 
 
 @pytest.fixture
