@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import time
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -49,6 +50,8 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         cap = slots_per_client or max(1, region.geometry.max_slots // 2)
         self.clients = ClientSlots(cap, slot_wait_s)
         self._holders: dict[tuple[int, bytes], str] = {}  # (slot, secret) -> client
+        self._aloop: asyncio.AbstractEventLoop | None = None  # where requests hold slots
+        region.on_release = _weakly(self._on_release)  # the region must not keep us alive
         self.lm = runner.lm
         self.lease_s, self.wait_timeout_s = lease_s, wait_timeout_s
         self.checksums = checksums  # per-layer xxh3 in the slot header: DATA_LOSS on mismatch
@@ -168,6 +171,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
 
     async def _hold_slot(self, client: str, alloc: Any) -> KvDescriptor:
         """A slot for `client`: within its share, then in line for the region."""
+        self._aloop = asyncio.get_running_loop()
         await self.clients.acquire(client)
         try:
             desc = await self.slots.alloc(alloc)
@@ -186,8 +190,19 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         if client is not None:
             self.clients.release(client)
 
+    def _on_release(self, desc: KvDescriptor) -> None:
+        """The region's hook: every freed slot, whatever freed it (Release, a failed
+        prefill, the reaper, alloc's own reaping of expired leases, a reclaim), gives back
+        its client's share and wakes a waiter, on the event loop those live on."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # a worker thread (warm-up): the requests' loop does it
+            if self._aloop is not None and not self._aloop.is_closed():
+                self._aloop.call_soon_threadsafe(self._freed, desc)
+            return
+        self._freed(desc)
+
     def _freed(self, desc: KvDescriptor) -> None:
-        """Every path that frees a slot ends here: its client's share and a waiter."""
         self._claimed(desc)
         self.slots.wake_one()
 
@@ -227,8 +242,7 @@ class PrefillServicer(pbg.PrefillServiceServicer):
     def _fail_slot(self, desc: Any, reason: str) -> None:
         try:
             self.region.mark_failed(desc, reason)
-            if self.region.free(desc):
-                self._freed(desc)
+            self.region.free(desc)
             self.stats["slots_failed"] += 1
         except HybridError as e:  # already freed (stale generation): nothing to undo
             log.debug("fail_slot: %s", e)
@@ -254,7 +268,6 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             desc = self._desc(request)
             if self.region.free(desc):
                 self.stats["slots_released"] += 1
-                self._freed(desc)
         except Exception as e:
             await self._abort(context, e)
         return pb.LeaseReply(lease_ms=0)
@@ -270,8 +283,6 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             dead = self.region.reclaim(name, request.consumer_epoch)
         except Exception as e:
             await self._abort(context, e)
-        for desc in dead:
-            self._freed(desc)
         self.stats["slots_reclaimed"] += len(dead)
         log.info("attach consumer=%s epoch=%d reclaimed=%d", name, request.consumer_epoch,
                  len(dead))
@@ -291,8 +302,6 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                 freed = self.region.reap_expired()
                 if freed:
                     self.stats["slots_reaped"] += len(freed)
-                    for desc in freed:
-                        self._freed(desc)
                     log.info("lease reaper freed %d slot(s): %s", len(freed),
                              ", ".join(str(d.slot) for d in freed))
             except Exception:
@@ -360,3 +369,14 @@ def _consumer(name: str) -> str:
         raise InvalidArgument(f"consumer must be 1-128 characters of [A-Za-z0-9._:@[]-], "
                               f"got {limits.printable(name)}")
     return name
+
+
+def _weakly(method):
+    """`method` of an object the caller must not keep alive: a no-op once it is gone."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+    return call

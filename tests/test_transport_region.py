@@ -137,6 +137,27 @@ def test_alloc_reaps_expired_leases_before_giving_up(region):
     assert region.stats()["slots_used"] == 1
 
 
+def test_on_release_hears_every_free_path(region):
+    """free, reap_expired, reclaim and the reaping inside a full alloc all tell the
+    owner's hook (the prefill service releases a client's share there; alloc's own
+    reaping used to bypass it)."""
+    clock = [100.0]
+    region.clock = lambda: clock[0]
+    seen = []
+    region.on_release = seen.append
+    a = region.alloc(4096, 1)
+    region.free(a)
+    b = region.alloc(4096, 1)
+    region.claim(b, "decode-1", 1)
+    assert region.reclaim("decode-1", 2) == [b]
+    held = [region.alloc(4096, 1) for _ in range(4)]  # every slot
+    clock[0] += 1.0  # all leases (0.2 s) ran out: the next alloc reaps them itself
+    fresh = region.alloc(4096, 1)
+    assert seen == [a, b, *held]
+    region.free(fresh)
+    assert seen[-1] == fresh
+
+
 def test_renew_extends_lease(region):
     clock = [100.0]
     region.clock = lambda: clock[0]  # lease time advanced by hand, not slept

@@ -51,6 +51,10 @@ class KvRegion:
         # Lease deadlines and reaping read this clock: tests swap in one they advance by
         # hand, so a lease test does not depend on how the OS schedules its processes.
         self.clock: Callable[[], float] = time.monotonic
+        # Told of every freed slot, whatever freed it (free, reap_expired, the reaping
+        # inside alloc, reclaim), under the region's lock: what the owner keeps per slot
+        # (the prefill service's per-client share) is released on every path.
+        self.on_release: Callable[[KvDescriptor], None] | None = None
         self._mm = mm
         self._u8 = memoryview(mm)
         self._u64, self._u32 = self._u8.cast("Q"), self._u8.cast("I")
@@ -319,6 +323,8 @@ class KvRegion:
         self._owned[slot] = None
         self._free.free(rec.desc.offset, rec.desc.length)
         self._notify(slot)
+        if self.on_release is not None:
+            self.on_release(rec.desc)
 
     def renew(self, desc: KvDescriptor, lease_s: float | None = None) -> float:
         """Lease := now + lease_s (default: the slot's). Aborted once freed or reaped."""

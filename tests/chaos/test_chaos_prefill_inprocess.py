@@ -28,6 +28,7 @@ MAX_SLOTS = 8          # default cap per client: half, 4
 SLOT_WAIT_S = 0.3
 A, A2 = "ipv4:10.0.0.1:5", "ipv4:10.0.0.1:7"   # one host, two connections
 B = "ipv4:10.0.0.2:6"
+C = "ipv4:10.0.0.3:9"
 V6, V6B = "ipv6:[fd00::1]:5", "ipv6:[fd00::1]:6"
 
 
@@ -137,6 +138,40 @@ def test_finding04_one_client_holding_its_share_does_not_lock_out_another(servic
     m = svc.metrics()
     assert (m["clients_holding"], m["slots_in_use"]) == (0, 0)
     assert svc._holders == {}
+
+
+def test_finding04_share_comes_back_when_alloc_reaps_expired_slots(servicer):
+    """A client that abandoned its share (never generated, leases ran out) gets it back
+    when the region reaps those slots, whichever path reaps them: here the reaping a full
+    alloc does itself, which used to bypass the share, so the client stayed locked out
+    for good. The lease clock is advanced by hand."""
+    svc = servicer
+    cap = MAX_SLOTS // 2
+    clock = [1000.0]
+    svc.region.clock = lambda: clock[0]
+
+    async def go():
+        a = [await _prefill(svc, A) for _ in range(cap)]     # A's whole share, abandoned
+        b = [await _prefill(svc, B) for _ in range(cap)]     # the region is full now
+        assert svc.clients.held[svc_client(A)] == cap
+        clock[0] += 60.0                                      # every lease (30 s) ran out
+        fresh = await _prefill(svc, C)   # the full alloc reaps all expired slots itself
+        assert svc_client(A) not in svc.clients.held
+        r, secs = await _timed(_prefill(svc, A))  # A's share is back, at once
+        assert isinstance(r, pb.KvHandle) and secs < SLOT_WAIT_S
+        for h in (fresh, r):
+            await svc.Release(pb.LeaseRequest(kv=h.kv), FakeContext(C))
+        return a, b
+
+    asyncio.run(go())
+    m = svc.metrics()
+    assert (m["clients_holding"], m["slots_in_use"]) == (0, 0) and svc._holders == {}
+
+
+def svc_client(peer: str) -> str:
+    from gpu_service.client_slots import client_of
+
+    return client_of(peer)
 
 
 def test_finding04_ipv6_peer_is_one_client_and_failed_prefills_free_the_share(servicer):
