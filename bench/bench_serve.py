@@ -81,6 +81,8 @@ class ServeBenchConfig:
     prefill_args: tuple[str, ...] = ()  # extra flags for a started pair (they come last,
     decode_args: tuple[str, ...] = ()   # so they override the bench's own)
     security: object = None             # transport.security.Security of running services
+    kv_device: bool = True              # pair: the client may ask for the GPU-to-GPU KV
+                                        # path (False: always the shared pinned region)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]
@@ -336,13 +338,23 @@ class PairTarget:
                 "backend": d.backend, "max_positions": d.max_positions,
                 "prefill": self.addrs[0], "decode": self.addrs[1]}
 
+    def stream_kwargs(self, spec: RequestSpec) -> dict:
+        kw = dict(prompt_ids=spec.prompt_ids, max_new_tokens=spec.output_len, ignore_eos=True)
+        if not self.cfg.kv_device:  # only when asked: the default is the client's own
+            kw["kv_device"] = False
+        return kw
+
+    def on_result(self, result) -> None:
+        """Each successful request's RemoteResult (a subclass may tally routes, KV paths)."""
+
     async def request(self, spec: RequestSpec, lane: int) -> RequestRecord:
         sw = Stopwatch(len(spec.prompt_ids), spec.output_len)
         try:
-            async for item in self._client(lane).stream(
-                    prompt_ids=spec.prompt_ids, max_new_tokens=spec.output_len, ignore_eos=True):
+            async for item in self._client(lane).stream(**self.stream_kwargs(spec)):
                 if isinstance(item, tuple):  # (ids, text); the RemoteResult comes last
                     sw.tokens(len(item[0]))
+                else:
+                    self.on_result(item)
         except Exception as e:  # noqa: BLE001 - every failure is a counted outcome
             return sw.done(*_status_of(e))
         return sw.done()

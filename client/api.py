@@ -51,6 +51,7 @@ class RemoteResult:
     dtype: str = ""                  # the decoder's KV dtype
     prefill_address: str = ""        # the services this request went to
     decode_address: str = ""
+    kv_path: str = ""                # how the KV moved: shm | grpc | cuda-ipc
 
     def to_json(self) -> dict:
         return {"token_ids": self.token_ids, "text": self.text, "model": self.model,
@@ -59,7 +60,7 @@ class RemoteResult:
                 "request_id": self.request_id, "prompt_ids": self.prompt_ids,
                 "device": self.device, "dtype": self.dtype, "timings": self.timings,
                 "prefill_address": self.prefill_address,
-                "decode_address": self.decode_address}
+                "decode_address": self.decode_address, "kv_path": self.kv_path}
 
 
 def error_from_rpc(e: grpc.aio.AioRpcError | grpc.RpcError) -> errors.HybridError:
@@ -116,7 +117,9 @@ class HybridClient:
         (they serve one model)."""
         if self.router.polled:
             return (await self._serving("decode")).info
-        if self._decode_info is None:
+        cached = self._decode_info
+        if cached is None or any(not x.region for x in cached.prefills):
+            # again until it attached to its prefill: what it mapped decides the KV path
             self._decode_info = await _call(self.decode.Info(pb.InfoRequest(), timeout=10.0))
         return self._decode_info
 
@@ -151,10 +154,13 @@ class HybridClient:
         self, prompt: str | None = None, *, prompt_ids: Iterable[int] | None = None,
         max_new_tokens: int = 32, params: SamplingParams = SamplingParams(),  # noqa: B008 - frozen
         stop_ids: Iterable[int] = (), ignore_eos: bool = False, kv_transport: str = "shm",
-        request_id: str | None = None, stop: Iterable[str] = (),
+        request_id: str | None = None, stop: Iterable[str] = (), kv_device: bool = True,
     ) -> AsyncIterator[tuple[list[int], str] | RemoteResult]:
         """Yields (ids, text piece) as tokens arrive, then one RemoteResult. `stop`: stop
-        strings (engine.stop_text): the text ends before the first one completed."""
+        strings (engine.stop_text): the text ends before the first one completed.
+        `kv_device`: with kv_transport shm, the KV goes GPU to GPU when the decode mapped
+        its prefill's GPU mirror (CUDA IPC; its Info says so); False: always the host
+        region. The result's `kv_path` says which way it went."""
         if kv_transport not in TRANSPORTS:
             raise errors.InvalidArgument(f"kv transport must be shm or grpc, not {kv_transport!r}")
         t0 = time.perf_counter()
@@ -164,7 +170,7 @@ class HybridClient:
         try:  # aclosing: a consumer that stops early hangs up the calls at once
             async with contextlib.aclosing(self._stream(
                     p, d, t0, deadline, prompt, prompt_ids, max_new_tokens, params, stop_ids,
-                    ignore_eos, kv_transport, request_id, stop)) as items:
+                    ignore_eos, kv_transport, request_id, stop, kv_device)) as items:
                 async for item in items:
                     yield item
         except BaseException as e:
@@ -175,7 +181,7 @@ class HybridClient:
 
     async def _stream(self, p: Instance, d: Instance, t0: float, deadline: float, prompt,
                       prompt_ids, max_new_tokens, params, stop_ids, ignore_eos, kv_transport,
-                      request_id, stop):
+                      request_id, stop, kv_device=True):
         info = await self.decode_info() if not self.router.polled else d.info
         params = params.with_seed()  # both stages must draw from the same seed
         rid = request_id or uuid.uuid4().hex[:16]
@@ -183,7 +189,8 @@ class HybridClient:
             request_id=rid, prompt=prompt or "", prompt_ids=list(prompt_ids or ()),
             layout=info.kv_layout, sampling=sampling_proto(params),
             max_new_tokens=max_new_tokens, expected_fingerprint=info.weights_fingerprint,
-            kv_dtype=info.dtype),  # the decoder's slot dtype; UNSPECIFIED = prefill's default
+            kv_dtype=info.dtype,  # the decoder's slot dtype; UNSPECIFIED = prefill's default
+            kv_on_device=kv_device and kv_transport == "shm" and device_paired(p, info)),
             timeout=_left(deadline))
         gcall = pdone_task = handle = None
         acc = _Tokens(t0)
@@ -294,13 +301,26 @@ def _result(rid, handle, acc: _Tokens, pdone, total_ms, info, prefill: str = "",
         "decode_ms_per_token": dt.decode_ms_per_token, "ingest_ms": dt.ingest_ms,
         "ingest_wait_ms": dt.ingest_wait_ms, "queue_ms": pt.queue_ms + dt.queue_ms,
     }
+    timings_kv = dt.kv_path
     if dt.modeled_device_ms_per_token:
         timings["modeled_device_ms_per_token"] = dt.modeled_device_ms_per_token
     dtype = {1: "float16", 2: "bfloat16", 3: "float32"}.get(info.dtype, "")
     return RemoteResult(acc.ids, "".join(acc.texts), acc.done.finish_reason, handle.model,
                         handle.weights_fingerprint, info.synthetic, timings, rid,
                         acc.done.backend, list(handle.prompt_ids),
-                        f"prefill {pdone.device}, decode {info.device}", dtype, prefill, decode)
+                        f"prefill {pdone.device}, decode {info.device}", dtype, prefill, decode,
+                        timings_kv)
+
+
+def device_paired(p: Instance, decode_info: pb.ServiceInfo) -> bool:
+    """Whether the decode mapped prefill `p`'s GPU KV mirror (its Info's `prefills`):
+    only then may the request ask prefill for KV on the device. A pair whose prefill was
+    not polled (one prefill, one decode) is matched by the decode's only prefill."""
+    paired = list(decode_info.prefills)
+    key = p.region() if p.info is not None else None
+    if key is None:
+        return len(paired) == 1 and paired[0].device
+    return any(x.device and (x.region.lstrip("/"), x.region_epoch) == key for x in paired)
 
 
 async def health(target: str, service: str = "", timeout_s: float = 5.0,

@@ -129,6 +129,10 @@ _OPT_PATH = dict(default=None, type=click.Path(dir_okay=False, path_type=Path))
               help="pair: concurrent clients sharing one HybridClient")
 @click.option("--region-mb", type=int, default=1024, show_default=True,
               help="KV region of a started prefill service")
+@click.option("--kv-device/--no-kv-device", default=True, show_default=True,
+              help="pair: let the client ask for the GPU-to-GPU KV hand-over (CUDA IPC) "
+                   "where the decode mapped the prefill GPU's KV buffer; --no-kv-device: "
+                   "always the shared pinned host region")
 @click.option("--log-dir", default=None, help="keep a started pair's logs here")
 @click.option("--prefill-arg", "prefill_args", multiple=True,
               help="extra flag for a started prefill service, e.g. --prefill-arg=--max-slots=128")

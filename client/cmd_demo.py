@@ -66,7 +66,7 @@ def demo(model: str, device: str, backend: str, prompt: str, max_new_tokens: int
                                   decode=pair.decode, kv_transport=kv_transport)
         codes = pair.stop()
     label = " (synthetic weights: the text is noise)" if res.synthetic else ""
-    click.echo(f"\nmodel {res.model}{label}, backend {res.backend}, kv via {kv_transport}")
+    click.echo(f"\nmodel {res.model}{label}, backend {res.backend}, kv via {res.kv_path or kv_transport}")
     click.echo(f"prompt: {prompt}\noutput: {res.text!r}\n")
     for line in stage_table(res.timings):
         click.echo(line)

@@ -43,6 +43,9 @@ DEFAULT_MODEL = "synthetic:gpt2"
                    "SERVING pair (docs/routing.md).")
 @click.option("--kv-transport", type=click.Choice(["shm", "grpc"]), default="shm", show_default=True,
               help="KV hand-off: shared memory (same host) or gRPC fetch.")
+@click.option("--kv-device/--no-kv-device", default=True, show_default=True,
+              help="With shm: KV GPU to GPU (CUDA IPC) when the decode mapped its prefill's "
+                   "GPU mirror; --no-kv-device: always the host region.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per request.")
 @click.option("--stop", multiple=True,
               help="Stop string (repeatable): the text ends just before the first one generated.")
@@ -51,8 +54,8 @@ DEFAULT_MODEL = "synthetic:gpt2"
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @security_options
 def generate(prompts, local, model, max_new_tokens, prompt_ids, temperature, top_k, top_p, seed,
-             device, dtype, as_json, prefill, decode, kv_transport, timeout, stop, stop_ids,
-             ignore_eos, tls_ca, tls_cert, tls_key, token_file) -> None:
+             device, dtype, as_json, prefill, decode, kv_transport, kv_device, timeout, stop,
+             stop_ids, ignore_eos, tls_ca, tls_cert, tls_key, token_file) -> None:
     """Generate text from PROMPTS (or --prompt-ids); several prompts need --local."""
     prompt = prompts[0] if prompts else None  # several: checked like the first
     try:
@@ -60,7 +63,7 @@ def generate(prompts, local, model, max_new_tokens, prompt_ids, temperature, top
             prompt=prompt, prompt_ids=parse_prompt_ids(prompt_ids), model=model,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             seed=seed, device=device, dtype=dtype, json=as_json, local=local, prefill=prefill,
-            decode=decode, kv_transport=kv_transport, timeout=timeout, stop=tuple(stop),
+            decode=decode, kv_transport=kv_transport, kv_device=kv_device, timeout=timeout, stop=tuple(stop),
             stop_ids=tuple(stop_ids), ignore_eos=ignore_eos,
             security=None if local else build_security(tls_ca, tls_cert, tls_key, token_file),
             explicit=_explicit("model", "device", "dtype"))

@@ -67,6 +67,10 @@ def _opt(*names: str, env: str, **kw):
       help="openai: accepted API keys, one a line; requests need 'Authorization: Bearer KEY'")
 @_opt("--kv-transport", env="KV_TRANSPORT", type=click.Choice(["shm", "grpc"]), default="shm",
       help="openai: KV hand-off the requests ask for (grpc: decode on another host)")
+@_opt("--kv-device", env="KV_DEVICE", type=click.Choice(["auto", "off"]), default="auto",
+      help="prefill: keep a GPU mirror of the KV region that GPU decoders read through "
+           "CUDA IPC; decode (gpu backend): map the prefills' mirrors. auto = when both "
+           "sides are CUDA GPUs that can reach each other (docs/transport.md)")
 def serve(role: str, model: str, host: str, port: int | None, device: str, dtype: str,
           backend: str, prefill_addr: str, max_batch: int, region_mb: int, max_slots: int,
           lease_s: float, slot_wait_s: float, checksums: bool, max_active: int | None, max_queue: int, grace_s: float,
@@ -74,7 +78,7 @@ def serve(role: str, model: str, host: str, port: int | None, device: str, dtype
           tls_ca: str | None, token_file: str | None, reflection: bool,
           slots_per_client: int = 0, metrics_port: int = 0, decode_addr: str = "localhost:50052",
           model_dir: str | None = None, api_key_file: str | None = None,
-          kv_transport: str = "shm") -> None:
+          kv_transport: str = "shm", kv_device: str = "auto") -> None:
     """Serve the prefill (GPU summarization) or decode (FPGA / GPU generation) stage, or
     the OpenAI-compatible endpoint (`openai`; docs/openai.md). For `openai` the TLS
     options act as a client's towards the services: --tls-ca verifies them,
@@ -84,13 +88,13 @@ def serve(role: str, model: str, host: str, port: int | None, device: str, dtype
     try:
         if role == "openai":
             return _serve_openai(host, port, prefill_addr, decode_addr, model_dir, api_key_file,
-                                 metrics_port, kv_transport, grace_s, log_level,
+                                 metrics_port, kv_transport, kv_device, grace_s, log_level,
                                  dict(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                                       token_file=token_file))
         security = _server_security(tls_cert, tls_key, tls_ca, token_file)
         _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch,
                region_mb, max_slots, lease_s, slot_wait_s, checksums, max_active, max_queue, grace_s, warm_up,
-               log_level, security, reflection, slots_per_client, metrics_port)
+               log_level, security, reflection, slots_per_client, metrics_port, kv_device)
     except HybridError as e:  # unknown model, no /dev/shm space, ...: one line, no traceback
         raise click.ClickException(f"{role}: {e}") from None
 
@@ -108,10 +112,10 @@ def _server_security(tls_cert, tls_key, tls_ca, token_file):
 def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_batch, region_mb,
            max_slots, lease_s, slot_wait_s, checksums, max_active, max_queue, grace_s, warm_up,
            log_level, security=None, reflection=False, slots_per_client=0,
-           metrics_port=0) -> None:
+           metrics_port=0, kv_device="auto") -> None:
     common = dict(model=model, host=host, device=device, dtype=dtype, max_queue=max_queue,
                   grace_s=grace_s, warm_up=warm_up, log_level=log_level, security=security,
-                  reflection=reflection, metrics_port=metrics_port)
+                  reflection=reflection, metrics_port=metrics_port, kv_device=kv_device)
     if role == "prefill":
         from gpu_service.server import PrefillOptions
         from gpu_service.server import serve as run
@@ -134,7 +138,7 @@ def _serve(role, model, host, port, device, dtype, backend, prefill_addr, max_ba
 
 
 def _serve_openai(host, port, prefill, decode, model_dir, api_key_file, metrics_port,
-                  kv_transport, grace_s, log_level, tls) -> None:
+                  kv_transport, kv_device, grace_s, log_level, tls) -> None:
     """`hybrid serve openai` (client/openai_api/server.py); imports no torch."""
     from client.openai_api.server import OpenAIOptions
     from client.openai_api.server import serve as run
@@ -144,4 +148,4 @@ def _serve_openai(host, port, prefill, decode, model_dir, api_key_file, metrics_
                       port=8000 if port is None else port, model_dir=model_dir,
                       api_key_file=api_key_file, metrics_port=metrics_port or None,
                       security=build_security(**tls), kv_transport=kv_transport,
-                      grace_s=grace_s, log_level=log_level))
+                      kv_device=kv_device != "off", grace_s=grace_s, log_level=log_level))

@@ -41,6 +41,7 @@ class GenerateOptions:
     prefill: str = "localhost:50051"
     decode: str = "localhost:50052"
     kv_transport: str = "shm"
+    kv_device: bool = True  # GPU to GPU when the decode mapped its prefill's GPU mirror
     timeout: float = 120.0
     stop: tuple[str, ...] = ()  # stop strings
     stop_ids: tuple[int, ...] = ()

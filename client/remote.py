@@ -31,6 +31,7 @@ def run_remote(
     decode: str | Sequence[str] = "localhost:50052", kv_transport: str = "shm", stop_ids: Iterable[int] = (), ignore_eos: bool = False,
     stop: Iterable[str] = (), on_chunk: Callable[[list[int], str], None] | None = None,
     timeout_s: float = 120.0, security: Security | None = None, model: str | None = None,
+    kv_device: bool = True,
 ) -> RemoteResult:
     """Generate through the services; each (ids, text piece) goes to `on_chunk` as it
     arrives. Raises the engine.errors class of the gRPC status (one clear message).
@@ -51,7 +52,7 @@ def run_remote(
             return await client.generate(
                 prompt, prompt_ids=prompt_ids, max_new_tokens=max_new_tokens, params=params,
                 stop_ids=stop_ids, ignore_eos=ignore_eos, kv_transport=kv_transport,
-                stop=stop, on_chunk=on_chunk)
+                stop=stop, on_chunk=on_chunk, kv_device=kv_device)
 
     return asyncio.run(run())
 
@@ -95,7 +96,8 @@ def generate_remote(opts: Any, printer: Any) -> dict:
         params=opts.sampling(), prefill=opts.prefill, decode=opts.decode,
         kv_transport=opts.kv_transport, stop=opts.stop, stop_ids=opts.stop_ids,
         ignore_eos=opts.ignore_eos, on_chunk=on_chunk, timeout_s=opts.timeout,
-        security=opts.security, model=opts.model if "model" in opts.explicit else None)
+        security=opts.security, model=opts.model if "model" in opts.explicit else None,
+        kv_device=opts.kv_device)
     if res.synthetic:  # as the local path does: never mistake synthetic output for a model's
         print(f"note: {res.model}: synthetic weights or byte tokenizer (served)", file=sys.stderr)
     out = res.to_json()

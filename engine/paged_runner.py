@@ -5,6 +5,7 @@ sampling (greedy on the device; temperature/top-k/top-p on the host, keyed by
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import deque
@@ -101,6 +102,8 @@ class PagedRunner(StepRunner):
     def discard(self, payload: Any) -> None:
         if isinstance(payload, tuple) and payload[0] == "ring":
             self.unstage(payload[1], payload[2])
+        elif isinstance(payload, tuple) and payload[0] == "peer":
+            _resolve(payload[3], None)  # nothing was read from the prefill's GPU
 
     def _reap_ring(self) -> None:
         while self._ring_busy and self._ring_busy[0][0].query():
@@ -112,6 +115,8 @@ class PagedRunner(StepRunner):
         layers): payload ("ring", offset, nbytes) or a host uint8 tensor, holding the
         dense layout layer after layer, each [K: Hkv, T, D][V: Hkv, T, D]."""
         cfg, lm = self.lm.config, self.lm
+        if isinstance(payload, tuple) and payload[0] == "peer":
+            return self._write_peer(seq, *payload[1:])
         if isinstance(payload, tuple):
             _, off, n = payload
             host = self.ring[off : off + n]
@@ -128,6 +133,32 @@ class PagedRunner(StepRunner):
                 ev.record(self._copy)
                 self._ring_busy.append((ev, off, n))
         self._reap_ring()
+
+    def _write_peer(self, seq: Sequence, src: torch.Tensor, stride: int, done: Any) -> None:
+        """GPU to GPU (transport.device_kv): `src` is the slot's bytes in the prefill GPU's
+        mirror, layers `stride` bytes apart. One bulk copy over NVLink (the copy engines
+        at full bandwidth; a scatter reading the peer directly would fetch it in small
+        strided pieces), then the same scatter as the host path, from local memory.
+        `done` gets the CUDA event after which the slot may be released."""
+        cfg, lm = self.lm.config, self.lm
+        e = lm.dtype.itemsize
+        h, t, d = cfg.n_kv_heads, seq.req.n_prompt, cfg.head_dim
+        try:
+            with self._on_copy_stream():
+                local = torch.empty(src.numel(), dtype=torch.uint8, device=lm.device)
+                local.copy_(src, non_blocking=True)
+                kv = local.view(lm.dtype).as_strided(
+                    (cfg.n_layers, 2, h, t, d), (stride // e, h * t * d, t * d, d, 1))
+                slots = self._slots(seq)
+                self.model.cache.k.index_copy_(1, slots, kv[:, 0].transpose(1, 2))
+                self.model.cache.v.index_copy_(1, slots, kv[:, 1].transpose(1, 2))
+                ev = torch.cuda.Event()
+                ev.record(self._copy)
+        except BaseException:
+            self._copy.synchronize()  # whatever was queued has read the peer's bytes
+            _resolve(done, None)
+            raise
+        _resolve(done, ev)
 
     def write_layer(self, seq: Sequence, layer: int, payload: Any) -> None:
         """payload: (k, v) [n_kv_heads, n_prompt, head_dim] on any device."""
@@ -194,3 +225,9 @@ class PagedRunner(StepRunner):
         m, b = self.model, self.blocks
         return {"steps": m.steps if m else 0, "rows_computed": m.rows_computed if m else 0,
                 "blocks_free": b.n_free if b else 0, "blocks_total": b.n_lendable if b else 0}
+
+
+def _resolve(fut: Any, value: Any) -> None:
+    """Hand `value` to a waiting request; one that stopped waiting already is fine."""
+    with contextlib.suppress(Exception):  # InvalidStateError: cancelled or set
+        fut.set_result(value)

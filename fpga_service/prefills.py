@@ -35,13 +35,22 @@ class PrefillLink:
     state: str = "not attached yet"
     weights: str = ""                   # why its weights are not ours; "" = same
     logged: str = ""                    # the `weights` last logged
+    mirror: Any = None                  # its GPU KV mirror mapped here (device_kv.PeerMirror)
+    mirror_note: str = ""               # why it is not (logged once per region)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def proto(self) -> pb.PairedPrefill:
         region, epoch = self.paired or ("", 0)
         state = f"{self.state}; weights differ" if self.weights else self.state
         return pb.PairedPrefill(address=self.address, region=region, region_epoch=epoch,
-                                local=self.local, state=state)
+                                local=self.local, state=state, device=self.mirror is not None)
+
+    def drop_mirror(self) -> None:
+        """The region changed (prefill restarted): unmap its old mirror once the requests
+        reading from it are done."""
+        mirror, self.mirror, self.mirror_note = self.mirror, None, ""
+        if mirror is not None:
+            mirror.close()
 
 
 def region_is_local(region: str, shm_dir: str = SHM_DIR) -> bool:
@@ -105,6 +114,8 @@ class PrefillSet:
         changed = key != link.paired
         if link.paired and self.by_region.get(link.paired[0]) is link:
             del self.by_region[link.paired[0]]
+        if changed:
+            link.drop_mirror()
         link.paired, link.state = key, "attached"
         link.local = region_is_local(key[0], self.shm_dir)
         if key[0]:
@@ -120,6 +131,7 @@ class PrefillSet:
 
     async def close(self) -> None:
         for link in self:
+            link.drop_mirror()
             await link.channel.close()
 
 

@@ -43,6 +43,7 @@ class DecodeOptions:
     security: Security | None = None
     reflection: bool = False           # server reflection: off unless asked for
     metrics_port: int = 0              # Prometheus /metrics on host:metrics_port; 0 = off
+    kv_device: str = "auto"            # map prefills' GPU KV mirrors (CUDA IPC); "off": never
 
 
 async def _serve(opts: DecodeOptions) -> None:
@@ -79,7 +80,8 @@ async def _serve(opts: DecodeOptions) -> None:
         # the name a restart of this service keeps (prefill reclaims by it): host:port
         servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s,
                                   security=opts.security,
-                                  consumer=f"{socket.gethostname()}:{port}")
+                                  consumer=f"{socket.gethostname()}:{port}",
+                                  kv_device=opts.kv_device)
         # attach to every prefill, map regions ahead, notice restarts (not a condition of
         # SERVING: requests attach on demand too)
         premap = asyncio.create_task(servicer.keep_attached())

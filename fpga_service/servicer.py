@@ -39,8 +39,11 @@ VERSION = "0.1.0"
 class DecodeServicer(pbg.DecodeServiceServicer):
     def __init__(self, backend: DecodeBackend, prefill_addr: str | list[str],
                  admission: kit.Admission, wait_timeout_s: float = 60.0, security=None,
-                 consumer: str = "") -> None:
+                 consumer: str = "", kv_device: str = "auto") -> None:
         self.backend, self.admission = backend, admission
+        # The GPU-to-GPU KV path: our GPU's PCI bus id, sent at Attach ("" = host path
+        # only: a CPU or FPGA backend, --kv-device off, or no CuPy)
+        self.device_bus_id = _device_bus_id(backend, kv_device)
         info = backend.info()
         self.fingerprint, self.model = info["fingerprint"], info["model"]
         self.config, self.tokenizer = backend.config, backend.tokenizer
@@ -88,7 +91,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             spec, desc, asked = self._check(request, rid)
             owner = await self._owner(desc)  # the prefill that lent this region, or refused
             transport = choose_transport(asked, owner.local)
-            if transport != asked:  # prefill on another host: FetchKv, not the region
+            if desc.on_device:  # KV in the prefill GPU's mirror: GPU to GPU, or refused
+                transport = _device_transport(owner)
+            elif transport != asked:  # prefill on another host: FetchKv, not the region
                 fields["kv_auto"] = "remote-region"
                 self.stats["grpc_auto_requests"] += 1
             fields.update(n_prompt=spec.n_prompt, max_new=spec.max_new_tokens, kv=transport)
@@ -169,7 +174,8 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         async with link.lock:
             try:
                 reply = await link.stub.Attach(pb.AttachRequest(
-                    consumer=self.consumer, consumer_epoch=self.consumer_epoch), timeout=5.0)
+                    consumer=self.consumer, consumer_epoch=self.consumer_epoch,
+                    device_bus_id=self.device_bus_id), timeout=5.0)
             except grpc.aio.AioRpcError as e:
                 link.state = f"unreachable: {e.code().name}"
                 raise
@@ -181,7 +187,30 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                          "on this host: shm" if link.local else "not on this host: FetchKv",
                          reply.reclaimed)
             link.weights = self._weights_reason(reply.weights_fingerprint)
+            await self._map_mirror(link, reply)
             return link.paired
+
+    async def _map_mirror(self, link: PrefillLink, reply: pb.AttachReply) -> None:
+        """Open the prefill GPU's KV mirror (CUDA IPC) when it lent one and it is on this
+        host; requests may then ask for KV on the device. A failure (no peer access
+        between the two GPUs, ...) leaves the host path, said once in the log."""
+        if link.mirror is not None or not reply.HasField("kv_device") or not link.local:
+            return
+        from transport import device_kv
+
+        try:
+            link.mirror = await asyncio.get_running_loop().run_in_executor(
+                self.pool, device_kv.PeerMirror.open, reply.kv_device,
+                self.backend.device_index())
+        except Exception as e:
+            note = f"{type(e).__name__}: {e}"
+            if note != link.mirror_note:
+                log.warning("prefill %s: its GPU KV mirror is not usable here (%s); KV "
+                            "takes the host path", link.address, note)
+            link.mirror_note = note
+            return
+        log.info("prefill %s: GPU KV mirror %s mapped on cuda:%d (CUDA IPC): KV GPU to GPU",
+                 link.address, link.mirror.bus_id, link.mirror.device_index)
 
     def _weights_reason(self, prefill_fingerprint: str) -> str:
         theirs = prefill_fingerprint
@@ -348,7 +377,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
                 decode_ms=t.get("decode_ms", 0.0),
                 decode_ms_per_token=t.get("decode_ms_per_token", 0.0),
                 modeled_device_ms_per_token=t.get("modeled_device_ms_per_token", 0.0),
-                n_tokens=n, queue_ms=fields.get("queue_ms", 0.0))))
+                n_tokens=n, queue_ms=fields.get("queue_ms", 0.0), kv_path=fields.get("kv", ""))))
 
     def _receiver(self, request, desc, transport: str, timeout: float, ist: IngestStats,
                   stop: threading.Event, owner: PrefillLink) -> KvReceiver:
@@ -360,6 +389,11 @@ class DecodeServicer(pbg.DecodeServiceServicer):
     async def _ingest(self, request, session, desc, transport: str, timeout: float,
                       stop: threading.Event, owner: PrefillLink):
         ist = IngestStats()
+        if transport == "cuda-ipc":
+            first = await self._ingest_device(session, desc, owner, timeout, stop, ist)
+            self.stats["device_kv_bytes"] += ist.bytes
+            self.stats["device_requests"] += 1
+            return int(first), ist
         rx = self._receiver(request, desc, transport, timeout, ist, stop, owner)
         if hasattr(session, "prompt_buffer"):  # the engine takes the prompt in one piece
             first = await rx.into(session.prompt_buffer())
@@ -369,6 +403,38 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         self.stats[f"{rx.name}_kv_bytes"] += ist.bytes
         self.stats[f"{rx.name}_requests"] += 1
         return int(first), ist
+
+    async def _ingest_device(self, session, desc, owner: PrefillLink, timeout: float,
+                             stop: threading.Event, ist: IngestStats) -> int:
+        """GPU to GPU: wait (futex, on the slot header as ever) until prefill published
+        the first token -- every layer is in its mirror by then --, then the engine loop
+        pulls the prompt's KV with one peer copy; the slot is released only after that
+        copy has completed, and read again to be sure it is still this allocation."""
+        if not hasattr(session, "ingest_device"):
+            raise FailedPrecondition(f"the {self.backend.name} backend takes KV from host "
+                                     "memory: ask prefill without kv_on_device")
+        from .ingest import wait_device_ready, wait_event
+
+        loop = asyncio.get_running_loop()
+        reader = await loop.run_in_executor(self.pool, self.readers.get, desc.region)
+        t = time.perf_counter()
+        first = await loop.run_in_executor(self.pool, wait_device_ready, reader, desc,
+                                           timeout, stop)
+        ist.wait_ms += (time.perf_counter() - t) * 1e3
+        mirror = owner.mirror
+        if mirror is None:
+            raise FailedPrecondition("the prefill's GPU KV mirror is not mapped here")
+        mirror.acquire()  # not unmapped under a copy (a re-attach waits for us)
+        try:
+            fut = session.ingest_device(mirror.view(desc.offset, desc.length), desc)
+            event = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout)
+            if event is not None:
+                await loop.run_in_executor(self.pool, wait_event, event, timeout)
+        finally:
+            mirror.release()
+        reader.check(desc)  # still this allocation: what was copied is its KV
+        ist.bytes += desc.nbytes
+        return first
 
     async def _ingest_layers(self, rx: KvReceiver, session) -> int:
         """Layer by layer into the session (the FPGA backends write each into HBM)."""
@@ -486,3 +552,28 @@ def _tokens(ids: list[int], text: str) -> pb.GenerateResponse:
 
 def _finish(tok: int, spec: DecodeSpec, eos: int | None) -> str | None:
     return is_stop(tok, eos, spec.stop_ids, spec.ignore_eos)
+
+
+def _device_bus_id(backend: DecodeBackend, mode: str) -> str:
+    """Our GPU's PCI bus id when this backend can take KV GPU to GPU, else ""."""
+    index = getattr(backend, "device_index", lambda: None)()
+    if mode == "off" or index is None:
+        return ""
+    from transport import device_kv
+
+    if not device_kv.available():
+        return ""
+    try:
+        return device_kv.bus_id(index)
+    except Exception as e:
+        log.warning("no GPU-to-GPU KV path: %s", e)
+        return ""
+
+
+def _device_transport(owner: PrefillLink) -> str:
+    if owner.mirror is None:
+        why = owner.mirror_note or "this decode has no GPU mapping of it"
+        raise FailedPrecondition(f"the KV is in prefill {owner.address}'s GPU mirror, which "
+                                 f"this decode cannot read ({why}); ask prefill without "
+                                 "kv_on_device")
+    return "cuda-ipc"

@@ -62,8 +62,13 @@ class PrefillOptions:
     security: Security | None = None   # TLS / mutual TLS / bearer tokens (None: plaintext)
     reflection: bool = False           # server reflection: off unless asked for
     metrics_port: int = 0              # Prometheus /metrics on host:metrics_port; 0 = off
+    # A GPU mirror of the region payload that GPU decoders read through CUDA IPC
+    # (transport/device_kv.py): "auto" = on a CUDA device with CuPy, "off" = never.
+    kv_device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_device not in ("auto", "off"):
+            raise InvalidArgument(f"kv_device must be auto or off, got {self.kv_device!r}")
         if self.max_batch < 1 or self.max_batch_tokens < 1:
             raise InvalidArgument(f"prefill max_batch ({self.max_batch}) and max_batch_tokens "
                                   f"({self.max_batch_tokens}) must be >= 1")
@@ -101,6 +106,7 @@ async def _serve(opts: PrefillOptions) -> None:
             log.info("removed stale KV region %s (its owner is gone)", name)
         region = KvRegion.create(opts.region_mb << 20, opts.max_slots, lm.config.n_layers,
                                  opts.lease_s)
+        _attach_mirror(region, lm.device, opts.kv_device)
         runner = PrefillRunner(lm, region, max_batch=opts.max_batch,
                                max_batch_tokens=opts.max_batch_tokens)
         servicer = PrefillServicer(runner, region, admission, opts.lease_s,
@@ -125,6 +131,20 @@ async def _serve(opts: PrefillOptions) -> None:
             region.close()
         if metrics_http is not None:
             await asyncio.to_thread(metrics.stop_metrics, metrics_http)
+
+
+def _attach_mirror(region, device, mode: str) -> None:
+    """The region's GPU mirror (the GPU-to-GPU KV path) when asked for and possible."""
+    from transport import device_kv
+
+    if mode == "off" or device.type != "cuda" or not device_kv.available():
+        log.info("KV device mirror: off (%s)", "--kv-device off" if mode == "off" else
+                 "needs a CUDA device and CuPy")
+        return
+    g = region.geometry
+    index = device.index if device.index is not None else 0
+    region.attach_device(device_kv.DeviceMirror(g.payload_bytes, index, g.payload_offset))
+    log.info("KV device mirror: %s (CUDA IPC to GPU decoders)", region.device.describe())
 
 
 def _serve_metrics(opts: PrefillOptions, admission: kit.Admission, holder: dict):

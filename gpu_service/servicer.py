@@ -79,10 +79,13 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             self.runner.layer_bytes(layout, 1, dtype)  # InvalidArgument for a bad layout/dtype pair
             fields.update(layout=layout, dtype=self.runner.slot_dtype(layout, dtype), n_prompt=len(ids))
             client = client_of(context.peer())
+            on_device = request.kv_on_device
+            if on_device:
+                fields["kv"] = "device"
             async with self.admission.slot() as queue_ms:
                 obs.admitted(queue_ms)
                 async for msg in self._prefill(rid, client, ids, layout, dtype, params,
-                                               queue_ms, fields):
+                                               queue_ms, fields, on_device):
                     obs.sent(msg)
                     yield msg
             fields["status"] = "OK"
@@ -129,11 +132,13 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             raise InvalidArgument(f"PrefillRequest.kv_dtype: {e}") from None
 
     async def _prefill(self, rid: str, client: str, ids: list[int], layout: str,
-                       dtype: str | None, params: Any, queue_ms: float, fields: dict):
+                       dtype: str | None, params: Any, queue_ms: float, fields: dict,
+                       on_device: bool = False):
         t_slot = time.perf_counter()
-        desc = await self._hold_slot(client, lambda: self._alloc(ids, layout, dtype))
+        desc = await self._hold_slot(client, lambda: self._alloc(ids, layout, dtype, on_device))
         fields["slot_wait_ms"] = round((time.perf_counter() - t_slot) * 1e3, 2)
         self.stats["slots_allocated"] += 1
+        self.stats["device_slots"] += on_device
         done = False
         try:
             yield pb.PrefillResponse(handle=pb.KvHandle(
@@ -206,13 +211,15 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         self._claimed(desc)
         self.slots.wake_one()
 
-    def _alloc(self, ids: list[int], layout: str, dtype: str | None) -> Any:
+    def _alloc(self, ids: list[int], layout: str, dtype: str | None,
+               on_device: bool = False) -> Any:
         n_layers = self.runner.config.n_layers
         layer_bytes = self.runner.layer_bytes(layout, len(ids), dtype)
         return self.region.alloc(
             layer_bytes * n_layers, n_layers, layout=layout, checksums=self.checksums,
             dtype=self.runner.slot_dtype(layout, dtype), n_tokens=len(ids),
-            n_kv_heads=self.runner.config.n_kv_heads, head_dim=self.runner.config.head_dim)
+            n_kv_heads=self.runner.config.n_kv_heads, head_dim=self.runner.config.head_dim,
+            on_device=on_device)
 
     def warm_up(self, n_tokens: int = 16) -> float:
         """One short prefill per slot layout through the request path (the prefill loop's
@@ -223,9 +230,12 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         t0 = time.perf_counter()
         batch_counts = self.loop.stats.copy()  # the loop is idle before SERVING
         ids = [i % self.runner.config.vocab_size for i in range(1, n_tokens + 1)]
-        for layout in ("dense", "hbm"):
+        kinds = [("dense", False), ("hbm", False)]
+        if self.region.device is not None:  # the device-to-device copies into the mirror
+            kinds.append(("dense", True))
+        for layout, on_device in kinds:
             try:
-                desc = self._alloc(ids, layout, None)
+                desc = self._alloc(ids, layout, None, on_device)
             except HybridError as e:  # a layout this model or region cannot take
                 log.info("warm-up: no %s slot (%s)", layout, e)
                 continue
@@ -286,8 +296,14 @@ class PrefillServicer(pbg.PrefillServiceServicer):
         self.stats["slots_reclaimed"] += len(dead)
         log.info("attach consumer=%s epoch=%d reclaimed=%d", name, request.consumer_epoch,
                  len(dead))
-        return pb.AttachReply(region=self.region.name, region_epoch=self.region.epoch,
-                              reclaimed=len(dead), weights_fingerprint=self.lm.fingerprint)
+        reply = pb.AttachReply(region=self.region.name, region_epoch=self.region.epoch,
+                               reclaimed=len(dead), weights_fingerprint=self.lm.fingerprint)
+        mirror = self.region.device
+        if request.device_bus_id and mirror is not None:
+            # a GPU decoder: the mirror's IPC handle (it maps every slot's bytes; the
+            # capability checks in the slot headers still guard each request's reads)
+            reply.kv_device.CopyFrom(pb.KvDevice(**mirror.export()))
+        return reply
 
     def _desc(self, request: Any) -> KvDescriptor:
         if not request.HasField("kv"):
@@ -346,7 +362,8 @@ class PrefillServicer(pbg.PrefillServiceServicer):
             dtype=kit.DTYPES[self.runner.compute_dtype], region=self.region.name,
             region_bytes=self.region.total_bytes, max_positions=c.max_positions,
             synthetic=self.lm.synthetic, n_layers=c.n_layers, version=VERSION,
-            counters=kit.counters_proto(self.metrics()), region_epoch=self.region.epoch)
+            counters=kit.counters_proto(self.metrics()), region_epoch=self.region.epoch,
+            kv_device=self.region.device.describe() if self.region.device is not None else "")
 
     def metrics(self) -> dict[str, int]:
         m = dict(self.stats)

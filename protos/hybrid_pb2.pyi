@@ -45,7 +45,7 @@ class LayerRange(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class KvDescriptor(_message.Message):
-    __slots__ = ("region", "epoch", "slot", "offset", "length", "generation", "layout", "dtype", "n_layers", "n_tokens", "layers", "n_kv_heads", "head_dim", "checksums", "secret")
+    __slots__ = ("region", "epoch", "slot", "offset", "length", "generation", "layout", "dtype", "n_layers", "n_tokens", "layers", "n_kv_heads", "head_dim", "checksums", "secret", "on_device")
     REGION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class KvDescriptor(_message.Message):
     HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
     CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
+    ON_DEVICE_FIELD_NUMBER: _ClassVar[int]
     region: str
     epoch: int
     slot: int
@@ -76,7 +77,8 @@ class KvDescriptor(_message.Message):
     head_dim: int
     checksums: bool
     secret: bytes
-    def __init__(self, region: _Optional[str] = ..., epoch: _Optional[int] = ..., slot: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., n_layers: _Optional[int] = ..., n_tokens: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., n_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., checksums: _Optional[bool] = ..., secret: _Optional[bytes] = ...) -> None: ...
+    on_device: bool
+    def __init__(self, region: _Optional[str] = ..., epoch: _Optional[int] = ..., slot: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., generation: _Optional[int] = ..., layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., n_layers: _Optional[int] = ..., n_tokens: _Optional[int] = ..., layers: _Optional[_Iterable[_Union[LayerRange, _Mapping]]] = ..., n_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., checksums: _Optional[bool] = ..., secret: _Optional[bytes] = ..., on_device: _Optional[bool] = ...) -> None: ...
 
 class KvHandle(_message.Message):
     __slots__ = ("request_id", "kv", "weights_fingerprint", "model", "lease_ms", "prompt_ids")
@@ -107,7 +109,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "prompt_ids", "layout", "sampling", "max_new_tokens", "expected_fingerprint", "kv_dtype")
+    __slots__ = ("request_id", "prompt", "prompt_ids", "layout", "sampling", "max_new_tokens", "expected_fingerprint", "kv_dtype", "kv_on_device")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +118,7 @@ class PrefillRequest(_message.Message):
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_ON_DEVICE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -124,7 +127,8 @@ class PrefillRequest(_message.Message):
     max_new_tokens: int
     expected_fingerprint: str
     kv_dtype: DType
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., expected_fingerprint: _Optional[str] = ..., kv_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    kv_on_device: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., layout: _Optional[_Union[KvLayout, str]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., expected_fingerprint: _Optional[str] = ..., kv_dtype: _Optional[_Union[DType, str]] = ..., kv_on_device: _Optional[bool] = ...) -> None: ...
 
 class PrefillTimings(_message.Message):
     __slots__ = ("queue_ms", "prefill_ms", "transfer_ms", "exposed_transfer_ms", "kv_bytes")
@@ -173,24 +177,40 @@ class LeaseRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., kv: _Optional[_Union[KvDescriptor, _Mapping]] = ..., consumer: _Optional[str] = ..., consumer_epoch: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("consumer", "consumer_epoch")
+    __slots__ = ("consumer", "consumer_epoch", "device_bus_id")
     CONSUMER_FIELD_NUMBER: _ClassVar[int]
     CONSUMER_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BUS_ID_FIELD_NUMBER: _ClassVar[int]
     consumer: str
     consumer_epoch: int
-    def __init__(self, consumer: _Optional[str] = ..., consumer_epoch: _Optional[int] = ...) -> None: ...
+    device_bus_id: str
+    def __init__(self, consumer: _Optional[str] = ..., consumer_epoch: _Optional[int] = ..., device_bus_id: _Optional[str] = ...) -> None: ...
+
+class KvDevice(_message.Message):
+    __slots__ = ("bus_id", "ipc_handle", "nbytes", "payload_offset")
+    BUS_ID_FIELD_NUMBER: _ClassVar[int]
+    IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    bus_id: str
+    ipc_handle: bytes
+    nbytes: int
+    payload_offset: int
+    def __init__(self, bus_id: _Optional[str] = ..., ipc_handle: _Optional[bytes] = ..., nbytes: _Optional[int] = ..., payload_offset: _Optional[int] = ...) -> None: ...
 
 class AttachReply(_message.Message):
-    __slots__ = ("region", "region_epoch", "reclaimed", "weights_fingerprint")
+    __slots__ = ("region", "region_epoch", "reclaimed", "weights_fingerprint", "kv_device")
     REGION_FIELD_NUMBER: _ClassVar[int]
     REGION_EPOCH_FIELD_NUMBER: _ClassVar[int]
     RECLAIMED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    KV_DEVICE_FIELD_NUMBER: _ClassVar[int]
     region: str
     region_epoch: int
     reclaimed: int
     weights_fingerprint: str
-    def __init__(self, region: _Optional[str] = ..., region_epoch: _Optional[int] = ..., reclaimed: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
+    kv_device: KvDevice
+    def __init__(self, region: _Optional[str] = ..., region_epoch: _Optional[int] = ..., reclaimed: _Optional[int] = ..., weights_fingerprint: _Optional[str] = ..., kv_device: _Optional[_Union[KvDevice, _Mapping]] = ...) -> None: ...
 
 class LeaseReply(_message.Message):
     __slots__ = ("lease_ms",)
@@ -227,7 +247,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServiceInfo(_message.Message):
-    __slots__ = ("model", "weights_fingerprint", "device", "backend", "kv_layout", "dtype", "region", "region_bytes", "max_positions", "synthetic", "n_layers", "version", "counters", "region_epoch", "not_serving", "prefills")
+    __slots__ = ("model", "weights_fingerprint", "device", "backend", "kv_layout", "dtype", "region", "region_bytes", "max_positions", "synthetic", "n_layers", "version", "counters", "region_epoch", "not_serving", "prefills", "kv_device")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +271,7 @@ class ServiceInfo(_message.Message):
     REGION_EPOCH_FIELD_NUMBER: _ClassVar[int]
     NOT_SERVING_FIELD_NUMBER: _ClassVar[int]
     PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    KV_DEVICE_FIELD_NUMBER: _ClassVar[int]
     model: str
     weights_fingerprint: str
     device: str
@@ -267,21 +288,24 @@ class ServiceInfo(_message.Message):
     region_epoch: int
     not_serving: str
     prefills: _containers.RepeatedCompositeFieldContainer[PairedPrefill]
-    def __init__(self, model: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., region: _Optional[str] = ..., region_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., synthetic: _Optional[bool] = ..., n_layers: _Optional[int] = ..., version: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., region_epoch: _Optional[int] = ..., not_serving: _Optional[str] = ..., prefills: _Optional[_Iterable[_Union[PairedPrefill, _Mapping]]] = ...) -> None: ...
+    kv_device: str
+    def __init__(self, model: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ..., device: _Optional[str] = ..., backend: _Optional[str] = ..., kv_layout: _Optional[_Union[KvLayout, str]] = ..., dtype: _Optional[_Union[DType, str]] = ..., region: _Optional[str] = ..., region_bytes: _Optional[int] = ..., max_positions: _Optional[int] = ..., synthetic: _Optional[bool] = ..., n_layers: _Optional[int] = ..., version: _Optional[str] = ..., counters: _Optional[_Mapping[str, int]] = ..., region_epoch: _Optional[int] = ..., not_serving: _Optional[str] = ..., prefills: _Optional[_Iterable[_Union[PairedPrefill, _Mapping]]] = ..., kv_device: _Optional[str] = ...) -> None: ...
 
 class PairedPrefill(_message.Message):
-    __slots__ = ("address", "region", "region_epoch", "local", "state")
+    __slots__ = ("address", "region", "region_epoch", "local", "state", "device")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     REGION_EPOCH_FIELD_NUMBER: _ClassVar[int]
     LOCAL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     address: str
     region: str
     region_epoch: int
     local: bool
     state: str
-    def __init__(self, address: _Optional[str] = ..., region: _Optional[str] = ..., region_epoch: _Optional[int] = ..., local: _Optional[bool] = ..., state: _Optional[str] = ...) -> None: ...
+    device: bool
+    def __init__(self, address: _Optional[str] = ..., region: _Optional[str] = ..., region_epoch: _Optional[int] = ..., local: _Optional[bool] = ..., state: _Optional[str] = ..., device: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "handle", "sampling", "max_new_tokens", "stop_ids", "transport", "ignore_eos", "stop")
@@ -312,7 +336,7 @@ class TokenChunk(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class DecodeTimings(_message.Message):
-    __slots__ = ("ingest_ms", "ingest_wait_ms", "decode_ms", "decode_ms_per_token", "modeled_device_ms_per_token", "n_tokens", "queue_ms")
+    __slots__ = ("ingest_ms", "ingest_wait_ms", "decode_ms", "decode_ms_per_token", "modeled_device_ms_per_token", "n_tokens", "queue_ms", "kv_path")
     INGEST_MS_FIELD_NUMBER: _ClassVar[int]
     INGEST_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     DECODE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +344,7 @@ class DecodeTimings(_message.Message):
     MODELED_DEVICE_MS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     N_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    KV_PATH_FIELD_NUMBER: _ClassVar[int]
     ingest_ms: float
     ingest_wait_ms: float
     decode_ms: float
@@ -327,7 +352,8 @@ class DecodeTimings(_message.Message):
     modeled_device_ms_per_token: float
     n_tokens: int
     queue_ms: float
-    def __init__(self, ingest_ms: _Optional[float] = ..., ingest_wait_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., modeled_device_ms_per_token: _Optional[float] = ..., n_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    kv_path: str
+    def __init__(self, ingest_ms: _Optional[float] = ..., ingest_wait_ms: _Optional[float] = ..., decode_ms: _Optional[float] = ..., decode_ms_per_token: _Optional[float] = ..., modeled_device_ms_per_token: _Optional[float] = ..., n_tokens: _Optional[int] = ..., queue_ms: _Optional[float] = ..., kv_path: _Optional[str] = ...) -> None: ...
 
 class GenerateDone(_message.Message):
     __slots__ = ("finish_reason", "timings", "backend")

@@ -89,6 +89,7 @@ class KvDescriptor:
     head_dim: int = 0
     checksums: bool = False  # per-layer xxh3_64 in the slot header
     secret: bytes = field(default=b"", repr=False)  # the capability; never printed
+    on_device: bool = False  # in the prefill GPU's mirror of the payload (CUDA IPC)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(LayerRange(*r) for r in self.layers))
@@ -113,7 +114,7 @@ class KvDescriptor:
             dtype=DTYPES[self.dtype], n_layers=self.n_layers, n_tokens=self.n_tokens,
             layers=[pb.LayerRange(offset=r.offset, length=r.length) for r in self.layers],
             n_kv_heads=self.n_kv_heads, head_dim=self.head_dim, checksums=self.checksums,
-            secret=self.secret)
+            secret=self.secret, on_device=self.on_device)
 
     @classmethod
     def from_proto(cls, msg: pb.KvDescriptor) -> KvDescriptor:
@@ -127,7 +128,7 @@ class KvDescriptor:
             dtype=_DTYPE_NAMES[msg.dtype], n_layers=msg.n_layers, n_tokens=msg.n_tokens,
             layers=tuple(LayerRange(r.offset, r.length) for r in msg.layers),
             n_kv_heads=msg.n_kv_heads, head_dim=msg.head_dim, checksums=msg.checksums,
-            secret=bytes(msg.secret))
+            secret=bytes(msg.secret), on_device=msg.on_device)
 
     def to_bytes(self) -> bytes:
         return self.to_proto().SerializeToString()
@@ -164,8 +165,9 @@ class KvDescriptor:
             v = getattr(self, name)
             if type(v) is not int or not 0 <= v <= top:
                 raise InvalidArgument(f"descriptor {name}={v!r} not an integer in [0, {top}]")
-        if type(self.checksums) is not bool:
-            raise InvalidArgument(f"descriptor checksums={self.checksums!r} not a bool")
+        for flag in ("checksums", "on_device"):
+            if type(getattr(self, flag)) is not bool:
+                raise InvalidArgument(f"descriptor {flag}={getattr(self, flag)!r} not a bool")
         if type(self.secret) is not bytes or len(self.secret) != SECRET_BYTES:
             raise invalid_handle()
 
@@ -210,9 +212,9 @@ class KvDescriptor:
         """xxh3_64 over every field but the region name (the epoch stands for it) and the
         secret (compared on its own, in constant time): the owner stores it in the slot
         header, the reader compares."""
-        head = struct.pack("<QIQQQBBIIIIB", self.epoch, self.slot, self.offset, self.length,
+        head = struct.pack("<QIQQQBBIIIIBB", self.epoch, self.slot, self.offset, self.length,
                            self.generation, LAYOUTS[self.layout], DTYPES[self.dtype],
                            self.n_layers, self.n_tokens, self.n_kv_heads, self.head_dim,
-                           self.checksums)
+                           self.checksums, self.on_device)
         body = b"".join(struct.pack("<QQ", *r) for r in self.layers)
         return xxhash.xxh3_64_intdigest(head + body)

@@ -47,6 +47,7 @@ S_READY_BYTE = 160          # max_layers u8 flags, then (8-aligned) max_layers u
 
 SLOT_FREE, SLOT_ACTIVE, SLOT_FAILED = 0, 1, 2
 FLAG_CHECKSUMS = 1
+FLAG_DEVICE = 2             # the bytes are in the owner's GPU mirror (device_kv)
 FIRST_TOKEN_UNSET = -1
 
 

@@ -222,6 +222,7 @@ class KvReader:
     def read_layer(self, desc: KvDescriptor, layer: int, timeout_s: float) -> bytes:
         """A private copy of `layer`'s bytes once it is ready (see the module doc)."""
         self.wait_layer(desc, layer, timeout_s)
+        _host_bytes(desc)
         want = self._expected_checksum(desc, layer)
         a, n = desc.layer_span(layer)
         data = bytes(self._u8[a:a + n])
@@ -236,6 +237,7 @@ class KvReader:
         if dst.readonly or len(dst) < n:
             raise InvalidArgument(f"layer {layer} needs a writable {n}-byte buffer, got {len(dst)}")
         self.wait_layer(desc, layer, timeout_s)
+        _host_bytes(desc)
         want = self._expected_checksum(desc, layer)
         # numpy's copy releases the GIL (a memoryview slice assignment holds it): many
         # requests' ingest threads copy in parallel with the engine loop
@@ -249,6 +251,7 @@ class KvReader:
         checksum is verified before, the generation after: on Aborted at exit, discard
         whatever was derived from the view."""
         self.wait_layer(desc, layer, timeout_s)
+        _host_bytes(desc)
         a, n = desc.layer_span(layer)
         view = self._u8[a:a + n]
         try:
@@ -263,6 +266,13 @@ class KvReader:
         if want is not None and xxhash.xxh3_64_intdigest(data) != want:
             raise DataLoss(f"layer {layer} of slot {desc.slot}: checksum mismatch "
                            f"(stored {want:#018x}, read {xxhash.xxh3_64_intdigest(data):#018x})")
+
+
+def _host_bytes(desc: KvDescriptor) -> None:
+    """After the capability checks: an on-device slot has no bytes in the region."""
+    if desc.on_device:
+        raise FailedPrecondition("this slot's KV is in the prefill GPU's memory (on_device): "
+                                 "read it GPU to GPU (a decode that mapped the mirror)")
 
 
 def _check_header(head: bytes, path: str, size: int) -> None:

@@ -22,7 +22,13 @@ from typing import Any
 
 import xxhash
 
-from engine.errors import HybridError, InvalidArgument, ResourceExhausted, Unavailable
+from engine.errors import (
+    FailedPrecondition,
+    HybridError,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from engine.freelist import FreeList
 from transport import cuda, futex, shm
 from transport import layout as L
@@ -65,6 +71,9 @@ class KvRegion:
         self._last_secret: list[bytes] = [b""] * geom.max_slots  # for repeated releases
         self._owner_pid = os.getpid()
         self._tensor: Any = None
+        # The GPU-to-GPU path (transport.device_kv): a device buffer mirroring the payload
+        # area; slots allocated `on_device` keep their bytes there, headers stay here.
+        self.device: Any = None
         self._registered_ptr: int | None = None
         self._closed = self._unlinked = False
         ref, pid = weakref.ref(self), self._owner_pid  # no strong ref from atexit
@@ -129,6 +138,16 @@ class KvRegion:
             self._tensor = torch.frombuffer(memoryview(self._mm), dtype=torch.uint8)
         return self._tensor
 
+    def attach_device(self, mirror: Any) -> None:
+        """Keep on-device slots in `mirror` (a transport.device_kv.DeviceMirror covering
+        the payload area); the region owns it from now on and frees it at close."""
+        g = self.geometry
+        if mirror.payload_offset != g.payload_offset or mirror.nbytes < g.payload_bytes:
+            raise InvalidArgument(
+                f"device mirror [{mirror.payload_offset}, +{mirror.nbytes}) does not cover the "
+                f"payload [{g.payload_offset}, +{g.payload_bytes})")
+        self.device = mirror
+
     @property
     def registered(self) -> bool:  # page-locked for CUDA
         return self._registered_ptr is not None
@@ -161,6 +180,8 @@ class KvRegion:
                 for slot in range(self.geometry.max_slots):  # waiters see CLOSED now
                     self._notify(slot)
                 self._tensor = None
+                if self.device is not None:  # after the sync above: no copy targets it
+                    self.device.close()
                 for view in (self._u64, self._u32, self._u8):
                     view.release()
                 with contextlib.suppress(BufferError):  # handed-out views still alive
@@ -178,13 +199,18 @@ class KvRegion:
     def alloc(self, n_bytes: int, n_layers: int, *, layer_bytes: list[int] | None = None,
               layout: str = "dense", dtype: str = "float16", n_tokens: int = 0,
               n_kv_heads: int = 0, head_dim: int = 0, checksums: bool = False,
-              lease_s: float | None = None) -> KvDescriptor:
+              lease_s: float | None = None, on_device: bool = False) -> KvDescriptor:
         """Reserve a slot for `n_bytes` of KV in `n_layers` equal layers (or the sizes in
         `layer_bytes`, summing to n_bytes). Never waits: ResourceExhausted at once when
-        neither space nor a slot header is free after reaping expired leases."""
+        neither space nor a slot header is free after reaping expired leases.
+        `on_device`: the bytes go to the device mirror (no checksums: they never pass
+        through host memory, where a torn read could happen)."""
+        if on_device and self.device is None:
+            raise FailedPrecondition(f"KV region {self.name} has no GPU mirror: KV on the "
+                                     "device needs a CUDA prefill with CuPy (--kv-device)")
         probe = self._probe(n_bytes, n_layers, layer_bytes, layout=layout, dtype=dtype,
                             n_tokens=n_tokens, n_kv_heads=n_kv_heads, head_dim=head_dim,
-                            checksums=checksums)
+                            checksums=checksums and not on_device, on_device=on_device)
         lease = self.lease_s if lease_s is None else lease_s
         if not lease > 0:
             raise InvalidArgument(f"lease_s={lease_s!r}: expected > 0")
@@ -241,7 +267,8 @@ class KvRegion:
         u64[w + L.S_OFFSET] = desc.offset
         u64[w + L.S_LENGTH] = desc.length
         u64[w + L.S_N_LAYERS] = desc.n_layers
-        u64[w + L.S_FLAGS] = L.FLAG_CHECKSUMS if desc.checksums else 0
+        u64[w + L.S_FLAGS] = ((L.FLAG_CHECKSUMS if desc.checksums else 0)
+                              | (L.FLAG_DEVICE if desc.on_device else 0))
         u64[w + L.S_FIRST_TOKEN] = L.to_u64(L.FIRST_TOKEN_UNSET)
         u64[w + L.S_DIGEST] = desc.digest()
         a, b = g.secret_range(desc.slot)
@@ -386,6 +413,7 @@ class KvRegion:
 
     def layer_buffer(self, desc: KvDescriptor, layer: int) -> memoryview:
         """Writable view of the slot's bytes for `layer` (CPU producers, tests)."""
+        _host_only(desc)
         with self._lock:
             self._producing(desc)
             a, n = desc.layer_span(layer)
@@ -400,10 +428,13 @@ class KvRegion:
 
     def layer_view(self, desc: KvDescriptor, layer: int) -> Any:
         """torch.uint8 tensor over the slot's `layer` range, zero-copy (pinned when the
-        region is registered): the destination of non_blocking device-to-host copies."""
+        region is registered): the destination of non_blocking device-to-host copies.
+        An on-device slot's view is in the device mirror instead (device-to-device)."""
         with self._lock:
             self._producing(desc)
             a, n = desc.layer_span(layer)
+            if desc.on_device:
+                return self.device.view(a, n)
             return self._torch_base()[a:a + n]
 
     def mark_ready(self, desc: KvDescriptor, layer: int, checksum: int | None = None,
@@ -446,3 +477,9 @@ class KvRegion:
             self._u64[self.geometry.slot_word(desc.slot) + L.S_STATE] = L.SLOT_FAILED
             self._notify(desc.slot)
 
+
+
+def _host_only(desc: KvDescriptor) -> None:
+    if desc.on_device:
+        raise FailedPrecondition("this slot's KV is in the prefill GPU's memory (on_device): "
+                                 "it is read GPU to GPU, not from the shared region")

@@ -65,6 +65,7 @@ class OpenAIOptions:
     metrics_port: int | None = None   # == port: /metrics on the app; else its own server
     security: Security | None = None  # TLS / token towards the services
     kv_transport: str = "shm"
+    kv_device: bool = True  # GPU to GPU where the decode mapped its prefill's GPU mirror
     timeout_s: float = 120.0          # per request, through both services
     grace_s: float = 10.0             # drain on SIGTERM
     log_level: str = "info"
@@ -303,6 +304,7 @@ class _API:
         stream = self._timed(self.client.stream(
             req.prompt, prompt_ids=req.prompt_ids, max_new_tokens=req.max_tokens,
             params=req.params, ignore_eos=req.ignore_eos, kv_transport=self.opts.kv_transport,
+            kv_device=self.opts.kv_device,
             request_id=rid, stop=req.stop), t0, endpoint)
         headers = {"x-request-id": rid}
         if not req.stream:

@@ -13,6 +13,7 @@ its token queues; no request thread ever issues CUDA work.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -42,6 +43,13 @@ class GpuBackend(DecodeBackend):
         self.kv_dtype = _DTYPE_NAME[self.lm.dtype]
         self.max_batch, self.open_timeout_s = max_batch, open_timeout_s
         self.engine = DecodeEngine(self.lm, max_batch=max_batch, max_waiting=max_waiting)
+
+    def device_index(self) -> int | None:
+        """The CUDA device the engine runs on (None on CPU): where KV may arrive GPU to
+        GPU (transport.device_kv)."""
+        d = self.lm.device
+        return (d.index if d.index is not None else torch.cuda.current_device()) \
+            if d.type == "cuda" else None
 
     def open_session(self, spec: DecodeSpec) -> DecodeSession:
         return GpuSession(self, spec)
@@ -99,6 +107,26 @@ class GpuSession(EngineSession):
             return view
         self._payload = torch.empty(nbytes, dtype=torch.uint8)
         return self._payload.numpy()
+
+    def ingest_device(self, src: torch.Tensor, desc) -> Future:
+        """The prompt's KV from the prefill GPU's mirror (`src`: the slot's bytes, opened
+        through CUDA IPC): the engine loop copies it (one peer copy, then the scatter into
+        the paged pool). The future gets the copy's CUDA event once it is queued (None:
+        dropped, nothing read); the slot may be released when that event completed."""
+        from engine.errors import InvalidArgument
+
+        c, dt = self.backend.config, self.backend.lm.dtype
+        per = 2 * c.n_kv_heads * self.spec.n_prompt * c.head_dim * dt.itemsize
+        spans = desc.layers
+        stride = spans[1].offset - spans[0].offset if len(spans) > 1 else per
+        if len(spans) != c.n_layers or stride % dt.itemsize or spans[0].offset % dt.itemsize \
+                or any(r.length != per or r.offset != spans[0].offset + i * stride
+                       for i, r in enumerate(spans)):
+            raise InvalidArgument("on-device KV must be equal dense layers at a fixed stride")
+        fut: Future = Future()
+        span = src[spans[0].offset:spans[-1].offset + per]
+        self.engine.ingest_prompt(self.seq, ("peer", span, stride, fut))
+        return fut
 
     def ingest_staged(self) -> None:
         payload, self._payload = self._payload, None
