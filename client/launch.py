@@ -73,6 +73,7 @@ class ServicePair:
     prefill_args: list[str] = field(default_factory=list)
     decode_args: list[str] = field(default_factory=list)
     decode_env: dict[str, str] = field(default_factory=dict)  # e.g. test fault hooks
+    prefill_env: dict[str, str] = field(default_factory=dict)
     log_dir: str | None = None
     prefill_port: int = field(default_factory=free_port)
     decode_port: int = field(default_factory=free_port)
@@ -91,7 +92,7 @@ class ServicePair:
         log = (lambda n: os.path.join(self.log_dir, f"{n}.log")) if self.log_dir else (lambda n: None)
         self.procs["prefill"] = spawn(
             ["serve", "prefill", *common, "--port", str(self.prefill_port), *self.prefill_args],
-            log_path=log("prefill"))
+            env=self.prefill_env, log_path=log("prefill"))
         self.procs["decode"] = spawn(
             ["serve", "decode", *common, "--port", str(self.decode_port), "--backend",
              self.backend, "--prefill", self.prefill, *self.decode_args],

@@ -78,7 +78,9 @@ class GraphDecoder:
                 self._step()
         torch.cuda.current_stream(self.cache.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread's CUDA call (a second engine in this process, a
+        # pool thread polling an event) must not invalidate this thread's capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._step()
         self.cache.k[:, :, :, :1].copy_(k0)
         self.cache.v[:, :, :, :1].copy_(v0)

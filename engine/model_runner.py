@@ -167,7 +167,9 @@ class ModelRunner:
                 torch.cuda.current_stream(self.device).wait_stream(stream)
                 self._reset_inputs()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                # thread_local: other threads' CUDA calls (a second engine in the same
+                # process, request threads polling events) do not invalidate the capture
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                     logits = self._forward(b)
                 self.graphs[b] = (graph, logits)
         self._reset_inputs()

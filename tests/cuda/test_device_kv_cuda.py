@@ -24,6 +24,10 @@ pytestmark = [
 
 MODEL = "synthetic:gpt2"
 SPLITS = [("cuda:0", "cuda:0"), ("cuda:0", "cuda:1")]
+# Single-process references always on cuda:0 (the two H200s compute the same bits): a
+# second engine on another device in this test process once hit a device-side assert
+# (the services run one engine per process; see the issue 15 closing note)
+REF_DEVICE = "cuda:0"
 
 
 def _child(exported: dict, device: int, q) -> None:
@@ -68,13 +72,13 @@ def test_mirror_opens_in_another_process(consumer):
         m.close()
 
 
-def _pair(tmp_path, pdev: str, ddev: str):
+def _pair(tmp_path, pdev: str, ddev: str, decode_args=(), **kw):
     from client.launch import ServicePair
 
     if int(ddev[-1]) >= torch.cuda.device_count():
         pytest.skip("needs 2 GPUs")
-    return ServicePair(model=MODEL, device=pdev, decode_args=["--device", ddev],
-                       log_dir=str(tmp_path))
+    return ServicePair(model=MODEL, device=pdev, decode_args=["--device", ddev, *decode_args],
+                       log_dir=str(tmp_path), **kw)
 
 
 async def _info(addr: str, role: str):
@@ -106,7 +110,7 @@ def test_pair_device_path_equals_host_path_and_local(tmp_path, pdev, ddev):
 
     with _pair(tmp_path, pdev, ddev) as pair:
         _wait_mapped(pair.decode)
-        lm = load_model(MODEL, ddev, "float16")
+        lm = load_model(MODEL, REF_DEVICE, "float16")
         for n, params in ((64, SamplingParams()), (301, SamplingParams()),
                           (129, SamplingParams(temperature=0.8, top_k=50, seed=7))):
             ids = [(i * 37 + n) % lm.config.vocab_size for i in range(n)]
@@ -118,11 +122,13 @@ def test_pair_device_path_equals_host_path_and_local(tmp_path, pdev, ddev):
                 got[kv_device] = res
             assert got[True].kv_path == "cuda-ipc" and got[False].kv_path == "shm"
             assert got[True].token_ids == want == got[False].token_ids, (n, params)
-            print(f"\n{pdev}->{ddev} n={n}: ingest cuda-ipc {got[True].timings['ingest_ms']:.2f}"
-                  f" ms vs shm {got[False].timings['ingest_ms']:.2f} ms")
+            t, h = got[True].timings, got[False].timings
+            print(f"\n{pdev}->{ddev} n={n}: ingest (wait) cuda-ipc {t['ingest_ms']:.2f} "
+                  f"({t['ingest_wait_ms']:.2f}) ms, shm {h['ingest_ms']:.2f} "
+                  f"({h['ingest_wait_ms']:.2f}) ms; ttft {t['ttft_ms']:.2f} vs {h['ttft_ms']:.2f}")
         pinfo = asyncio.run(_info(pair.prefill, "prefill"))
         assert pinfo.kv_device.startswith(pdev)
-        assert pinfo.counters["device_slots"] == 3 and pinfo.counters["slots_in_use"] == 0
+        assert pinfo.counters["device-slots"] == 3 and pinfo.counters["slots-in-use"] == 0
 
 
 async def _load(prefill: str, decode: str, prompts, kv_device: bool, cancel_every: int = 0):
@@ -142,23 +148,42 @@ async def _load(prefill: str, decode: str, prompts, kv_device: bool, cancel_ever
 
 
 @pytest.mark.parametrize("pdev,ddev", SPLITS)
+def test_device_path_exact_under_concurrency(tmp_path, pdev, ddev):
+    """Many requests in flight at once (slots allocated, filled, pulled and reused
+    concurrently), each prompt prefilled and decoded alone (prefill batch 1, decode batch
+    1: the numerics of a single request), so every one must equal single-process
+    generation exactly: a torn or early read of the mirror would change its tokens."""
+    from engine.generate import generate
+    from engine.loader import load_model
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(50000) for _ in range(rng.randint(1, 600))] for _ in range(48)]
+    with _pair(tmp_path, pdev, ddev, prefill_env={"HYBRID_PREFILL_MAX_BATCH": "1"},
+               decode_args=["--max-batch", "1", "--max-active", "4"]) as pair:
+        _wait_mapped(pair.decode)
+        got = asyncio.run(_load(pair.prefill, pair.decode, prompts, True))
+    lm = load_model(MODEL, REF_DEVICE, "float16")
+    want = [generate(lm, ids, 32, ignore_eos=True).token_ids for ids in prompts]
+    assert [r.kv_path for r in got] == ["cuda-ipc"] * len(prompts)
+    bad = [i for i, (r, w) in enumerate(zip(got, want, strict=True)) if r.token_ids != w]
+    assert not bad, f"{len(bad)} of {len(prompts)} differ: {bad[:8]}"
+
+
+@pytest.mark.parametrize("pdev,ddev", SPLITS)
 def test_device_path_under_concurrent_load(tmp_path, pdev, ddev):
+    """Batched (prefill packs, decode batches): 0 errors, every request GPU to GPU, and
+    after a round with random cancellations no slot is left held and nobody died."""
     rng = random.Random(3)
-    prompts = [[rng.randrange(50000) for _ in range(rng.randint(1, 600))] for _ in range(96)]
+    prompts = [[rng.randrange(50000) for _ in range(rng.randint(1, 600))] for _ in range(128)]
     with _pair(tmp_path, pdev, ddev) as pair:
         _wait_mapped(pair.decode)
         dev = asyncio.run(_load(pair.prefill, pair.decode, prompts, True))
-        host = asyncio.run(_load(pair.prefill, pair.decode, prompts, False))
         assert [r.kv_path for r in dev] == ["cuda-ipc"] * len(prompts)
-        assert [r.kv_path for r in host] == ["shm"] * len(prompts)
-        # batched decode: fp16 rounding may differ with the batch's composition, so the
-        # check is per request against the host path's batch of the same prompts
-        same = sum(a.token_ids == b.token_ids for a, b in zip(dev, host, strict=True))
-        assert same >= 0.9 * len(prompts), same
+        assert all(len(r.token_ids) == 32 for r in dev)
         asyncio.run(_load(pair.prefill, pair.decode, prompts, True, cancel_every=3))
         time.sleep(1.0)  # background releases after the cancels
         pinfo = asyncio.run(_info(pair.prefill, "prefill"))
         dinfo = asyncio.run(_info(pair.decode, "decode"))
-        assert pinfo.counters["slots_in_use"] == 0, dict(pinfo.counters)
-        assert dinfo.counters["device_requests"] >= len(prompts)
+        assert pinfo.counters["slots-in-use"] == 0, dict(pinfo.counters)
+        assert dinfo.counters["device-requests"] >= len(prompts)
         assert all(p.poll() is None for p in pair.procs.values())  # nobody died
