@@ -359,12 +359,20 @@ class RoutedTarget(bs.PairTarget):
 
 async def service_infos(plan: ConfigPlan, timeout_s: float = 10.0) -> list[dict]:
     """Each pair's Info: devices, the prefill's GPU KV buffer, whether the decode mapped it."""
+    import asyncio
+
     from client.api import HybridClient
+    from protos import hybrid_pb2 as pb
 
     out = []
     for p, d in plan.pairs:
         async with HybridClient(p.address, d.address, timeout_s=timeout_s) as c:
-            pi, di = await c.prefill_info(), await c.decode_info()
+            for _ in range(int(timeout_s / 0.25)):  # the decode maps the mirror at Attach
+                pi, di = await c.prefill_info(), await c.decode.Info(pb.InfoRequest(),
+                                                                      timeout=timeout_s)
+                if not pi.kv_device or any(x.device for x in di.prefills):
+                    break
+                await asyncio.sleep(0.25)
         paired = [{"address": x.address, "state": x.state, "local": x.local,
                    "device": bool(getattr(x, "device", False))} for x in di.prefills]
         out.append({"prefill": p.address, "prefill_device": pi.device,

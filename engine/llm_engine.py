@@ -78,10 +78,15 @@ class DecodeEngine(BatchSteps):
         # Fault injection for tests: a decode slow enough that a cancel or a SIGTERM
         # lands mid-stream (a tiny CPU model otherwise finishes 250 tokens in ~90 ms).
         self.fault_step_delay_s = float(os.environ.get("HYBRID_FAULT_TOKEN_DELAY_MS", 0)) / 1e3
+        # ... and one that dies after this many decode steps (a CUDA error stands for it)
+        self.fault_crash_steps = int(os.environ.get("HYBRID_FAULT_ENGINE_CRASH_STEPS", 0))
         # Called on the loop thread after each iteration with the sequences whose `out`
         # got items (an asyncio owner wakes its readers with ONE call_soon_threadsafe
         # per step instead of one per token). None: consumers block on `out`.
         self.notifier: Callable[[list[Sequence]], None] | None = None
+        # Called once, on the loop thread, when the loop died of an error (not on close):
+        # a CUDA error poisons the context, so the owner should stop serving and exit.
+        self.on_death: Callable[[BaseException], None] | None = None
         self._touched: list[Sequence] = []
         short_gil_switch()  # the loop needs the GIL back as soon as a CUDA wait ends
         self._up = threading.Event()
@@ -236,13 +241,20 @@ class DecodeEngine(BatchSteps):
             return
         self._up.set()
         end: BaseException = Unavailable("decode engine closed")
+        failed = False
         try:
             with torch.inference_mode():
                 self._serve()
         except BaseException as e:  # never die silently: fail everyone below
             log.exception("decode engine loop failed")
             end = Unavailable(f"decode engine stopped: {type(e).__name__}: {e}")
+            failed = True
         self._die(end)
+        if failed and self.on_death is not None:  # e.g. the server stops serving and exits
+            try:
+                self.on_death(end)
+            except Exception:
+                log.exception("engine on_death hook failed")
         self.runner.close()
 
     def _serve(self) -> None:
@@ -268,6 +280,10 @@ class DecodeEngine(BatchSteps):
             if self.running:
                 if self.fault_step_delay_s:
                     time.sleep(self.fault_step_delay_s)
+                if self.fault_crash_steps:  # fault injection: the loop dies mid-stream
+                    self.fault_crash_steps -= 1
+                    if not self.fault_crash_steps:
+                        raise RuntimeError("injected engine fault (HYBRID_FAULT_ENGINE_CRASH_STEPS)")
                 self._step()
             else:
                 self._collect()

@@ -218,7 +218,7 @@ def request_limit(model: str) -> int:
     return limits.request_bytes(cfg.max_positions if cfg else None)
 
 
-def exit_watchdog(grace_s: float = 5.0) -> None:
+def exit_watchdog(grace_s: float = 5.0, code: int = 0) -> None:
     """Call once the server stopped. Interpreter exit joins every worker thread; one
     stuck in a call that cannot be interrupted (a device call that hangs, a blocking
     open) would keep the process alive after "shutdown: stopped" until SIGKILL. This
@@ -229,7 +229,7 @@ def exit_watchdog(grace_s: float = 5.0) -> None:
     def force() -> None:
         log.warning("shutdown: worker threads still busy after %.0f s; exiting anyway", grace_s)
         logging.shutdown()
-        os._exit(0)
+        os._exit(code)
 
     timer = threading.Timer(grace_s, force)
     timer.daemon = True

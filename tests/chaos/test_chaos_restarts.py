@@ -328,3 +328,30 @@ def test_finding06_prefill_sigkill_leaves_no_segment_and_decode_remaps(svc):
     assert not [s for s in maps if s.startswith(old)], f"decode still maps the dead region: {maps}"
     assert any(s.startswith(new) for s in maps)
     _settled(prefill, decode)
+
+
+def test_decode_whose_engine_dies_stops_serving_and_exits(tmp_path):
+    """A decode engine loop that dies (a CUDA error poisons the context for good) must not
+    stay a SERVING black hole that fails every request routed to it: the request in
+    flight fails UNAVAILABLE, health leaves SERVING, and the process exits non-zero so a
+    supervisor (compose restart policy, Kubernetes) starts a fresh one."""
+    from client.api import health
+    from client.launch import ServicePair
+    from client.remote import run_remote
+    from engine.errors import Unavailable
+
+    pair = ServicePair(model="synthetic:gpt2", device="cpu", log_dir=str(tmp_path),
+                       decode_env={"HYBRID_FAULT_ENGINE_CRASH_STEPS": "5"})
+    with pair:
+        t0 = time.monotonic()
+        with pytest.raises(Unavailable, match="injected engine fault"):
+            run_remote(prompt_ids=[1, 2, 3, 4], max_new_tokens=64, ignore_eos=True,
+                       prefill=pair.prefill, decode=pair.decode, timeout_s=30)
+        proc = pair.procs["decode"]
+        code = proc.wait(timeout=20)
+        assert code != 0, code
+        assert time.monotonic() - t0 < 20
+        with pytest.raises(errors.Unavailable):  # the port is closed: routed around
+            asyncio.run(health(pair.decode, timeout_s=1.0))
+    log = (tmp_path / "decode.log").read_text()
+    assert "decode engine died" in log and "health NOT_SERVING" in log
