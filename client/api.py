@@ -237,7 +237,8 @@ class _Tokens:
                 else:
                     self.done = msg.done
         except grpc.aio.AioRpcError as e:
-            raise error_from_rpc(e) from None
+            cause = await _prefill_failure(pdone_task, e.code())
+            raise (cause or error_from_rpc(e)) from None
         except asyncio.CancelledError:  # _watch_prefill cut decode short: prefill's error
             if pdone_task.done() and not pdone_task.cancelled() and pdone_task.exception():
                 raise pdone_task.exception() from None
@@ -260,6 +261,24 @@ async def _first_handle(pcall) -> pb.KvHandle:
     if first is grpc.aio.EOF or not first.HasField("handle"):
         raise errors.Unavailable("prefill stream ended before its KV handle")
     return first.handle
+
+
+# decode errors that follow from a failed prefill (its slot was freed or marked failed)
+_CONSEQUENCES = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS)
+
+
+async def _prefill_failure(task: asyncio.Task, code: grpc.StatusCode,
+                           wait_s: float = 0.2) -> BaseException | None:
+    """When decode failed with a status a failed prefill causes, prefill's own error if
+    it failed too (the root cause: "prefill loop died: ...", not "KV handle is not
+    valid"); it arrives at about the same time, so wait a moment for it."""
+    if code not in _CONSEQUENCES:
+        return None
+    if not task.done():
+        await asyncio.wait([task], timeout=wait_s)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        return task.exception()
+    return None
 
 
 def _watch_prefill(pcall, gcall) -> asyncio.Task:

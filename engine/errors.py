@@ -44,3 +44,16 @@ class FailedPrecondition(HybridError):
 
 class DeadlineExceeded(HybridError, TimeoutError):
     status = "DEADLINE_EXCEEDED"
+
+
+# CUDA errors after which the context is unusable for good ("sticky"): every later call
+# fails too, so the process must stop serving and be replaced. Out of memory is not one.
+_STICKY = ("device-side assert", "illegal memory access", "illegal instruction",
+           "unspecified launch failure", "misaligned address", "uncorrectable ecc",
+           "hardware stack error", "launch timed out")
+
+
+def is_fatal_device_error(e: BaseException) -> bool:
+    """Whether `e` is a CUDA error that poisons the device context."""
+    text = str(e).lower()
+    return "cuda error" in text and any(s in text for s in _STICKY)

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from engine.errors import Unavailable
 from protos import hybrid_pb2 as pb
@@ -81,7 +78,9 @@ async def _serve(opts: DecodeOptions, outcome: dict | None = None) -> None:
             await _until_signalled()
             return
         if getattr(backend, "engine", None) is not None:
-            backend.engine.on_death = _on_engine_death(health, {} if outcome is None else outcome)
+            # the engine loop died (a CUDA error): NOT_SERVING, then exit non-zero
+            backend.engine.on_death = kit.on_fatal(health, [SERVICE], _outcome(outcome),
+                                                   "decode engine")
         # the name a restart of this service keeps (prefill reclaims by it): host:port
         servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s,
                                   security=opts.security,
@@ -166,25 +165,11 @@ def serve(opts: DecodeOptions) -> None:
     kit.setup_logging(opts.log_level)
     outcome: dict = {}
     asyncio.run(_serve(opts, outcome))
-    code = 1 if outcome.get("engine_died") else 0
+    code = kit.exit_code(outcome)
     kit.exit_watchdog(code=code)
     if code:  # a supervisor (compose restart policy, Kubernetes) starts a fresh instance
         raise SystemExit(code)
 
 
-def _on_engine_death(health: Any, outcome: dict) -> Callable[[BaseException], None]:
-    """The engine loop died of an error (a CUDA error poisons the device context: no
-    request can succeed here any more). Stop answering SERVING at once, so routers and
-    readiness probes move traffic elsewhere within a health interval, and shut down
-    (in-flight requests already failed with UNAVAILABLE) with a non-zero exit status."""
-    loop = asyncio.get_running_loop()
-
-    def died(exc: BaseException) -> None:
-        def on_loop() -> None:
-            log.error("decode engine died (%s): health NOT_SERVING, exiting", exc)
-            outcome["engine_died"] = True
-            kit.set_health(health, [SERVICE], kit.NOT_SERVING)
-            os.kill(os.getpid(), signal.SIGTERM)  # the usual drain and shutdown
-
-        loop.call_soon_threadsafe(on_loop)
-    return died
+def _outcome(outcome: dict | None) -> dict:
+    return {} if outcome is None else outcome

@@ -37,13 +37,14 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 from collections import Counter, deque
 from typing import Any
 
 import torch
 
-from engine.errors import Unavailable
+from engine.errors import Unavailable, is_fatal_device_error
 from engine.gil import short_gil_switch
 from engine.sampling import SamplingParams
 from transport import metrics as prom
@@ -66,6 +67,11 @@ class PrefillLoop:
         self._running: list[PrefillJob] = []
         self._paused = self._closing = False
         self._dead: str | None = None  # why new jobs fail (Unavailable) once the loop is gone
+        # Called once (loop thread) when the loop died of an error, not on close: a CUDA
+        # error poisons the context, so the server stops serving and exits.
+        self.on_death = None
+        # Fault injection for tests: the Nth batch fails with a context-poisoning error.
+        self.fault_crash_batches = int(os.environ.get("HYBRID_FAULT_PREFILL_CRASH_BATCHES", 0))
         short_gil_switch()  # the loop needs the GIL back as soon as a CUDA wait ends
         self._thread = threading.Thread(target=self._main, name="prefill-loop", daemon=True)
         self._thread.start()
@@ -165,6 +171,11 @@ class PrefillLoop:
                 left, self._running = self._running + list(self._queue), []
                 self._queue.clear()
             self._fail(left)
+        if reason is not None and self.on_death is not None:  # the server stops and exits
+            try:
+                self.on_death(Unavailable(reason))
+            except Exception:
+                log.exception("prefill loop on_death hook failed")
 
     def _bind_device(self) -> None:
         """CUDA's current device is per thread: make the model's device current here."""
@@ -209,8 +220,15 @@ class PrefillLoop:
         self.stats["prefill_batched_prompts"] += len(batch)
         prom.PREFILL_BATCH.observe(len(batch))
         try:
+            if self.fault_crash_batches:  # fault injection: a CUDA error that poisons all
+                self.fault_crash_batches -= 1
+                if not self.fault_crash_batches:
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered "
+                                       "(injected: HYBRID_FAULT_PREFILL_CRASH_BATCHES)")
             self.runner.run_batch(batch)
-        except Exception as e:  # fails this batch only
+        except Exception as e:  # fails this batch only ...
+            if is_fatal_device_error(e):
+                raise  # ... unless nothing can run here any more: the loop dies
             if not isinstance(e, Cancelled):
                 log.exception("prefill batch of %d failed", len(batch))
             for job in batch:

@@ -218,6 +218,33 @@ def request_limit(model: str) -> int:
     return limits.request_bytes(cfg.max_positions if cfg else None)
 
 
+def on_fatal(health_servicer: health.HealthServicer, names: list[str], outcome: dict,
+             what: str) -> Callable[[BaseException], None]:
+    """A hook for a device loop (decode engine, prefill loop) that died of an error
+    nothing in this process can recover from (a CUDA error poisons the context): from any
+    thread, turn health NOT_SERVING at once, so routers and readiness probes move traffic
+    elsewhere within a poll, and SIGTERM ourselves for the usual drain; `outcome["died"]`
+    makes `exit_code` non-zero, so a supervisor starts a fresh instance."""
+    import os
+
+    loop = asyncio.get_running_loop()
+
+    def died(exc: BaseException) -> None:
+        def on_loop() -> None:
+            log.error("%s died (%s): health NOT_SERVING, exiting", what, exc)
+            outcome["died"] = True
+            set_health(health_servicer, names, NOT_SERVING)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: exiting anyway
+            loop.call_soon_threadsafe(on_loop)
+    return died
+
+
+def exit_code(outcome: dict) -> int:
+    return 1 if outcome.get("died") else 0
+
+
 def exit_watchdog(grace_s: float = 5.0, code: int = 0) -> None:
     """Call once the server stopped. Interpreter exit joins every worker thread; one
     stuck in a call that cannot be interrupted (a device call that hangs, a blocking

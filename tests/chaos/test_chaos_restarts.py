@@ -338,13 +338,12 @@ def test_decode_whose_engine_dies_stops_serving_and_exits(tmp_path):
     from client.api import health
     from client.launch import ServicePair
     from client.remote import run_remote
-    from engine.errors import Unavailable
 
     pair = ServicePair(model="synthetic:gpt2", device="cpu", log_dir=str(tmp_path),
                        decode_env={"HYBRID_FAULT_ENGINE_CRASH_STEPS": "5"})
     with pair:
         t0 = time.monotonic()
-        with pytest.raises(Unavailable, match="injected engine fault"):
+        with pytest.raises(errors.Unavailable, match="injected engine fault"):
             run_remote(prompt_ids=[1, 2, 3, 4], max_new_tokens=64, ignore_eos=True,
                        prefill=pair.prefill, decode=pair.decode, timeout_s=30)
         proc = pair.procs["decode"]
@@ -355,3 +354,26 @@ def test_decode_whose_engine_dies_stops_serving_and_exits(tmp_path):
             asyncio.run(health(pair.decode, timeout_s=1.0))
     log = (tmp_path / "decode.log").read_text()
     assert "decode engine died" in log and "health NOT_SERVING" in log
+
+
+def test_prefill_whose_loop_hits_a_sticky_cuda_error_stops_serving_and_exits(tmp_path):
+    """A prefill batch that fails with a CUDA error that poisons the context (an illegal
+    address, a device-side assert) must not leave a SERVING prefill failing every later
+    batch: the request fails UNAVAILABLE, health leaves SERVING and the process exits
+    non-zero. (An ordinary batch error still fails that batch only.)"""
+    from client.api import health
+    from client.launch import ServicePair
+    from client.remote import run_remote
+
+    pair = ServicePair(model="synthetic:gpt2", device="cpu", log_dir=str(tmp_path),
+                       prefill_args=["--no-warm-up"],
+                       prefill_env={"HYBRID_FAULT_PREFILL_CRASH_BATCHES": "1"})
+    with pair:
+        with pytest.raises(errors.Unavailable, match="illegal memory access"):
+            run_remote(prompt_ids=[1, 2, 3, 4], max_new_tokens=8, prefill=pair.prefill,
+                       decode=pair.decode, timeout_s=30)
+        assert pair.procs["prefill"].wait(timeout=20) != 0
+        with pytest.raises(errors.Unavailable):
+            asyncio.run(health(pair.prefill, timeout_s=1.0))
+    log = (tmp_path / "prefill.log").read_text()
+    assert "prefill loop died" in log and "health NOT_SERVING" in log
