@@ -164,7 +164,10 @@ def test_10k_cycles_no_leak_and_bounded_rss():
 
 
 _OWNER = """
-import sys, time
+import signal, sys, time
+# A shell's background job starts with SIGINT ignored, and Python then keeps it ignored:
+# restore its KeyboardInterrupt handler, as an interactive start has it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from transport.region import KvRegion
 from transport.shm import install_signal_cleanup
 r = KvRegion.create(1 << 20, 2, 2, 1.0, name_prefix=sys.argv[1], cuda_register=False)
