@@ -34,6 +34,13 @@ class HostMirror:
     def close(self) -> None:
         self.closed = True
 
+    def export(self) -> dict:
+        return {"bus_id": "0000:00:06.0", "ipc_handle": bytes(range(64)),
+                "nbytes": self.nbytes, "payload_offset": self.payload_offset}
+
+    def describe(self) -> str:
+        return f"cpu (test) {self.nbytes >> 20} MiB"
+
 
 @pytest.fixture
 def region():
@@ -190,3 +197,71 @@ def test_cpu_services_keep_the_host_path(cpu_pair):
         asyncio.run(_prefill_on_device(cpu_pair.prefill))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "no GPU mirror" in e.value.details()
+
+
+class _Ctx:
+    def peer(self) -> str:
+        return "ipv4:10.0.0.1:5"
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+    async def abort(self, code, details: str) -> None:
+        raise RuntimeError(f"{code.name}: {details}")
+
+
+@pytest.fixture
+def prefill_servicer():
+    """The real prefill servicer, runner and loop on a tiny CPU model, its region with a
+    CPU stand-in for the GPU mirror (the CUDA part: tests/cuda/test_device_kv_cuda.py)."""
+    from engine.loader import load_model
+    from gpu_service.runner import PrefillRunner
+    from gpu_service.servicer import PrefillServicer
+    from transport import servekit as kit
+
+    lm = load_model("synthetic:tiny-gpt2", "cpu", "float32")
+    region = KvRegion.create(8 << 20, 8, lm.config.n_layers, 30.0, cuda_register=False)
+    mirror = HostMirror(region.geometry.payload_bytes, region.geometry.payload_offset)
+    region.attach_device(mirror)
+    svc = PrefillServicer(PrefillRunner(lm, region), region, kit.Admission(8, 8), lease_s=30.0)
+    yield svc, region, mirror
+    svc.close()
+    region.close()
+
+
+async def _prefill_msgs(svc, ids, on_device: bool):
+    return [m async for m in svc.Prefill(pb.PrefillRequest(
+        prompt_ids=ids, max_new_tokens=2, kv_on_device=on_device), _Ctx())]
+
+
+def test_prefill_writes_on_device_slots_into_the_mirror_and_lends_it_at_attach(
+        prefill_servicer):
+    svc, region, mirror = prefill_servicer
+    ids = [3, 1, 4, 1, 5, 9, 2, 6]
+
+    async def go():
+        host = await _prefill_msgs(svc, ids, False)
+        dev = await _prefill_msgs(svc, ids, True)
+        plain = await svc.Attach(pb.AttachRequest(consumer="d:1", consumer_epoch=1), _Ctx())
+        gpu = await svc.Attach(pb.AttachRequest(consumer="d:1", consumer_epoch=1,
+                                                device_bus_id="0000:00:07.0"), _Ctx())
+        info = await svc.Info(pb.InfoRequest(), _Ctx())
+        return host, dev, plain, gpu, info
+
+    host, dev, plain, gpu, info = asyncio.run(go())
+    hd, dd = (KvDescriptor.from_proto(m[0].handle.kv) for m in (host, dev))
+    assert dd.on_device and not hd.on_device and not dd.checksums
+    assert dev[-1].done.first_token == host[-1].done.first_token
+    g = region.geometry
+    for layer in range(hd.n_layers):  # the same bytes: one in the region, one in the mirror
+        a, n = hd.layer_span(layer)
+        b, m = dd.layer_span(layer)
+        want = bytes(region._u8[a:a + n])
+        got = mirror.tensor[b - g.payload_offset:b - g.payload_offset + m].numpy().tobytes()
+        assert got == want and any(want), layer
+        assert not any(region._u8[b:b + m])  # nothing of the device slot in host memory
+    assert not plain.HasField("kv_device")  # a CPU/FPGA decoder gets no handle
+    assert gpu.kv_device.ipc_handle == bytes(range(64))
+    assert (gpu.kv_device.nbytes, gpu.kv_device.payload_offset) == (
+        mirror.nbytes, g.payload_offset)
+    assert info.kv_device.startswith("cpu (test)") and info.counters["device-slots"] == 1
