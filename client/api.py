@@ -320,7 +320,6 @@ def _result(rid, handle, acc: _Tokens, pdone, total_ms, info, prefill: str = "",
         "decode_ms_per_token": dt.decode_ms_per_token, "ingest_ms": dt.ingest_ms,
         "ingest_wait_ms": dt.ingest_wait_ms, "queue_ms": pt.queue_ms + dt.queue_ms,
     }
-    timings_kv = dt.kv_path
     if dt.modeled_device_ms_per_token:
         timings["modeled_device_ms_per_token"] = dt.modeled_device_ms_per_token
     dtype = {1: "float16", 2: "bfloat16", 3: "float32"}.get(info.dtype, "")
@@ -328,7 +327,7 @@ def _result(rid, handle, acc: _Tokens, pdone, total_ms, info, prefill: str = "",
                         handle.weights_fingerprint, info.synthetic, timings, rid,
                         acc.done.backend, list(handle.prompt_ids),
                         f"prefill {pdone.device}, decode {info.device}", dtype, prefill, decode,
-                        timings_kv)
+                        dt.kv_path)
 
 
 def device_paired(p: Instance, decode_info: pb.ServiceInfo) -> bool:

@@ -60,17 +60,6 @@ def wait_device_ready(reader: Any, desc: Any, timeout_s: float, stop: threading.
     return first
 
 
-def wait_event(event: Any, timeout_s: float) -> None:
-    """Block (bounded, polling) until a CUDA event completed: a host-side wait that
-    issues no device work, so a pool thread may do it."""
-    deadline, pause = time.monotonic() + timeout_s, 20e-6
-    while not event.query():
-        if time.monotonic() > deadline:
-            raise DeadlineExceeded(f"GPU-to-GPU KV copy not done after {timeout_s:.1f} s")
-        time.sleep(pause)
-        pause = min(pause * 2, 1e-3)
-
-
 def _sliced(wait: Any, a: Any, b: Any, timeout_s: float, stop: threading.Event) -> Any:
     """`wait(a, b, timeout)` in slices, so a pool thread blocked on a prefill that will
     never finish (killed, or the client gave up) is freed soon after `stop` is set."""

@@ -46,7 +46,7 @@ class DecodeOptions:
     kv_device: str = "auto"            # map prefills' GPU KV mirrors (CUDA IPC); "off": never
 
 
-async def _serve(opts: DecodeOptions, outcome: dict | None = None) -> None:
+async def _serve(opts: DecodeOptions, outcome: dict) -> None:
     from .backends import make_backend
     from .servicer import DecodeServicer
 
@@ -79,8 +79,7 @@ async def _serve(opts: DecodeOptions, outcome: dict | None = None) -> None:
             return
         if getattr(backend, "engine", None) is not None:
             # the engine loop died (a CUDA error): NOT_SERVING, then exit non-zero
-            backend.engine.on_death = kit.on_fatal(health, [SERVICE], _outcome(outcome),
-                                                   "decode engine")
+            backend.engine.on_death = kit.on_fatal(health, [SERVICE], outcome, "decode engine")
         # the name a restart of this service keeps (prefill reclaims by it): host:port
         servicer = DecodeServicer(backend, opts.prefill, admission, opts.wait_timeout_s,
                                   security=opts.security,
@@ -163,13 +162,4 @@ async def _until_signalled() -> None:
 
 def serve(opts: DecodeOptions) -> None:
     kit.setup_logging(opts.log_level)
-    outcome: dict = {}
-    asyncio.run(_serve(opts, outcome))
-    code = kit.exit_code(outcome)
-    kit.exit_watchdog(code=code)
-    if code:  # a supervisor (compose restart policy, Kubernetes) starts a fresh instance
-        raise SystemExit(code)
-
-
-def _outcome(outcome: dict | None) -> dict:
-    return {} if outcome is None else outcome
+    kit.run_process(lambda outcome: _serve(opts, outcome))

@@ -413,7 +413,9 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         if not hasattr(session, "ingest_device"):
             raise FailedPrecondition(f"the {self.backend.name} backend takes KV from host "
                                      "memory: ask prefill without kv_on_device")
-        from .ingest import wait_device_ready, wait_event
+        from kernels.comm import wait_event
+
+        from .ingest import wait_device_ready
 
         loop = asyncio.get_running_loop()
         reader = await loop.run_in_executor(self.pool, self.readers.get, desc.region)
@@ -429,7 +431,8 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             fut = session.ingest_device(mirror.view(desc.offset, desc.length), desc)
             event = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), timeout)
             if event is not None:
-                await loop.run_in_executor(self.pool, wait_event, event, timeout)
+                await loop.run_in_executor(self.pool, wait_event, event, timeout,
+                                           "GPU-to-GPU KV copy")
         finally:
             mirror.release()
         reader.check(desc)  # still this allocation: what was copied is its KV

@@ -74,7 +74,7 @@ class PrefillOptions:
                                   f"({self.max_batch_tokens}) must be >= 1")
 
 
-async def _serve(opts: PrefillOptions, outcome: dict | None = None) -> None:
+async def _serve(opts: PrefillOptions, outcome: dict) -> None:
     from engine.loader import load_model
     from transport.region import KvRegion
     from transport.shm import sweep_stale
@@ -112,8 +112,7 @@ async def _serve(opts: PrefillOptions, outcome: dict | None = None) -> None:
         servicer = PrefillServicer(runner, region, admission, opts.lease_s,
                                    checksums=opts.checksums, slot_wait_s=opts.slot_wait_s,
                                    slots_per_client=opts.slots_per_client or None)
-        servicer.loop.on_death = kit.on_fatal(health, [SERVICE],
-                                              {} if outcome is None else outcome, "prefill loop")
+        servicer.loop.on_death = kit.on_fatal(health, [SERVICE], outcome, "prefill loop")
         log.info("prefill batches: up to %d prompts, %d tokens (max_active %d)", opts.max_batch,
                  opts.max_batch_tokens, opts.max_active)
         if opts.warm_up:  # the work runs on the loop's thread; this executor only waits
@@ -171,9 +170,4 @@ def _serve_metrics(opts: PrefillOptions, admission: kit.Admission, holder: dict)
 
 def serve(opts: PrefillOptions) -> None:
     kit.setup_logging(opts.log_level)
-    outcome: dict = {}
-    asyncio.run(_serve(opts, outcome))
-    code = kit.exit_code(outcome)
-    kit.exit_watchdog(code=code)
-    if code:  # the prefill loop died of a CUDA error: a supervisor starts a fresh one
-        raise SystemExit(code)
+    kit.run_process(lambda outcome: _serve(opts, outcome))

@@ -91,12 +91,7 @@ class CudaShipment:
         if timeout_s is None:
             self.event.synchronize()
         else:
-            deadline, pause = time.monotonic() + timeout_s, 20e-6
-            while not self.event.query():
-                if time.monotonic() > deadline:
-                    raise DeadlineExceeded(f"layer copy not done after {timeout_s:.3f} s")
-                time.sleep(pause)
-                pause = min(pause * 2, 1e-3)
+            wait_event(self.event, timeout_s, "layer copy")
         self.keep = ()
 
     def elapsed_ms(self) -> float:
@@ -106,6 +101,18 @@ class CudaShipment:
             raise InvalidArgument("this shipper does not time copies (timing=False)")
         self.wait()
         return self.start.elapsed_time(self.event)
+
+
+def wait_event(event: torch.cuda.Event, timeout_s: float, what: str) -> None:
+    """Block until `event` completed, polling with backoff (20 us .. 1 ms), so the wait
+    is bounded; DeadlineExceeded("<what> not done after ...") past `timeout_s`. A host-side
+    wait that issues no device work: any thread may do it."""
+    deadline, pause = time.monotonic() + timeout_s, 20e-6
+    while not event.query():
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"{what} not done after {timeout_s:.3f} s")
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
 
 
 def make_layout(kind: str, config: ModelConfig, dtype: str) -> Layout:

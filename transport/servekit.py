@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -224,7 +224,7 @@ def on_fatal(health_servicer: health.HealthServicer, names: list[str], outcome: 
     nothing in this process can recover from (a CUDA error poisons the context): from any
     thread, turn health NOT_SERVING at once, so routers and readiness probes move traffic
     elsewhere within a poll, and SIGTERM ourselves for the usual drain; `outcome["died"]`
-    makes `exit_code` non-zero, so a supervisor starts a fresh instance."""
+    makes `run_process` exit with status 1, so a supervisor starts a fresh instance."""
     import os
 
     loop = asyncio.get_running_loop()
@@ -241,8 +241,16 @@ def on_fatal(health_servicer: health.HealthServicer, names: list[str], outcome: 
     return died
 
 
-def exit_code(outcome: dict) -> int:
-    return 1 if outcome.get("died") else 0
+def run_process(serve: Callable[[dict], Awaitable[None]]) -> None:
+    """A service process: `asyncio.run(serve(outcome))`, then the exit watchdog; exit
+    status 1 when a device loop died (`on_fatal` marked `outcome`), so a supervisor
+    (Compose's restart policy, Kubernetes) starts a fresh instance."""
+    outcome: dict = {}
+    asyncio.run(serve(outcome))
+    code = 1 if outcome.get("died") else 0
+    exit_watchdog(code=code)
+    if code:
+        raise SystemExit(code)
 
 
 def exit_watchdog(grace_s: float = 5.0, code: int = 0) -> None:
