@@ -310,11 +310,10 @@ class DecodeServicer(pbg.DecodeServiceServicer):
 
     async def _generate(self, request, spec: DecodeSpec, desc: Any, transport: str,
                         context, fields: dict, owner: PrefillLink):
-        loop = asyncio.get_running_loop()
         timeout = self.wait_timeout_s
         if context.time_remaining() is not None:
             timeout = min(timeout, max(0.0, context.time_remaining()))
-        session = await loop.run_in_executor(self.pool, self.backend.open_session, spec)
+        session = await self._open_session(spec)
         stop = threading.Event()
         tokens = None
         try:
@@ -364,6 +363,18 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             if not fields.get("released"):  # never ingested: nobody else will consume it
                 fields["released"] = True
                 self._in_background(self._release(request, spec.request_id, owner))
+
+    async def _open_session(self, spec: DecodeSpec):
+        """backend.open_session on a pool thread. Cancelled while it runs (the client
+        left), the thread still finishes it: the session it made (an engine sequence
+        holding KV blocks) is closed when it does, instead of staying open for good."""
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, self.backend.open_session,
+                                                         spec)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_close_opened)
+            raise
 
     def _done(self, session, finish: str, n: int, ingest_ms: float, ist: IngestStats,
               fields: dict) -> pb.GenerateResponse:
@@ -580,3 +591,8 @@ def _device_transport(owner: PrefillLink) -> str:
                                  f"this decode cannot read ({why}); ask prefill without "
                                  "kv_on_device")
     return "cuda-ipc"
+
+
+def _close_opened(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None:
+        fut.result().close()  # a cancel command to the engine loop: does not block
