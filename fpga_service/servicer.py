@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from engine.errors import FailedPrecondition, HybridError, InvalidArgument, Unavailable
+from engine.errors import DataLoss, FailedPrecondition, HybridError, InvalidArgument, Unavailable
 from engine.generate import eos_id, is_stop
 from engine.stop_text import StopStream, check_stops
 from protos import hybrid_pb2 as pb
@@ -320,6 +320,7 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             t_ingest = time.perf_counter()
             first, ist = await self._ingest(request, session, desc, transport, timeout, stop,
                                             owner)
+            self._check_first(first)
             ingest_ms = (time.perf_counter() - t_ingest) * 1e3
             # The slot's bytes are in device memory: give it back, without making the
             # first token wait for that round trip to prefill.
@@ -462,6 +463,14 @@ class DecodeServicer(pbg.DecodeServiceServicer):
         finally:
             await layers.aclose()  # ends a FetchKv stream at once
         return first
+
+    def _check_first(self, first: int) -> None:
+        """The first token comes from the prefill's shared region or a FetchKv stream; an
+        id out of range would index past the embedding: a device-side assert poisons the
+        CUDA context and takes the whole decode, every user's request, down with it."""
+        if not 0 <= first < self.config.vocab_size:
+            raise DataLoss(f"prefill's first token {first} is not in the model's vocabulary "
+                           f"[0, {self.config.vocab_size})")
 
     async def _chunks(self, session, first: int):
         """Lists of tokens after `first`, from the engine's queue through the bridge."""

@@ -169,6 +169,28 @@ def test_corrupted_slot_is_data_loss(stubs, pair, transport):
     assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
 
 
+@pytest.mark.parametrize("transport", [pb.KV_TRANSPORT_SHM, pb.KV_TRANSPORT_GRPC])
+def test_first_token_out_of_vocabulary_is_data_loss(stubs, pair, transport):
+    """A first token past the vocabulary in the shared slot header (a buggy or hostile
+    prefill) is refused with DATA_LOSS before it reaches the model: on a GPU it would
+    index past the embedding, a device-side assert that kills the whole decode."""
+    import struct
+
+    from transport import layout as L
+
+    handle, _ = _prefill(stubs[0], prompt_ids=[3, 4, 5, 6], max_new_tokens=4)
+    kv = handle.kv
+    with open(f"/dev/shm{kv.region}", "r+b") as f:
+        head = f.read(L.REGION_HEADER_BYTES)
+        table, slot_bytes = (struct.unpack_from("<Q", head, 8 * w)[0]
+                             for w in (L.H_SLOT_TABLE_OFFSET, L.H_SLOT_BYTES))
+        f.seek(table + kv.slot * slot_bytes + 8 * L.S_FIRST_TOKEN)
+        f.write(struct.pack("<Q", 1 << 31))  # fits the proto's uint32: FetchKv carries it
+    req = pb.GenerateRequest(handle=handle, max_new_tokens=4, transport=transport)
+    assert _code(lambda: list(stubs[1].Generate(req, timeout=10))) == C.DATA_LOSS
+    assert wait_until(lambda: slots_in_use(pair.prefill) == 0, LEASE_S + 2)
+
+
 def test_services_stay_healthy(pair, stubs):
     """After every bad input above (this test runs after them): still SERVING, nothing
     leaked, and a good request still works."""

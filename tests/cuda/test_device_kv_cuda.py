@@ -23,7 +23,9 @@ pytestmark = [
 ]
 
 MODEL = "synthetic:gpt2"
-SPLITS = [("cuda:0", "cuda:0"), ("cuda:0", "cuda:1")]
+# (cuda:1, cuda:1): a pair on a GPU that is not the process's default device, as the
+# second pair of bench_two_gpu's two-engines configuration runs
+SPLITS = [("cuda:0", "cuda:0"), ("cuda:0", "cuda:1"), ("cuda:1", "cuda:1")]
 # Single-process references always on cuda:0 (the two H200s compute the same bits): a
 # second engine on another device in this test process once hit a device-side assert
 # (the services run one engine per process; see the issue 15 closing note)
@@ -75,7 +77,7 @@ def test_mirror_opens_in_another_process(consumer):
 def _pair(tmp_path, pdev: str, ddev: str, decode_args=(), **kw):
     from client.launch import ServicePair
 
-    if int(ddev[-1]) >= torch.cuda.device_count():
+    if max(int(pdev[-1]), int(ddev[-1])) >= torch.cuda.device_count():
         pytest.skip("needs 2 GPUs")
     return ServicePair(model=MODEL, device=pdev, decode_args=["--device", ddev, *decode_args],
                        log_dir=str(tmp_path), **kw)
