@@ -314,6 +314,10 @@ def started(plan: ConfigPlan, opts: Options, logs: str):
             for svc, proc in procs:
                 left = max(1.0, opts.startup_timeout_s - (time.perf_counter() - t0))
                 launch.wait_serving(svc.address, proc, left)
+            for svc, _ in procs:  # routable only once attached (its prefill loads too)
+                if svc.role == "decode":
+                    left = max(1.0, opts.startup_timeout_s - (time.perf_counter() - t0))
+                    launch.wait_attached(svc.address, 1, left)
         except Exception:
             for f in sorted(Path(logs).glob(f"{plan.name}-*.log")):  # why it did not come up
                 log(f"--- {f.name} (last lines)\n" + "\n".join(f.read_text().splitlines()[-20:]))

@@ -106,6 +106,7 @@ class ModelRunner:
         self._staging = [{"rows": torch.zeros(2 * n, dtype=torch.long, pin_memory=pin).numpy(),
                           "tok": torch.zeros(2 * n, dtype=torch.long, pin_memory=pin).numpy(),
                           "pos": torch.zeros(2 * n, dtype=torch.long, pin_memory=pin).numpy(),
+                          "live": torch.zeros(2 * n, dtype=torch.long, pin_memory=pin).numpy(),
                           "tab": torch.zeros(2 * n, w, dtype=torch.int32, pin_memory=pin).numpy()}
                          for _ in range(2)]
         self._flip = 0
@@ -113,6 +114,9 @@ class ModelRunner:
         self._free_rows = list(range(n))           # a heap: lowest slot first
         self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        # 1 for a row that holds a sequence, 0 for a padded or vacated one: only live
+        # rows advance (see _forward)
+        self.live = torch.zeros(n, dtype=torch.long, device=dev)
         self.tables = torch.zeros(n, w, dtype=torch.int32, device=dev)
         self.slots = torch.zeros(n, dtype=torch.long, device=dev)
         self.ctx_lens = torch.ones(n, dtype=torch.int32, device=dev)
@@ -141,7 +145,14 @@ class ModelRunner:
         nxt = self.fused.greedy() if fused else torch.argmax(logits, dim=-1)
         self.out[:b].copy_(nxt)
         self.tokens[:b].copy_(nxt)
-        pos.add_(1)
+        # Padded rows must not advance: a bucket's rows past the live ones (and vacated
+        # rows) are written only when they change, so a step that advanced them all
+        # walked their positions past the position table after max_positions steps in
+        # one bucket (wpe[pos] out of range: a device-side assert that killed the
+        # decode, seen with 9 live rows in the 16-row graph for ~1 s), and grew their
+        # attention span meanwhile. The clamp keeps a row that ran a step past its end
+        # (the host learns of the end a step late) inside the table too.
+        pos.add_(self.live[:b]).clamp_(max=self.config.max_positions - 1)
         self._derive(b)
         return logits
 
@@ -177,7 +188,7 @@ class ModelRunner:
 
     def _reset_inputs(self) -> None:
         """Every row padded: all writes go to the scratch block."""
-        for t in (self.tokens, self.positions, self.tables, self.slots, self.out):
+        for t in (self.tokens, self.positions, self.tables, self.slots, self.out, self.live):
             t.zero_()
         self.ctx_lens.fill_(1)
 
@@ -263,11 +274,13 @@ class ModelRunner:
         st["tab"][:k] = NULL_BLOCK
         for i, (r, tok, pos, blocks) in enumerate(changes):
             st["rows"][i], st["tok"][i], st["pos"][i] = r, tok, pos
+            st["live"][i] = blocks is not None
             if blocks:
                 st["tab"][i, : len(blocks)] = np.asarray(blocks, dtype=np.int32)
         if k:
             idx = torch.from_numpy(st["rows"][:k]).to(self.device, non_blocking=True)
-            for dst, name in ((self.tokens, "tok"), (self.positions, "pos"), (self.tables, "tab")):
+            for dst, name in ((self.tokens, "tok"), (self.positions, "pos"),
+                              (self.tables, "tab"), (self.live, "live")):
                 src = torch.from_numpy(st[name][:k]).to(self.device, non_blocking=True)
                 dst.index_copy_(0, idx, src)
         with torch.inference_mode():

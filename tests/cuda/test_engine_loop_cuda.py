@@ -129,3 +129,23 @@ def _batch_of(runner: ModelRunner, s: Sequence):
     pos = torch.tensor([s.position], device="cuda")
     slot = runner.cache.slots_of(s.blocks, s.position, 1)
     return PagedBatch(pos, slot, tables, (pos + 1).int())
+
+
+def test_padded_graph_rows_never_leave_the_position_table():
+    """9 live rows replay the 16-row graph for more steps than GPT-2 has positions: the
+    7 padded rows used to advance every replay until wpe[pos] indexed past the table (a
+    device-side assert that killed the decode: bench_two_gpu two-engines). The live rows
+    run past their own end too (clamped, as a row the host stops a step late)."""
+    lm = load_model("synthetic:tiny-gpt2", device="cuda", dtype="float16")
+    n = lm.config.max_positions
+    with torch.inference_mode():
+        runner = ModelRunner(lm, max_batch=16)
+        assert 16 in runner.graphs
+        seqs = _seqs(lm, runner, [list(range(1, 4 + i)) for i in range(9)])
+        runner.collect(runner.launch(seqs, frozenset(s.seq_id for s in seqs)))
+        for _ in range(n + 20):
+            runner.collect(runner.launch(seqs))
+        torch.cuda.synchronize()
+        pos = runner.positions.tolist()
+    assert max(pos) == n - 1                  # the live rows, clamped
+    assert pos[9:16] == [0] * 7               # padding never moved
