@@ -10,8 +10,8 @@ padded (token 0 at position 0 in the scratch block, see engine/paged_kv.py).
 
 The captured step advances itself: after the forward it writes each row's greedy token
 into the token input, and moves position, context length and KV slot one token on, on
-the device. While the batch keeps its rows, the host replays without writing any input;
-it only reads the tokens back. A row that samples (temperature > 0) gets its token from
+the device (live rows only: padded rows stay at position 0). While the batch keeps its
+rows, the host replays without writing any input; it only reads the tokens back. A row that samples (temperature > 0) gets its token from
 the host (engine.sampling keys noise by (seed, step) on the CPU), written back before
 the next replay; a change of rows rewrites the inputs once.
 """
@@ -157,8 +157,8 @@ class ModelRunner:
         return logits
 
     def _derive(self, b: int) -> None:
-        """ctx_lens and slots from positions and tables (clamped so a padded row that
-        advances for a long time stays inside its table and the scratch block)."""
+        """ctx_lens and slots from positions and tables (clamped so a row stepped past
+        its end stays inside its table)."""
         bs, pos = self.cache.block_size, self.positions[:b]
         self.ctx_lens[:b].copy_((pos + 1).clamp(max=self.width * bs))
         col = (pos // bs).clamp(max=self.width - 1)

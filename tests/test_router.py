@@ -352,6 +352,27 @@ def test_decode_serves_both_prefills(cluster, lm):
         assert wait_until(lambda p=p: slots_in_use(p) == 0, 3)
 
 
+def test_dns_names_as_the_kubernetes_manifests_give_them(cluster, lm):
+    """`dns:///name:port` entries (deploy/kubernetes: the headless Services): one
+    instance per address the name resolves to, requests spread over them and each
+    Generate sent to a decode attached to its prefill; tokens equal to one process's."""
+    port = lambda a: a.rpartition(":")[2]  # noqa: E731
+    prefills = ",".join(f"dns:///localhost:{port(a)}" for a in cluster["prefills"])
+    decodes = ",".join(f"dns:///localhost:{port(a)}" for a in cluster["decodes"])
+
+    async def go():
+        async with HybridClient(prefills, decodes, timeout_s=30) as c:
+            res = [await c.generate(prompt_ids=PROMPTS[1], max_new_tokens=6)
+                   for _ in range(12)]
+        return res
+
+    res = asyncio.run(go())
+    want = local_tokens(lm, PROMPTS[1], 6, SamplingParams())
+    assert all(r.token_ids == want for r in res)
+    assert {r.prefill_address for r in res} == set(cluster["prefills"])
+    assert len({r.decode_address for r in res}) >= 2
+
+
 def test_cli_and_openai_endpoint_take_lists(cluster, lm):
     """`hybrid generate --prefill A,B --decode C,D,E`, `hybrid health` with lists, and the
     OpenAI endpoint over the same lists (in-process: Starlette's test client)."""
