@@ -164,6 +164,18 @@ class DecodeEngine(BatchSteps):
                 raise item
             yield item
 
+    def _injected_fault(self) -> None:
+        """HYBRID_FAULT_ENGINE_CRASH_STEPS ran out: the loop dies. With
+        HYBRID_FAULT_DEVICE_ASSERT=1 on a GPU it dies of a real device-side assert (an
+        index past a tensor's end, checked on the device), which poisons the CUDA
+        context as the out-of-range position once did; else of a plain Python error."""
+        lm = getattr(self.runner, "lm", None)
+        if os.environ.get("HYBRID_FAULT_DEVICE_ASSERT") == "1" and lm is not None \
+                and lm.device.type == "cuda":
+            idx = torch.tensor([1 << 20], device=lm.device)
+            torch.zeros(1, device=lm.device)[idx].item()
+        raise RuntimeError("injected engine fault (HYBRID_FAULT_ENGINE_CRASH_STEPS)")
+
     def cancel(self, seq: Sequence) -> None:
         with self._cond:
             seq.cancelled = True
@@ -283,7 +295,7 @@ class DecodeEngine(BatchSteps):
                 if self.fault_crash_steps:  # fault injection: the loop dies mid-stream
                     self.fault_crash_steps -= 1
                     if not self.fault_crash_steps:
-                        raise RuntimeError("injected engine fault (HYBRID_FAULT_ENGINE_CRASH_STEPS)")
+                        self._injected_fault()
                 self._step()
             else:
                 self._collect()

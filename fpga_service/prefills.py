@@ -10,6 +10,7 @@ expanded to one link per address the name resolves to (again on each re-attach).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from protos import hybrid_pb2_grpc as pbg
 from transport import endpoints
 from transport import servekit as kit
 from transport.shm import SHM_DIR, segment_path
+
+log = logging.getLogger("hybrid.decode")
 
 
 @dataclass(eq=False)
@@ -50,7 +53,10 @@ class PrefillLink:
         reading from it are done."""
         mirror, self.mirror, self.mirror_note = self.mirror, None, ""
         if mirror is not None:
-            mirror.close()
+            try:
+                mirror.close()
+            except Exception as e:  # a poisoned CUDA context: the process is leaving
+                log.warning("prefill %s: unmapping its GPU KV mirror failed: %s", self.address, e)
 
 
 def region_is_local(region: str, shm_dir: str = SHM_DIR) -> bool:

@@ -126,12 +126,15 @@ async def _serve(opts: PrefillOptions, outcome: dict) -> None:
         reaper.cancel()
     finally:
         await server.stop(0)
-        if servicer is not None:  # the loop writes into the region: stop it first
-            await asyncio.to_thread(servicer.close)
-        if region is not None:
-            region.close()
-        if metrics_http is not None:
-            await asyncio.to_thread(metrics.stop_metrics, metrics_http)
+        try:
+            if servicer is not None:  # the loop writes into the region: stop it first
+                await asyncio.to_thread(servicer.close)
+        finally:  # even when that failed (a poisoned CUDA context): no /dev/shm leak,
+            # since a process whose device loop died leaves without atexit handlers
+            if region is not None:
+                region.close()
+            if metrics_http is not None:
+                await asyncio.to_thread(metrics.stop_metrics, metrics_http)
 
 
 def _attach_mirror(region, device, mode: str) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
@@ -245,12 +246,28 @@ def run_process(serve: Callable[[dict], Awaitable[None]]) -> None:
     """A service process: `asyncio.run(serve(outcome))`, then the exit watchdog; exit
     status 1 when a device loop died (`on_fatal` marked `outcome`), so a supervisor
     (Compose's restart policy, Kubernetes) starts a fresh instance."""
+    import os
+
     outcome: dict = {}
-    asyncio.run(serve(outcome))
-    code = 1 if outcome.get("died") else 0
-    exit_watchdog(code=code)
-    if code:
-        raise SystemExit(code)
+    try:
+        asyncio.run(serve(outcome))
+    except BaseException:
+        if not outcome.get("died"):
+            raise
+        # the clean-up after a dead device loop may fail on the same poisoned context
+        log.exception("shutdown after a dead device loop failed")
+    if outcome.get("died"):
+        # The drain is over and the region closed. A dead device loop usually means a
+        # poisoned CUDA context, and interpreter finalization would run torch's and
+        # CuPy's destructors against it: c10 then aborts (seen on an H200: SIGABRT, exit
+        # -6 and a core dump instead of 1, from a CUDAEvent destructor in Py_FinalizeEx).
+        # Leave without finalizers.
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(1)
+    exit_watchdog(code=0)
 
 
 def exit_watchdog(grace_s: float = 5.0, code: int = 0) -> None:

@@ -93,3 +93,33 @@ def test_pair_on_cuda_equals_local(tmp_path):
                                  prefill=pair.prefill, decode=pair.decode, kv_transport=transport)
                 assert res.token_ids == want, (transport, params)
                 assert "cuda" in res.device
+
+
+def test_decode_killed_by_a_device_assert_stops_serving_and_exits_1(tmp_path):
+    """A real device-side assert in the decode engine (injected: an index past a tensor,
+    checked on the GPU) poisons the CUDA context: the request fails UNAVAILABLE, health
+    leaves SERVING, and the process exits with status 1. Before, interpreter shutdown
+    ran CUDA destructors on the poisoned context and c10 aborted (SIGABRT, -6)."""
+    import asyncio
+    import time
+
+    from client.api import health
+    from client.launch import ServicePair
+    from client.remote import run_remote
+    from engine import errors
+
+    pair = ServicePair(model="synthetic:gpt2", device="cuda", log_dir=str(tmp_path),
+                       decode_env={"HYBRID_FAULT_ENGINE_CRASH_STEPS": "5",
+                                   "HYBRID_FAULT_DEVICE_ASSERT": "1"})
+    with pair:
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable, match="device-side assert"):
+            run_remote(prompt_ids=[1, 2, 3, 4], max_new_tokens=64, ignore_eos=True,
+                       prefill=pair.prefill, decode=pair.decode, timeout_s=60)
+        assert pair.procs["decode"].wait(timeout=30) == 1
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(errors.Unavailable):
+            asyncio.run(health(pair.decode, timeout_s=1.0))
+        assert asyncio.run(health(pair.prefill)) == "SERVING"  # its own process, unharmed
+    log = (tmp_path / "decode.log").read_text()
+    assert "decode engine died" in log and "terminate called" not in log
