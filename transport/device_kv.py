@@ -149,7 +149,14 @@ class PeerMirror:
             raise FailedPrecondition(f"no peer access from cuda:{device_index} to {theirs}")
         with cp.cuda.Device(device_index):
             ptr = rt.ipcOpenMemHandle(handle, _LAZY_PEER)
+            mapped = _bytes_to_allocation_end(ptr)
         try:
+            # The size comes from the prefill's reply: a wrong one (a bug, a hostile
+            # peer) would let views read past the mapping, an illegal address that
+            # poisons this process's CUDA context. The driver knows the real size.
+            if mapped is not None and nbytes > mapped:
+                raise InvalidArgument(f"kv_device: the prefill says {nbytes} bytes, its "
+                                      f"mapped allocation has {mapped}")
             return cls(ptr, nbytes, int(get("payload_offset")), device_index, theirs)
         except BaseException:
             with cp.cuda.Device(device_index):
@@ -193,6 +200,22 @@ class PeerMirror:
         cp = _cupy()
         with cp.cuda.Device(self.device_index):
             cp.cuda.runtime.ipcCloseMemHandle(ptr)
+
+
+def _bytes_to_allocation_end(ptr: int) -> int | None:
+    """Bytes from `ptr` to the end of the allocation it lies in (the driver's
+    cuMemGetAddressRange, on the current context); None where it cannot be asked."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    base, size = ctypes.c_uint64(), ctypes.c_size_t()
+    if lib.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size),
+                                   ctypes.c_uint64(ptr)) != 0:
+        return None
+    return base.value + size.value - ptr
 
 
 def _span(offset: int, length: int, payload_offset: int, nbytes: int) -> slice:

@@ -35,8 +35,14 @@ REF_DEVICE = "cuda:0"
 def _child(exported: dict, device: int, q) -> None:
     import hashlib
 
+    from engine.errors import InvalidArgument
     from transport.device_kv import PeerMirror
 
+    try:  # a size past the real allocation (the driver's) is refused, not mapped
+        PeerMirror.open(exported | {"nbytes": exported["nbytes"] + (64 << 20)}, device)
+        q.put("oversized mirror opened")
+    except InvalidArgument:
+        pass
     m = PeerMirror.open(exported, device)
     m.acquire()
     data = m.view(exported["payload_offset"] + 4096, 1 << 20).cpu().numpy().tobytes()
