@@ -198,10 +198,16 @@ class DecodeServicer(pbg.DecodeServiceServicer):
             return
         from transport import device_kv
 
+        loop = asyncio.get_running_loop()
         try:
-            link.mirror = await asyncio.get_running_loop().run_in_executor(
-                self.pool, device_kv.PeerMirror.open, reply.kv_device,
-                self.backend.device_index())
+            # the IPC handle is in the region's header, not the reply: only a process
+            # that may map the region (the prefill's uid) can have it
+            reader = await loop.run_in_executor(self.pool, self.readers.get, reply.region)
+            exported = reader.device_export()
+            if exported is None:
+                raise FailedPrecondition("the region's header names no GPU mirror")
+            link.mirror = await loop.run_in_executor(
+                self.pool, device_kv.PeerMirror.open, exported, self.backend.device_index())
         except Exception as e:
             note = f"{type(e).__name__}: {e}"
             if note != link.mirror_note:

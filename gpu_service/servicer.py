@@ -300,9 +300,12 @@ class PrefillServicer(pbg.PrefillServiceServicer):
                                reclaimed=len(dead), weights_fingerprint=self.lm.fingerprint)
         mirror = self.region.device
         if request.device_bus_id and mirror is not None:
-            # a GPU decoder: the mirror's IPC handle (it maps every slot's bytes; the
-            # capability checks in the slot headers still guard each request's reads)
-            reply.kv_device.CopyFrom(pb.KvDevice(**mirror.export()))
+            # a GPU decoder: where the mirror is, not its IPC handle. The handle maps
+            # every slot's bytes, so it is only in the region's header, which only a
+            # process that may map the region (our uid) can read (transport.md).
+            ex = mirror.export()
+            reply.kv_device.CopyFrom(pb.KvDevice(bus_id=ex["bus_id"], nbytes=ex["nbytes"],
+                                                 payload_offset=ex["payload_offset"]))
         return reply
 
     def _desc(self, request: Any) -> KvDescriptor:

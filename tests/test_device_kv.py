@@ -64,6 +64,20 @@ def test_descriptor_carries_on_device_in_proto_and_digest(region):
     assert replace(desc, on_device=False).digest() != desc.digest()  # flipping it is forgery
 
 
+def test_the_mirror_ipc_handle_is_published_in_the_region_header_only(region):
+    """The handle maps every slot's bytes: it lives in the mode-0600 region's header (only
+    the owner's uid may map it), not in any message; gone again once the region closes."""
+    with KvReader.open(region.name) as r:
+        assert r.device_export() is None
+    g = region.geometry
+    m = HostMirror(g.payload_bytes, g.payload_offset)
+    region.attach_device(m)
+    with KvReader.open(region.name) as r:
+        assert r.device_export() == m.export()
+        region.close()
+        assert r.device_export() is None and m.closed
+
+
 def test_on_device_slot_needs_a_mirror(region):
     with pytest.raises(FailedPrecondition, match="no GPU mirror"):
         _alloc(region, on_device=True)
@@ -260,8 +274,12 @@ def test_prefill_writes_on_device_slots_into_the_mirror_and_lends_it_at_attach(
         got = mirror.tensor[b - g.payload_offset:b - g.payload_offset + m].numpy().tobytes()
         assert got == want and any(want), layer
         assert not any(region._u8[b:b + m])  # nothing of the device slot in host memory
-    assert not plain.HasField("kv_device")  # a CPU/FPGA decoder gets no handle
-    assert gpu.kv_device.ipc_handle == bytes(range(64))
-    assert (gpu.kv_device.nbytes, gpu.kv_device.payload_offset) == (
-        mirror.nbytes, g.payload_offset)
+    assert not plain.HasField("kv_device")  # a CPU/FPGA decoder: no mirror named
+    assert (gpu.kv_device.bus_id, gpu.kv_device.nbytes, gpu.kv_device.payload_offset) == (
+        "0000:00:06.0", mirror.nbytes, g.payload_offset)
+    # The IPC handle never goes over the wire: it is in the region's header, for a
+    # process that may map the (mode 0600) region
+    assert gpu.kv_device.ipc_handle == b"" and not plain.kv_device.ipc_handle
+    with KvReader.open(region.name) as reader:
+        assert reader.device_export() == mirror.export()
     assert info.kv_device.startswith("cpu (test)") and info.counters["device-slots"] == 1

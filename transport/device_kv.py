@@ -93,7 +93,8 @@ class DeviceMirror:
         self._lock = threading.Lock()
 
     def export(self) -> dict[str, Any]:
-        """What AttachReply.kv_device carries."""
+        """What PeerMirror.open takes: in the region header (KvRegion.attach_device);
+        AttachReply.kv_device carries all but the handle."""
         return {"bus_id": self.bus_id, "ipc_handle": self._handle, "nbytes": self.nbytes,
                 "payload_offset": self.payload_offset}
 

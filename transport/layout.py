@@ -18,7 +18,7 @@ from dataclasses import dataclass
 MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 MAGIC = b"HYBRIDKV"
-VERSION = 2  # 2: slot headers carry the handle secret
+VERSION = 3  # 2: slot headers carry the handle secret; 3: the GPU mirror's IPC handle
 PAGE = 4096
 REGION_HEADER_BYTES = PAGE
 ALLOC_ALIGN = PAGE          # slot payloads start and end on 4 KiB boundaries
@@ -36,6 +36,14 @@ H_SLOT_TABLE_OFFSET, H_PAYLOAD_OFFSET, H_PAYLOAD_BYTES = 10, 11, 12
 H_STATE, H_LEASE_NS = 13, 14
 
 REGION_LIVE, REGION_CLOSED = 1, 2
+
+# The owner's GPU mirror (transport.device_kv), in the region header so that only a
+# process that may map this mode-0600 file (the owner's uid) learns its CUDA IPC handle:
+# it is never sent over the network. H_DEVICE_BYTES = 0: no mirror.
+H_DEVICE_BYTES = 32               # u64: the mirror's size
+DEVICE_HANDLE_BYTE = 512          # 64 bytes: cudaIpcMemHandle_t
+DEVICE_BUS_BYTE = 576             # 32 bytes: the GPU's PCI bus id, UTF-8, NUL padded
+DEVICE_HANDLE_LEN, DEVICE_BUS_LEN = 64, 32
 
 # Slot header: u64 word index relative to the slot header's first word.
 S_GENERATION, S_STATE, S_OFFSET, S_LENGTH = 0, 1, 2, 3

@@ -78,6 +78,19 @@ class KvReader:
         region._check_open()  # Unavailable once closed
         return cls(region.name, region._mm, owns_map=False, **poll)
 
+    def device_export(self) -> dict[str, Any] | None:
+        """The owner's GPU mirror as it published it in the header (what
+        device_kv.PeerMirror.open takes), or None: no mirror. Only a process allowed to
+        map this file gets the IPC handle; it never crosses the network."""
+        nbytes = self._u64[L.H_DEVICE_BYTES]
+        if not nbytes:
+            return None
+        a, b = L.DEVICE_HANDLE_BYTE, L.DEVICE_BUS_BYTE
+        return {"ipc_handle": bytes(self._u8[a:a + L.DEVICE_HANDLE_LEN]),
+                "bus_id": bytes(self._u8[b:b + L.DEVICE_BUS_LEN]).rstrip(b"\0").decode(
+                    "utf-8", "replace"),
+                "nbytes": nbytes, "payload_offset": self.geometry.payload_offset}
+
     @property
     def closed_by_owner(self) -> bool:
         return self._u64[L.H_STATE] != L.REGION_LIVE

@@ -146,7 +146,18 @@ class KvRegion:
             raise InvalidArgument(
                 f"device mirror [{mirror.payload_offset}, +{mirror.nbytes}) does not cover the "
                 f"payload [{g.payload_offset}, +{g.payload_bytes})")
-        self.device = mirror
+        exported = mirror.export()
+        handle, bus = bytes(exported["ipc_handle"]), str(exported["bus_id"]).encode()
+        if len(handle) != L.DEVICE_HANDLE_LEN or len(bus) > L.DEVICE_BUS_LEN:
+            raise InvalidArgument(f"device mirror: a {L.DEVICE_HANDLE_LEN}-byte IPC handle "
+                                  f"and a bus id of at most {L.DEVICE_BUS_LEN} bytes")
+        with self._lock:
+            self._check_open()
+            self._u8[L.DEVICE_HANDLE_BYTE:L.DEVICE_HANDLE_BYTE + len(handle)] = handle
+            self._u8[L.DEVICE_BUS_BYTE:L.DEVICE_BUS_BYTE + L.DEVICE_BUS_LEN] = \
+                bus.ljust(L.DEVICE_BUS_LEN, b"\0")
+            self._u64[L.H_DEVICE_BYTES] = mirror.nbytes  # last: readers see all or nothing
+            self.device = mirror
 
     @property
     def registered(self) -> bool:  # page-locked for CUDA
@@ -181,6 +192,7 @@ class KvRegion:
                     self._notify(slot)
                 self._tensor = None
                 if self.device is not None:  # after the sync above: no copy targets it
+                    self._u64[L.H_DEVICE_BYTES] = 0
                     self.device.close()
                 for view in (self._u64, self._u32, self._u8):
                     view.release()
