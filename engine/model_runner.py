@@ -11,9 +11,10 @@ padded (token 0 at position 0 in the scratch block, see engine/paged_kv.py).
 The captured step advances itself: after the forward it writes each row's greedy token
 into the token input, and moves position, context length and KV slot one token on, on
 the device (live rows only: padded rows stay at position 0). While the batch keeps its
-rows, the host replays without writing any input; it only reads the tokens back. A row that samples (temperature > 0) gets its token from
-the host (engine.sampling keys noise by (seed, step) on the CPU), written back before
-the next replay; a change of rows rewrites the inputs once.
+rows, the host replays without writing any input; it only reads the tokens back. A row
+that samples (temperature > 0) gets its token from the host (engine.sampling keys noise
+by (seed, step) on the CPU), written back before the next replay; a change of rows
+rewrites the inputs once.
 """
 
 from __future__ import annotations
