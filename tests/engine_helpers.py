@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from engine.block_manager import BlockManager
 from engine.kv_cache import KVCache
 from engine.llm_engine import DecodeEngine
 from engine.sampling import SamplingParams
-from engine.sequence import DecodeRequest
+from engine.sequence import DecodeRequest, Sequence
 
 
 def prefill_kv(lm, prompt: list[int]) -> tuple[KVCache, int]:
@@ -16,6 +17,23 @@ def prefill_kv(lm, prompt: list[int]) -> tuple[KVCache, int]:
     cache = KVCache(lm.config, 1, len(prompt), lm.device, lm.dtype)
     logits = lm.model.prefill(torch.tensor(prompt, device=lm.device), cache)
     return cache, int(logits.argmax())
+
+
+def paged_seqs(lm, runner, prompts: list[list[int]], max_new: int = 8) -> list[Sequence]:
+    """Sequences with their prompts' KV in `runner`'s paged pool (a ModelRunner), each
+    ready to step from its greedy first token."""
+    blocks = BlockManager(runner.cache.n_blocks, runner.cache.block_size)
+    out = []
+    for p in prompts:
+        cache, first = prefill_kv(lm, p)
+        s = Sequence(DecodeRequest(len(p), max_new))
+        s.blocks = blocks.allocate(s.n_reserve)
+        slots = runner.cache.slots_of(s.blocks, 0, len(p))
+        for layer in range(lm.config.n_layers):
+            runner.write_kv(layer, slots, cache.k[layer, 0], cache.v[layer, 0])
+        s.token, s.position = first, len(p)
+        out.append(s)
+    return out
 
 
 def open_and_ingest(engine: DecodeEngine, lm, prompt: list[int], max_new: int,

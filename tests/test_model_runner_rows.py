@@ -11,31 +11,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.block_manager import BlockManager
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
-from engine.sequence import DecodeRequest, Sequence
-from tests.engine_helpers import prefill_kv
+from engine.sequence import Sequence
+from tests.engine_helpers import paged_seqs
 
 
 @pytest.fixture(scope="module")
 def lm():
     return load_model("synthetic:tiny-gpt2", device="cpu", dtype="float32")
-
-
-def _seqs(lm, runner: ModelRunner, prompts: list[list[int]], max_new: int) -> list[Sequence]:
-    blocks = BlockManager(runner.cache.n_blocks, runner.cache.block_size)
-    out = []
-    for p in prompts:
-        cache, first = prefill_kv(lm, p)
-        s = Sequence(DecodeRequest(len(p), max_new))
-        s.blocks = blocks.allocate(s.n_reserve)
-        slots = runner.cache.slots_of(s.blocks, 0, len(p))
-        for layer in range(lm.config.n_layers):
-            runner.write_kv(layer, slots, cache.k[layer, 0], cache.v[layer, 0])
-        s.token, s.position = first, len(p)
-        out.append(s)
-    return out
 
 
 def _steps(runner: ModelRunner, rows: list[Sequence], n: int) -> None:
@@ -47,7 +31,7 @@ def _steps(runner: ModelRunner, rows: list[Sequence], n: int) -> None:
 def test_a_vacated_row_stays_put_while_the_others_advance(lm):
     with torch.inference_mode():
         runner = ModelRunner(lm, max_batch=4)
-        a, b, c = _seqs(lm, runner, [[1, 2, 3], [4, 5, 6, 7], [8, 9]], 40)
+        a, b, c = paged_seqs(lm, runner, [[1, 2, 3], [4, 5, 6, 7], [8, 9]], 40)
         runner.collect(runner.launch([a, b, c], frozenset(s.seq_id for s in (a, b, c))))
         rows = {s.seq_id: runner._row_of[s.seq_id] for s in (a, b, c)}
         _steps(runner, [a, c], 30)  # b left: its row (between a's and c's) is padding now
@@ -63,7 +47,7 @@ def test_a_row_past_its_end_stays_inside_the_position_table(lm):
     n = lm.config.max_positions
     with torch.inference_mode():
         runner = ModelRunner(lm, max_batch=2)
-        (s,) = _seqs(lm, runner, [list(range(1, n - 1))], 2)
+        (s,) = paged_seqs(lm, runner, [list(range(1, n - 1))], 2)
         runner.collect(runner.launch([s], frozenset({s.seq_id})))
         _steps(runner, [s], 3)  # positions n-1, then past the table
         assert runner.positions[runner._row_of[s.seq_id]].item() == n - 1

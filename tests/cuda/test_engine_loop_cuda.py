@@ -13,13 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from engine.block_manager import BlockManager
 from engine.llm_engine import DecodeEngine
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
 from engine.sampling import SamplingParams
-from engine.sequence import DecodeRequest, Sequence
-from tests.engine_helpers import prefill_kv
+from engine.sequence import Sequence
+from tests.engine_helpers import paged_seqs
 
 pytestmark = [
     pytest.mark.cuda,
@@ -70,28 +69,13 @@ def test_64_concurrent_fp32_equal_solo_and_graphs_equal_eager(spec):
     assert got == _solo(lm, reqs, graphs=False)
 
 
-def _seqs(lm, runner: ModelRunner, prompts: list[list[int]]) -> list[Sequence]:
-    blocks = BlockManager(runner.cache.n_blocks, runner.cache.block_size)
-    out = []
-    for p in prompts:
-        cache, first = prefill_kv(lm, p)
-        s = Sequence(DecodeRequest(len(p), 8))
-        s.blocks = blocks.allocate(s.n_reserve)
-        slots = runner.cache.slots_of(s.blocks, 0, len(p))
-        for layer in range(lm.config.n_layers):
-            runner.write_kv(layer, slots, cache.k[layer, 0], cache.v[layer, 0])
-        s.token, s.position = first, len(p)
-        out.append(s)
-    return out
-
-
 @pytest.mark.parametrize("spec", ["synthetic:gpt2-medium", "synthetic:tiny-llama:5"])
 def test_fp16_batched_logits_within_tolerance_of_batch1(spec):
     lm = load_model(spec, device="cuda", dtype="float16")
     prompts = [list(range(1 + i, 30 + 7 * i)) for i in range(9)]
     with torch.inference_mode():
         runner = ModelRunner(lm, max_batch=16)
-        seqs = _seqs(lm, runner, prompts)
+        seqs = paged_seqs(lm, runner, prompts)
         want = []
         for s in seqs:
             runner.reset()
@@ -111,7 +95,7 @@ def test_gpt2_fp16_one_row_bucket_is_fused_and_matches_torch_ops():
         if runner.cache.attention_kernel is None:
             pytest.skip("no paged attention kernel (CuPy missing)")
         assert runner.fused is not None
-        s = _seqs(lm, runner, [list(range(3, 60))])[0]
+        s = paged_seqs(lm, runner, [list(range(3, 60))])[0]
         _, fused = runner.step([s])
         fused = fused[0].clone()
         runner.reset()
@@ -141,7 +125,7 @@ def test_padded_graph_rows_never_leave_the_position_table():
     with torch.inference_mode():
         runner = ModelRunner(lm, max_batch=16)
         assert 16 in runner.graphs
-        seqs = _seqs(lm, runner, [list(range(1, 4 + i)) for i in range(9)])
+        seqs = paged_seqs(lm, runner, [list(range(1, 4 + i)) for i in range(9)])
         runner.collect(runner.launch(seqs, frozenset(s.seq_id for s in seqs)))
         for _ in range(n + 20):
             runner.collect(runner.launch(seqs))
