@@ -54,22 +54,27 @@ def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise DeadlineExceeded(f"{target} not SERVING after {timeout_s:.0f}s")
 
 
+def attached_prefills(decode: str) -> int:
+    """How many prefills `decode`'s Info lists as attached (distinct regions)."""
+    from client.api import HybridClient
+
+    async def info():
+        async with HybridClient("127.0.0.1:1", decode) as c:
+            return await c.decode_info()
+
+    return len({x.region for x in asyncio.run(info()).prefills
+                if x.state == "attached" and x.region})
+
+
 def wait_attached(decode: str, n_prefills: int, timeout_s: float) -> None:
     """Until `decode`'s Info lists `n_prefills` prefills attached. A decode is SERVING
     before it has attached (its prefills may still be loading), and a client routes only
     to a decode attached to the prefill it picked (client/router.py): a load started
     between the two would see UNAVAILABLE for want of a route."""
-    from client.api import HybridClient
-
-    async def attached() -> int:
-        async with HybridClient("127.0.0.1:1", decode) as c:
-            info = await c.decode_info()
-        return len({x.region for x in info.prefills if x.state == "attached" and x.region})
-
     deadline, n = time.monotonic() + timeout_s, 0
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
-            if (n := asyncio.run(attached())) >= n_prefills:
+            if (n := attached_prefills(decode)) >= n_prefills:
                 return
         time.sleep(0.1)
     raise DeadlineExceeded(f"decode {decode}: {n} of {n_prefills} prefill(s) attached "

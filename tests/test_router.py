@@ -24,7 +24,7 @@ import time
 import pytest
 
 from client.api import HybridClient
-from client.launch import free_port, spawn, stop, wait_serving
+from client.launch import attached_prefills, free_port, spawn, stop, wait_serving
 from client.router import NOT_SERVING, SERVING, UNREACHABLE, Instance, choose
 from engine import errors
 from engine.sampling_params import SamplingParams
@@ -331,7 +331,7 @@ def test_decode_serves_both_prefills(cluster, lm):
     """Each decode attached to both prefills (Info lists both regions) and takes either
     one's handles, over shm and over FetchKv, tokens equal to one process's."""
     for d in cluster["decodes"]:
-        assert wait_until(lambda d=d: _attached(d) == 2, 10)
+        assert wait_until(lambda d=d: attached_prefills(d) == 2, 10)
 
     async def go():
         out = []
@@ -515,7 +515,7 @@ def test_decode_on_another_host_fetches_kv_automatically(cluster, lm, tmp_path):
     try:
         wait_serving(target, proc, 90)
         p = cluster["prefills"][0]
-        assert wait_until(lambda: _attached(target) == 2, 10)
+        assert wait_until(lambda: attached_prefills(target) == 2, 10)
         info = asyncio.run(_decode_info(target))
         assert not any(x.local for x in info.prefills)
         d0, p0 = counters(target, "decode"), counters(p, "prefill")
@@ -530,12 +530,6 @@ def test_decode_on_another_host_fetches_kv_automatically(cluster, lm, tmp_path):
         assert wait_until(lambda: slots_in_use(p) == 0, 3)
     finally:
         stop(proc)
-
-
-def _attached(decode: str) -> int:
-    """How many prefills the decode's Info lists as attached."""
-    info = asyncio.run(_decode_info(decode))
-    return len({x.region for x in info.prefills if x.state == "attached" and x.region})
 
 
 async def _decode_info(target: str) -> pb.ServiceInfo:
