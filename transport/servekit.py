@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -226,8 +227,6 @@ def on_fatal(health_servicer: health.HealthServicer, names: list[str], outcome: 
     thread, turn health NOT_SERVING at once, so routers and readiness probes move traffic
     elsewhere within a poll, and SIGTERM ourselves for the usual drain; `outcome["died"]`
     makes `run_process` exit with status 1, so a supervisor starts a fresh instance."""
-    import os
-
     loop = asyncio.get_running_loop()
 
     def died(exc: BaseException) -> None:
@@ -246,8 +245,6 @@ def run_process(serve: Callable[[dict], Awaitable[None]]) -> None:
     """A service process: `asyncio.run(serve(outcome))`, then the exit watchdog; exit
     status 1 when a device loop died (`on_fatal` marked `outcome`), so a supervisor
     (Compose's restart policy, Kubernetes) starts a fresh instance."""
-    import os
-
     outcome: dict = {}
     try:
         asyncio.run(serve(outcome))
@@ -275,7 +272,6 @@ def exit_watchdog(grace_s: float = 5.0, code: int = 0) -> None:
     stuck in a call that cannot be interrupted (a device call that hangs, a blocking
     open) would keep the process alive after "shutdown: stopped" until SIGKILL. This
     ends it `grace_s` later, whatever still runs (exit status 0: the drain finished)."""
-    import os
     import threading
 
     def force() -> None:
